@@ -1,0 +1,24 @@
+"""Triton kernels for batch normalization and their launchers (installed as ``tritonbn.kernels``).
+
+One file per kernel family: ``stats`` (training statistics of the split plans), ``normalize``
+(the elementwise pass: training normalize, eval forward, eval dx), ``backward`` (the split plans'
+backward), ``fused_small`` (single-launch forward and backward); ``tiling`` holds the shared
+``@triton.jit`` helpers, ``plans`` the launch geometry, ``layout`` the (N, C, S) view, ``ops``
+the entry points.
+"""
+
+from .layout import Layout, describe
+from .ops import backward_eval, backward_train, forward_eval, forward_train
+from .plans import FUSED_MAX_TILE, PLANS, interpreted
+
+__all__ = [
+    "FUSED_MAX_TILE",
+    "PLANS",
+    "Layout",
+    "backward_eval",
+    "backward_train",
+    "describe",
+    "forward_eval",
+    "forward_train",
+    "interpreted",
+]

@@ -1,0 +1,135 @@
+"""The fused-small plan: when a channel's whole slab fits one program's registers, one launch does
+the training forward (exact two-pass mean and variance, normalize + affine, running statistics) and
+one launch the backward (Σdy, Σdy·x̂, dγ, dβ and dx), each reading its inputs once.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .plans import Geometry
+from .tiling import as_row, load_channel, merge_lanes, store_channel, tile_offsets, tile_welford
+
+
+@triton.jit
+def fused_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+                         save_ptr, C, momentum, eps,
+                         R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                         CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
+                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_RUNNING: tl.constexpr):
+    # mean = Σx/n, var = Σ(x − mean)²/n over the slab in registers, y = (x − mean)·invstd·γ + β,
+    # save[2, C] = (mean, invstd); running statistics updated last with the unbiased variance.
+    pid_k = tl.program_id(0)
+    offsets, mask = tile_offsets(pid_k, 0, R, K, KB, stride_r, stride_k, stride_c,
+                                 BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    count, mean, m2 = tile_welford(x, mask)
+    if CHANNEL_MAJOR:
+        count, mean, m2 = merge_lanes(count, mean, m2)
+    var = m2 / tl.maximum(count, 1.0)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    a = invstd
+    if HAS_WEIGHT:
+        a = a * load_channel(weight_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    y = (x - as_row(mean, CHANNEL_MAJOR)) * as_row(a, CHANNEL_MAJOR)
+    if HAS_BIAS:
+        y = y + as_row(load_channel(bias_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR), CHANNEL_MAJOR)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    store_channel(save_ptr, mean, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    store_channel(save_ptr + C, invstd, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    if HAS_RUNNING:
+        running_mean = load_channel(running_mean_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+        running_var = load_channel(running_var_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+        unbiased = var * count / tl.maximum(count - 1.0, 1.0)
+        running_mean = (1.0 - momentum) * running_mean + momentum * mean
+        running_var = (1.0 - momentum) * running_var + momentum * unbiased
+        store_channel(running_mean_ptr, running_mean, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+        store_channel(running_var_ptr, running_var, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+
+
+@triton.jit
+def fused_backward_kernel(dy_ptr, x_ptr, dx_ptr, save_ptr, weight_ptr,
+                          grad_weight_ptr, grad_bias_ptr, C, count,
+                          R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                          CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
+                          HAS_WEIGHT: tl.constexpr, NEEDS_INPUT: tl.constexpr,
+                          NEEDS_WEIGHT: tl.constexpr, NEEDS_BIAS: tl.constexpr):
+    # dβ = Σdy, dγ = Σdy·(x − mean)·invstd,
+    # dx = γ·invstd·(dy − Σdy/n − (x − mean)·invstd²·Σdy·(x − mean)/n), all from one read.
+    pid_k = tl.program_id(0)
+    offsets, mask = tile_offsets(pid_k, 0, R, K, KB, stride_r, stride_k, stride_c,
+                                 BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
+    mean = load_channel(save_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    invstd = load_channel(save_ptr + C, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    xmu = tl.where(mask, x - as_row(mean, CHANNEL_MAJOR), 0.0)
+    sum_dy = tl.sum(dy, axis=0)
+    sum_dy_xmu = tl.sum(dy * xmu, axis=0)
+    if CHANNEL_MAJOR:
+        sum_dy = tl.sum(sum_dy, axis=0)
+        sum_dy_xmu = tl.sum(sum_dy_xmu, axis=0)
+    if NEEDS_WEIGHT:
+        store_channel(grad_weight_ptr, sum_dy_xmu * invstd, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    if NEEDS_BIAS:
+        store_channel(grad_bias_ptr, sum_dy, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    if NEEDS_INPUT:
+        k = invstd
+        if HAS_WEIGHT:
+            k = k * load_channel(weight_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+        k_xmu = invstd * invstd * sum_dy_xmu / count
+        dx = as_row(k, CHANNEL_MAJOR) * (
+            dy - as_row(sum_dy / count, CHANNEL_MAJOR) - xmu * as_row(k_xmu, CHANNEL_MAJOR)
+        )
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def fused_forward(
+    x: torch.Tensor,
+    geo: Geometry,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch: returns (y in x's dtype and strides, save[2, C] fp32 = (mean, invstd))."""
+    channels = x.shape[1]
+    y = torch.empty_like(x)
+    save = torch.empty((2, channels), device=x.device, dtype=torch.float32)
+    fused_forward_kernel[geo.grid](
+        x, y, weight, bias, running_mean, running_var, save, channels, float(momentum),
+        float(eps), *geo.args(),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RUNNING=running_mean is not None, **geo.meta(),
+    )
+    return y, save
+
+
+def fused_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    geo: Geometry,
+    save: torch.Tensor,
+    weight: torch.Tensor | None,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One launch: (dx, dγ, dβ), each None unless asked for."""
+    channels = x.shape[1]
+    param_dtype = weight.dtype if weight is not None else torch.float32
+    dx = torch.empty_like(x) if need_input else None
+    grad_weight = torch.empty(channels, device=x.device, dtype=param_dtype) if need_weight else None
+    grad_bias = torch.empty(channels, device=x.device, dtype=param_dtype) if need_bias else None
+    fused_backward_kernel[geo.grid](
+        dy, x, dx, save, weight, grad_weight, grad_bias, channels, float(x.numel() // channels),
+        *geo.args(),
+        HAS_WEIGHT=weight is not None, NEEDS_INPUT=need_input, NEEDS_WEIGHT=need_weight,
+        NEEDS_BIAS=need_bias, **geo.meta(),
+    )
+    return dx, grad_weight, grad_bias

@@ -1,0 +1,106 @@
+"""How a (N, C, *spatial) tensor lies in memory, seen as the 3-D view (N, C, S).
+
+Every kernel addresses its input through this view: S is the product of the spatial sizes and
+the spatial dimensions must collapse into one stride. ``describe`` is plain Python on shapes and
+strides; it launches nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+INT32_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The (N, C, S) view of a tensor and what the kernels can do with it.
+
+    ``name`` is one of ``"nchw"`` (spatial elements contiguous), ``"channels_last"`` (channels
+    contiguous, rows of C), ``"2d"`` ((N, C) input) or ``"strided"`` (anything else; the
+    dispatcher copies it to ``"nchw"`` first). ``rows_collapse`` tells whether the N·S rows of the
+    tensor sit at one stride apart, which the column-tiled plan needs.
+    """
+
+    name: str
+    n: int
+    c: int
+    s: int
+    stride_n: int
+    stride_c: int
+    stride_s: int
+
+    @property
+    def rows(self) -> int:
+        """Elements per channel: N·S."""
+        return self.n * self.s
+
+    @property
+    def rows_collapse(self) -> bool:
+        return self.s == 1 or self.n == 1 or self.stride_n == self.s * self.stride_s
+
+    @property
+    def row_stride(self) -> int:
+        """Stride between consecutive rows m = n·S + s (valid when ``rows_collapse``)."""
+        if self.s == 1:
+            return self.stride_n
+        return self.stride_s
+
+    @property
+    def needs_int64(self) -> bool:
+        """Whether an offset (with a margin of one tile past the end) can pass 2**31 - 1."""
+        margin = 1 << 16
+        largest = (self.n + margin) * abs(self.stride_n) + (self.c + margin) * abs(
+            self.stride_c
+        ) + (self.s + margin) * abs(self.stride_s)
+        return largest > INT32_LIMIT
+
+
+def _spatial_stride(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int | None:
+    """The single stride of the collapsed spatial dims, or None if they don't collapse."""
+    dims = [(size, stride) for size, stride in zip(sizes, strides, strict=True) if size != 1]
+    if not dims:
+        return 1
+    expected = dims[-1][1]
+    inner = expected
+    for size, stride in reversed(dims):
+        if stride != expected:
+            return None
+        expected *= size
+    return inner
+
+
+def _is_dense(x: torch.Tensor) -> bool:
+    """Non-overlapping and dense: every storage element of its span belongs to the tensor."""
+    pairs = sorted((st, sz) for sz, st in zip(x.shape, x.stride(), strict=True) if sz != 1)
+    expected = 1
+    for stride, size in pairs:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def describe(x: torch.Tensor) -> Layout:
+    """The (N, C, S) layout of ``x`` (at least 2-D)."""
+    n, c = x.shape[0], x.shape[1]
+    s = math.prod(x.shape[2:])
+    stride_n, stride_c = x.stride(0), x.stride(1)
+    spatial = _spatial_stride(tuple(x.shape[2:]), tuple(x.stride()[2:]))
+    if c == 1:
+        stride_c = 1
+    if not _is_dense(x) or spatial is None:
+        return Layout("strided", n, c, s, stride_n, stride_c, spatial or 0)
+    layout = Layout("", n, c, s, stride_n, stride_c, spatial)
+    if x.dim() == 2:
+        name = "2d"
+    elif s == 1 or spatial == 1:
+        name = "nchw"
+    elif stride_c == 1 and layout.rows_collapse:
+        name = "channels_last"
+    else:
+        name = "strided"
+    return Layout(name, n, c, s, stride_n, stride_c, spatial)

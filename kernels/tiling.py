@@ -1,0 +1,95 @@
+"""Triton helpers shared by every kernel: tile addressing, per-channel loads and stores, and the
+Welford/Chan merges of (count, mean, M2) statistics. See ``plans.py`` for the two tilings.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_offsets(pid_k, block, R, K, KB, stride_r, stride_k, stride_c,
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                 CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr):
+    # Tile `block` of program group `pid_k`: element (r, k) sits at r·stride_r + k·stride_k
+    # (+ pid_k·stride_c for the channel-major tiling, whose tiles run over (row block, key block)).
+    if INT64:
+        block = block.to(tl.int64)
+    if CHANNEL_MAJOR:
+        rb = block // KB
+        kb = block - rb * KB
+    else:
+        rb = block
+        kb = pid_k
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (r < R)[:, None] & (k < K)[None, :]
+    if INT64:
+        r = r.to(tl.int64)
+        k = k.to(tl.int64)
+    offsets = r[:, None] * stride_r + k[None, :] * stride_k
+    if CHANNEL_MAJOR:
+        if INT64:
+            offsets += pid_k.to(tl.int64) * stride_c
+        else:
+            offsets += pid_k * stride_c
+    return offsets, mask
+
+
+@triton.jit
+def load_channel(ptr, pid_k, K, BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr):
+    # The fp32 per-channel value(s) of this program: a scalar (channel-major) or [BLOCK_K].
+    if CHANNEL_MAJOR:
+        return tl.load(ptr + pid_k).to(tl.float32)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    return tl.load(ptr + k, mask=k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_channel(ptr, value, pid_k, K, BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr):
+    # Store this program's per-channel value(s), cast to the pointer's element type.
+    if CHANNEL_MAJOR:
+        tl.store(ptr + pid_k, value.to(ptr.dtype.element_ty))
+    else:
+        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        tl.store(ptr + k, value.to(ptr.dtype.element_ty), mask=k < K)
+
+
+@triton.jit
+def as_row(value, CHANNEL_MAJOR: tl.constexpr):
+    # Broadcast per-channel value(s) against a [BLOCK_R, BLOCK_K] tile.
+    if CHANNEL_MAJOR:
+        return value
+    return value[None, :]
+
+
+@triton.jit
+def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    # Chan et al.: n = na + nb, δ = mb − ma, mean = ma + δ·nb/n, M2 = M2a + M2b + δ²·na·nb/n.
+    # An empty side (count 0) leaves the other unchanged.
+    count = count_a + count_b
+    frac = count_b / tl.maximum(count, 1.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * frac
+    m2 = m2_a + m2_b + delta * delta * count_a * frac
+    return count, mean, m2
+
+
+@triton.jit
+def tile_welford(x, mask):
+    # Column statistics of a tile, two-pass in registers: count, mean and M2 = Σ(x − mean)².
+    count = tl.sum(mask.to(tl.float32), axis=0)
+    mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
+    centered = tl.where(mask, x - mean[None, :], 0.0)
+    m2 = tl.sum(centered * centered, axis=0)
+    return count, mean, m2
+
+
+@triton.jit
+def merge_lanes(count, mean, m2):
+    # Merge the per-column statistics of a program into one: the parallel form of Chan's formula,
+    # mean = Σ nᵢ·meanᵢ / n and M2 = Σ (M2ᵢ + nᵢ·(meanᵢ − mean)²).
+    total = tl.sum(count, axis=0)
+    merged_mean = tl.sum(count * mean, axis=0) / tl.maximum(total, 1.0)
+    delta = mean - merged_mean
+    merged_m2 = tl.sum(m2 + count * delta * delta, axis=0)
+    return total, merged_mean, merged_m2

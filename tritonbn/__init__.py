@@ -1,0 +1,30 @@
+"""tritonbn: fused Triton kernels for Batch Normalization, a drop-in for torch.nn.BatchNorm.
+
+>>> import torch, tritonbn
+>>> bn = tritonbn.BatchNorm2d(6)                       # like torch.nn.BatchNorm2d(6)
+>>> y = bn(torch.randn(8, 6, 24, 24))
+>>> print(tritonbn.explain(torch.randn(8, 6, 24, 24)))  # which backend and kernel plan, and why
+"""
+
+from . import reference
+from .convert import convert
+from .dispatch import BACKENDS, PLANS, Plan, backend, explain
+from .functional import batch_norm
+from .modules import BatchNorm, BatchNorm1d, BatchNorm2d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "PLANS",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Plan",
+    "__version__",
+    "backend",
+    "batch_norm",
+    "convert",
+    "explain",
+    "reference",
+]

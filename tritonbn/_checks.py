@@ -1,0 +1,103 @@
+"""Argument validation shared by every backend.
+
+All checks run before anything is computed or mutated, so a call that raises leaves the running
+statistics (and a module's ``num_batches_tracked``) exactly as they were. Exception types follow
+torch.nn.functional.batch_norm; messages name the argument, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_batch_norm_args(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> None:
+    """Raise the error torch would raise (with a clearer message) for a malformed call.
+
+    Promises: returns None for every call that ``torch.nn.functional.batch_norm`` accepts with
+    the same meaning, and raises before any tensor is touched otherwise.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm: 'input' must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(
+            "batch_norm: 'input' must have at least 2 dimensions (N, C, *), "
+            f"got a {input.dim()}D tensor of shape {tuple(input.shape)}"
+        )
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise NotImplementedError(
+            "batch_norm: 'input' must be float16, bfloat16, float32 or float64, "
+            f"got {_dtype_name(input.dtype)}"
+        )
+    channels = input.shape[1]
+    for name, tensor in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"batch_norm: '{name}' must be a torch.Tensor or None, got {type(tensor).__name__}"
+            )
+        if tensor.numel() != channels:
+            raise RuntimeError(
+                f"batch_norm: '{name}' must have {channels} elements (one per channel of 'input' "
+                f"of shape {tuple(input.shape)}), got {tensor.numel()}"
+            )
+        if tensor.device != input.device:
+            raise RuntimeError(
+                f"batch_norm: '{name}' must be on the same device as 'input' ({input.device}), "
+                f"got {tensor.device}"
+            )
+        allowed = {input.dtype, torch.float32} if input.dtype in _HALF_DTYPES else {input.dtype}
+        if tensor.dtype not in allowed:
+            expected = " or ".join(sorted(_dtype_name(d) for d in allowed))
+            raise RuntimeError(
+                f"batch_norm: '{name}' must have dtype {expected} for a "
+                f"{_dtype_name(input.dtype)} 'input', got {_dtype_name(tensor.dtype)}"
+            )
+    if not training and (running_mean is None or running_var is None):
+        missing = "running_mean" if running_mean is None else "running_var"
+        raise RuntimeError(
+            f"batch_norm: '{missing}' must be a tensor in evaluation mode (training=False), got None"
+        )
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError(
+            "batch_norm: 'running_mean' and 'running_var' must both be tensors or both be None, "
+            f"got {type(running_mean).__name__} and {type(running_var).__name__}"
+        )
+    if isinstance(momentum, bool) or not isinstance(momentum, Real):
+        raise TypeError(f"batch_norm: 'momentum' must be a float, got {type(momentum).__name__}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"batch_norm: 'momentum' must be in [0, 1], got {momentum}")
+    if isinstance(eps, bool) or not isinstance(eps, Real):
+        raise TypeError(f"batch_norm: 'eps' must be a float, got {type(eps).__name__}")
+    if not math.isfinite(float(eps)) or eps < 0 or (training and eps == 0):
+        expected = "a finite number > 0" if training else "a finite number >= 0"
+        raise ValueError(f"batch_norm: 'eps' must be {expected}, got {eps}")
+    if training and input.numel() > 0 and input.numel() // channels <= 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, "
+            f"got input size {tuple(input.shape)}"
+        )

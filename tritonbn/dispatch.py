@@ -1,0 +1,213 @@
+"""The dispatcher: which backend and which kernel plan runs a batch-norm call, and why.
+
+Backends: ``"triton"`` (the fused kernels of ``tritonbn.kernels``), ``"torch"`` (PyTorch's own
+``torch.nn.functional.batch_norm``) and ``"reference"`` (``tritonbn.reference``). The choice is
+``auto`` unless the environment variable ``TRITONBN_BACKEND`` or the context manager
+:func:`backend` says otherwise; ``TRITONBN_PLAN`` (or ``backend("triton", plan=...)``) forces a
+kernel plan. The decision uses shapes, dtype, layout and the GPU alone, never tensor values, so it
+is the same for every call of a given shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from tritonbn.kernels.layout import Layout, describe
+from tritonbn.kernels.plans import FUSED_MAX_TILE, PLANS, fused_tile_elements, interpreted
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+__all__ = ["BACKENDS", "PLANS", "Plan", "backend", "explain", "select_plan"]
+
+_override: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
+    "tritonbn_backend", default=None
+)
+
+
+def _check_backend(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def _check_plan(name: str | None, source: str) -> str | None:
+    if name is not None and name not in PLANS:
+        raise ValueError(f"{source} must be one of {', '.join(PLANS)}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str, plan: str | None = None) -> Iterator[None]:
+    """Run the calls inside the ``with`` block on backend ``name`` (and kernel ``plan``).
+
+    ``name`` is one of ``"auto"``, ``"triton"``, ``"torch"``, ``"reference"``; ``plan`` (only with
+    ``"triton"``) one of :data:`PLANS`. Takes precedence over ``TRITONBN_BACKEND``/``TRITONBN_PLAN``.
+    """
+    _check_backend(name, "backend name")
+    _check_plan(plan, "plan")
+    if plan is not None and name != "triton":
+        raise ValueError(f"a kernel plan can only be forced with backend 'triton', got {name!r}")
+    token = _override.set((name, plan))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def _requested() -> tuple[str, str | None, str]:
+    """(backend, forced plan, where the choice came from)."""
+    override = _override.get()
+    if override is not None:
+        return override[0], override[1], "tritonbn.backend()"
+    name = _check_backend(os.environ.get("TRITONBN_BACKEND", "auto") or "auto", "TRITONBN_BACKEND")
+    plan = _check_plan(os.environ.get("TRITONBN_PLAN") or None, "TRITONBN_PLAN")
+    return name, plan, "TRITONBN_BACKEND" if name != "auto" else "default"
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device``; a small fixed number under the interpreter or on CPU.
+
+    Four keeps the interpreter's tests splitting every channel across programs.
+    """
+    if device.type == "cuda" and not interpreted():
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A dispatch decision: ``backend`` runs it, ``kernel`` names the Triton plan (or None)."""
+
+    backend: str
+    kernel: str | None
+    reason: str
+    facts: dict[str, object] = field(default_factory=dict)
+    copies_input: bool = False
+
+    def __str__(self) -> str:
+        head = f"tritonbn plan: backend={self.backend}"
+        if self.kernel is not None:
+            head += f", kernel={self.kernel}"
+        lines = [head, f"  reason: {self.reason}"]
+        lines += [f"  {key}: {value}" for key, value in self.facts.items()]
+        if self.copies_input:
+            lines.append("  note: the input is copied once into a contiguous layout first")
+        return "\n".join(lines)
+
+
+def _facts(x: torch.Tensor, layout: Layout, training: bool) -> dict[str, object]:
+    return {
+        "device": str(x.device),
+        "dtype": str(x.dtype).replace("torch.", ""),
+        "layout": layout.name,
+        "shape": tuple(x.shape),
+        "N": layout.n,
+        "C": layout.c,
+        "spatial": layout.s,
+        "per_channel": layout.rows,
+        "training": training,
+    }
+
+
+def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: torch.device):
+    """(plan name, reason) for the Triton backend."""
+    column = layout.name in ("channels_last", "2d")
+    tile = fused_tile_elements(layout)
+    if forced is not None:
+        if forced == "column-tiled" and not layout.rows_collapse:
+            raise ValueError(
+                "plan 'column-tiled' needs rows at one stride apart (2-D or channels_last input), "
+                f"got layout {layout.name!r}"
+            )
+        if forced == "fused-small" and tile > FUSED_MAX_TILE:
+            raise ValueError(
+                f"plan 'fused-small' needs a per-program tile of at most {FUSED_MAX_TILE} elements, "
+                f"this input needs {tile}"
+            )
+        if forced == "eval" and training:
+            raise ValueError("plan 'eval' normalizes with running statistics: training must be False")
+        if forced != "eval" and not training:
+            return "eval", f"plan {forced!r} was forced, but eval mode always runs the 'eval' plan"
+        return forced, f"plan {forced!r} forced"
+    if not training:
+        return "eval", "eval mode: one elementwise pass with per-channel scale and shift"
+    if tile <= FUSED_MAX_TILE:
+        return "fused-small", (
+            f"the per-channel slab ({layout.rows} elements, a {tile}-element tile) fits one "
+            "program: statistics, normalization and running statistics in one launch"
+        )
+    sms = sm_count(device)
+    if column:
+        return "column-tiled", (
+            f"{layout.name} rows of C={layout.c} contiguous channels: tiles coalesced along C, "
+            f"rows split across programs to fill {sms} SMs"
+        )
+    return "split-welford", (
+        f"{layout.rows} elements per channel and C={layout.c}: each channel is split across "
+        f"programs (Welford partials merged with Chan's formula) to fill {sms} SMs"
+    )
+
+
+def select_plan(x: torch.Tensor, training: bool) -> Plan:
+    """The plan that runs ``batch_norm`` on ``x``; promises nothing about values, only shapes."""
+    requested, forced, source = _requested()
+    layout = describe(x)
+    facts = _facts(x, layout, training)
+    if requested in ("torch", "reference"):
+        return Plan(requested, None, f"backend {requested!r} requested by {source}", facts)
+    if requested == "auto":
+        if x.device.type != "cuda":
+            return Plan(
+                "torch", None,
+                f"{x.device.type} tensor: PyTorch's own batch_norm is the fastest correct path there",
+                facts,
+            )
+        if x.dtype == torch.float64:
+            return Plan("torch", None, "float64: the kernels accumulate in float32", facts)
+        if x.numel() == 0:
+            return Plan("torch", None, "empty batch: nothing to compute", facts)
+    else:  # "triton"
+        if x.device.type != "cuda" and not interpreted():
+            raise RuntimeError(
+                f"backend 'triton' got a {x.device.type} tensor: the Triton kernels need a CUDA "
+                "device, or TRITON_INTERPRET=1 set before triton is imported to run them through "
+                "Triton's interpreter"
+            )
+        if x.numel() == 0:
+            return Plan("torch", None, "empty batch: nothing to compute, torch's semantics", facts)
+        if x.dtype == torch.float64:
+            return Plan("torch", None, "float64 is not a kernel dtype: torch runs it", facts)
+    copies = layout.name == "strided"
+    if copies:
+        layout = describe(x.contiguous())
+    kernel, reason = _kernel_plan(layout, training, forced, x.device)
+    return Plan("triton", kernel, reason, facts, copies_input=copies)
+
+
+def explain(input: torch.Tensor, training: bool = True, **options: object) -> Plan:
+    """The dispatcher's decision for ``tritonbn.batch_norm(input, training=training, ...)``.
+
+    ``options`` may carry ``backend`` and ``plan`` to explain a forced choice. The returned
+    :class:`Plan` prints as a short report: backend, kernel plan, reason and the facts used.
+    """
+    unknown = set(options) - {"backend", "plan"}
+    if unknown:
+        raise TypeError(f"explain() got unexpected options {sorted(unknown)}; known: backend, plan")
+    if "backend" in options or "plan" in options:
+        name = str(options.get("backend", "triton" if options.get("plan") else "auto"))
+        plan = options.get("plan")
+        with backend(name, plan=None if plan is None else str(plan)):
+            return select_plan(input, training)
+    return select_plan(input, training)

@@ -1,0 +1,149 @@
+"""Drop-in modules: ``BatchNorm1d``/``BatchNorm2d`` subclass torch's and run on tritonbn's
+dispatcher; ``BatchNorm(num_features, num_dims)`` is the seed notebook's class API on top of them.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import nn
+
+from ._checks import check_batch_norm_args
+from .functional import run_checked
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d"]
+
+
+def _check_options(eps: float, momentum: float | None) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, Real):
+        raise TypeError(f"'eps' must be a float, got {type(eps).__name__}")
+    if not math.isfinite(float(eps)) or eps <= 0:
+        raise ValueError(f"'eps' must be a finite number > 0, got {eps}")
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, Real):
+        raise TypeError(f"'momentum' must be a float or None, got {type(momentum).__name__}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"'momentum' must be in [0, 1] or None, got {momentum}")
+
+
+class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """torch's _BatchNorm behaviour, validated before any state changes, on tritonbn's kernels."""
+
+    _expected_dims: tuple[int, ...] = ()
+    _expected_shape: str = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"'num_features' must be a positive int, got {num_features!r}")
+        _check_options(eps, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(
+                f"{type(self).__name__}: 'input' must be a torch.Tensor, got {type(input).__name__}"
+            )
+        if input.dim() not in self._expected_dims:
+            raise ValueError(
+                f"{type(self).__name__}: 'input' must be {self._expected_shape}, "
+                f"got a {input.dim()}D tensor of shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise RuntimeError(
+                f"{type(self).__name__}: 'input' must have num_features={self.num_features} "
+                f"channels in dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
+            )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        use_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_running else None
+        running_var = self.running_var if use_running else None
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        check_batch_norm_args(
+            input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+            self.eps,
+        )
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return run_checked(
+            input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):
+    """Drop-in ``torch.nn.BatchNorm1d`` over (N, C) or (N, C, L) input, on tritonbn."""
+
+    _expected_dims = (2, 3)
+    _expected_shape = "2D (N, C) or 3D (N, C, L)"
+
+
+class BatchNorm2d(_TritonBatchNorm, nn.BatchNorm2d):
+    """Drop-in ``torch.nn.BatchNorm2d`` over (N, C, H, W) input, on tritonbn."""
+
+    _expected_dims = (4,)
+    _expected_shape = "4D (N, C, H, W)"
+
+
+class BatchNorm(_TritonBatchNorm):
+    """The seed notebook's ``BatchNorm(num_features, num_dims)``: 2 for (N, C) fully-connected
+    input, 4 for (N, C, H, W) convolution input.
+
+    Same numerics as ``BatchNorm1d``/``BatchNorm2d`` (torch's conventions), with the statistics as
+    registered buffers, so they follow ``.to()``, are saved in the state_dict and never carry
+    autograd history. ``gamma``/``beta`` and ``moving_mean``/``moving_var`` name the notebook's
+    attributes.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_dims: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if num_dims not in (2, 4):
+            raise ValueError(f"'num_dims' must be 2 or 4, got {num_dims!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.num_dims = num_dims
+        self._expected_dims = (num_dims,)
+        self._expected_shape = "2D (N, C)" if num_dims == 2 else "4D (N, C, H, W)"
+
+    @property
+    def gamma(self) -> nn.Parameter | None:
+        return self.weight
+
+    @property
+    def beta(self) -> nn.Parameter | None:
+        return self.bias
+
+    @property
+    def moving_mean(self) -> torch.Tensor | None:
+        return self.running_mean
+
+    @property
+    def moving_var(self) -> torch.Tensor | None:
+        return self.running_var
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_dims={self.num_dims}"

@@ -28,12 +28,17 @@ FUSED_MAX_TILE = 16384
 # The fused-small plan aims at this many elements a program in the column tiling, trading fewer
 # launches' worth of work per program for more programs on a small layer.
 FUSED_COLUMN_TILE = 4096
+# ... but never fewer channels a program than one 32-byte sector of fp32 (8): narrower columns of a
+# row-major matrix would waste most of each memory transaction.
+FUSED_MIN_COLUMNS = 8
 # Elements per tile in the split and elementwise kernels: 16 fp32 a thread at 8 warps, enough
 # loads in flight per thread to saturate HBM without spilling.
 TILE = 4096
 # Widest spatial block of the channel-major tiling and widest channel block of the column tiling.
 MAX_SPATIAL_BLOCK = 1024
 MAX_COLUMN_BLOCK = 64
+# The fixed cost of a tile (index math, loop, reductions) in elements' worth of loading.
+TILE_OVERHEAD = 256
 # Programs per SM to aim for: reductions write one partial per program, elementwise passes loop.
 REDUCTION_PROGRAMS_PER_SM = 4
 ELEMENTWISE_PROGRAMS_PER_SM = 8
@@ -56,15 +61,21 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
 
-def _spatial_block(s: int, cap: int) -> int:
-    """Power-of-two block for S spatial elements: least padding, the larger block on ties."""
-    if s <= 16:
-        return _pow2(s)
-    best = 16
-    block = 16
-    while block <= min(cap, _pow2(s)):
-        if triton.cdiv(s, block) * block <= triton.cdiv(s, best) * best:
-            best = block
+def _spatial_block(s: int, n: int) -> int:
+    """Power-of-two spatial block for S elements a row and N rows (channel-major tiling).
+
+    Minimizes the padded elements loaded plus a fixed cost a tile (TILE_OVERHEAD elements' worth),
+    the larger block on ties: S = 49 gets 64, S = 576 gets 64 (no padding), and a small batch of
+    large images gets wide blocks rather than many tiny tiles.
+    """
+    best, best_cost = 1, None
+    block = 1
+    while block <= min(MAX_SPATIAL_BLOCK, _pow2(s)):
+        block_r = max(1, min(_pow2(n), TILE // block))
+        tiles = triton.cdiv(n, block_r) * triton.cdiv(s, block)
+        cost = tiles * (block_r * block + TILE_OVERHEAD)
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = block, cost
         block *= 2
     return best
 
@@ -127,7 +138,7 @@ def geometry(
 ) -> Geometry:
     """The tiling of ``layout``; ``single_tile`` makes one tile hold a whole channel group."""
     if channel_major:
-        block_k = _pow2(layout.s) if single_tile else _spatial_block(layout.s, MAX_SPATIAL_BLOCK)
+        block_k = _pow2(layout.s) if single_tile else _spatial_block(layout.s, layout.n)
         block_r = _pow2(layout.n) if single_tile else max(1, min(_pow2(layout.n), TILE // block_k))
         rows, keys = layout.n, layout.s
         stride_r, stride_k = layout.stride_n, layout.stride_s
@@ -140,7 +151,7 @@ def geometry(
         stride_r, stride_k = layout.row_stride, layout.stride_c
         if single_tile:
             block_r = _pow2(rows)
-            block_k = max(1, min(_pow2(keys), FUSED_COLUMN_TILE // block_r))
+            block_k = min(_pow2(keys), max(FUSED_MIN_COLUMNS, FUSED_COLUMN_TILE // block_r))
         else:
             block_k = min(_pow2(keys), MAX_COLUMN_BLOCK)
             block_r = max(1, min(_pow2(rows), TILE // block_k))
@@ -165,5 +176,5 @@ def geometry(
 def fused_tile_elements(layout: Layout) -> int:
     """Elements of the single tile the fused-small plan would load for ``layout``."""
     if column_tiling(layout):
-        return _pow2(layout.rows)
+        return _pow2(layout.rows) * min(_pow2(layout.c), FUSED_MIN_COLUMNS)
     return _pow2(layout.n) * _pow2(layout.s)

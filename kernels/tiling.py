@@ -13,7 +13,7 @@ def tile_offsets(pid_k, block, R, K, KB, stride_r, stride_k, stride_c,
     # Tile `block` of program group `pid_k`: element (r, k) sits at r·stride_r + k·stride_k
     # (+ pid_k·stride_c for the channel-major tiling, whose tiles run over (row block, key block)).
     if INT64:
-        block = block.to(tl.int64)
+        block = tl.cast(block, tl.int64)
     if CHANNEL_MAJOR:
         rb = block // KB
         kb = block - rb * KB

@@ -11,6 +11,7 @@ from .convert import convert
 from .dispatch import BACKENDS, PLANS, Plan, backend, explain
 from .functional import batch_norm
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d
+from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __version__ = "0.1.0"
 
@@ -21,10 +22,12 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "Plan",
+    "SyncBatchNorm",
     "__version__",
     "backend",
     "batch_norm",
     "convert",
+    "convert_sync_batchnorm",
     "explain",
     "reference",
 ]

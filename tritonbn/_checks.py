@@ -101,3 +101,17 @@ def check_batch_norm_args(
             "Expected more than 1 value per channel when training, "
             f"got input size {tuple(input.shape)}"
         )
+
+
+def check_module_options(eps: float, momentum: float | None) -> None:
+    """Validate a module constructor's ``eps`` (finite, > 0) and ``momentum`` (None or [0, 1])."""
+    if isinstance(eps, bool) or not isinstance(eps, Real):
+        raise TypeError(f"'eps' must be a float, got {type(eps).__name__}")
+    if not math.isfinite(float(eps)) or eps <= 0:
+        raise ValueError(f"'eps' must be a finite number > 0, got {eps}")
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, Real):
+        raise TypeError(f"'momentum' must be a float or None, got {type(momentum).__name__}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"'momentum' must be in [0, 1] or None, got {momentum}")

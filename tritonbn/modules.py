@@ -4,29 +4,13 @@ dispatcher; ``BatchNorm(num_features, num_dims)`` is the seed notebook's class A
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 from torch import nn
 
-from ._checks import check_batch_norm_args
+from ._checks import check_batch_norm_args, check_module_options
 from .functional import run_checked
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d"]
-
-
-def _check_options(eps: float, momentum: float | None) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, Real):
-        raise TypeError(f"'eps' must be a float, got {type(eps).__name__}")
-    if not math.isfinite(float(eps)) or eps <= 0:
-        raise ValueError(f"'eps' must be a finite number > 0, got {eps}")
-    if momentum is None:
-        return
-    if isinstance(momentum, bool) or not isinstance(momentum, Real):
-        raise TypeError(f"'momentum' must be a float or None, got {type(momentum).__name__}")
-    if not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"'momentum' must be in [0, 1] or None, got {momentum}")
 
 
 class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -47,7 +31,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"'num_features' must be a positive int, got {num_features!r}")
-        _check_options(eps, momentum)
+        check_module_options(eps, momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:

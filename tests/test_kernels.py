@@ -1,0 +1,292 @@
+"""The Triton kernels against the float64 reference: every plan, ragged shapes, every dtype,
+train and eval, forward, backward and running statistics. On CPU they run through Triton's
+interpreter (tests/conftest.py); with a GPU, compiled on CUDA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tritonbn.kernels import describe
+
+import tritonbn
+
+from .conftest import DEVICE
+from .kernel_cases import assert_step_close, make_inputs, reference_step, run_step
+
+# (shape, channels_last, plan): ragged N, C = 1, 3 and primes, spatial 1, 9, 49, 2-D and 3-D,
+# and slabs larger than one tile (split plans) or exactly one (fused-small).
+PLAN_CASES = [
+    ((7, 3, 3, 3), False, "split-welford"),
+    ((5, 1, 7, 7), False, "split-welford"),
+    ((3, 5, 41, 43), False, "split-welford"),  # 5,289 elements a channel: several tiles and splits
+    ((13, 7), False, "split-welford"),
+    ((6, 5, 13), False, "split-welford"),
+    ((4, 3, 1, 1), False, "split-welford"),
+    ((7, 3, 3, 3), False, "fused-small"),
+    ((9, 11, 7, 7), False, "fused-small"),
+    ((37, 13), False, "fused-small"),
+    ((5, 2, 9), False, "fused-small"),
+    ((3, 7, 3, 3), True, "fused-small"),
+    ((7, 3, 3, 3), True, "column-tiled"),
+    ((3, 13, 7, 7), True, "column-tiled"),
+    ((2, 67, 7, 9), True, "column-tiled"),  # C = 67: two channel blocks, the second ragged
+    ((37, 13), False, "column-tiled"),
+    ((1031, 5), False, "column-tiled"),  # rows > one tile
+    ((6, 5, 1), False, "column-tiled"),
+    ((3, 5, 2, 2), True, "split-welford"),  # channel-major tiling of a channels_last tensor
+    ((2, 3, 2, 3, 5), False, "split-welford"),  # 5-D
+    ((2, 3, 2, 3, 5), True, "column-tiled"),  # channels_last_3d
+]
+
+
+def _reduced(shape):
+    return math.prod(shape) // shape[1]
+
+
+@pytest.mark.parametrize("shape, channels_last, plan", PLAN_CASES)
+def test_plan_matches_reference_fp32(shape, channels_last, plan, device):
+    inputs = make_inputs(shape, torch.float32, device, channels_last=channels_last)
+    got = run_step(inputs, backend="triton", plan=plan)
+    want = reference_step(inputs)
+    assert_step_close(got, want, torch.float32, reduced=_reduced(shape))
+    if channels_last:
+        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        assert got.y.is_contiguous(memory_format=memory_format)
+        assert got.dx.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("param_dtype", ["float32", "same"])
+@pytest.mark.parametrize(
+    "shape, channels_last, plan",
+    [
+        ((6, 3, 7, 7), False, "split-welford"),
+        ((6, 3, 7, 7), False, "fused-small"),
+        ((5, 3, 5, 5), True, "column-tiled"),
+        ((33, 6), False, "column-tiled"),
+    ],
+)
+def test_half_inputs(shape, channels_last, plan, dtype, param_dtype, device):
+    inputs = make_inputs(shape, dtype, device, channels_last=channels_last)
+    pdtype = torch.float32 if param_dtype == "float32" else dtype
+    got = run_step(inputs, backend="triton", plan=plan, param_dtype=pdtype)
+    assert got.y.dtype == dtype and got.dx.dtype == dtype and got.dw.dtype == pdtype
+    want = reference_step(inputs)
+    assert_step_close(got, want, dtype, reduced=_reduced(shape), param_dtype=pdtype)
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((7, 3, 3, 3), False), ((3, 5, 41, 43), False), ((5, 3, 3, 3), True), ((37, 13), False)],
+)
+def test_eval_forward_and_backward(shape, channels_last, device):
+    inputs = make_inputs(shape, torch.float32, device, channels_last=channels_last)
+    got = run_step(inputs, backend="triton", training=False)
+    want = reference_step(inputs, training=False)
+    assert_step_close(got, want, torch.float32, reduced=_reduced(shape))
+
+
+@pytest.mark.parametrize("plan", ["split-welford", "fused-small", "column-tiled", "eval"])
+def test_large_mean_offset_fp32(plan, device):
+    # 1e4 + randn: E[x²] − E[x]² would lose every digit of the variance in fp32.
+    shape = (9, 4, 13, 13)
+    training = plan != "eval"
+    inputs = make_inputs(shape, torch.float32, device, offset=1e4,
+                         channels_last=plan == "column-tiled")
+    inputs["running_mean"] = inputs["running_mean"] + 1e4
+    got = run_step(inputs, backend="triton", plan=plan, training=training)
+    want = reference_step(inputs, training=training)
+    assert torch.all(got.running_var > 0)
+    # x − mean carries the rounding of a 1e4-sized mean: ~1e-3 absolute in fp32.
+    torch.testing.assert_close(got.y.double().cpu(), want.y.cpu(), rtol=0, atol=5e-3)
+    torch.testing.assert_close(got.running_var.double().cpu(), want.running_var.cpu(),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.dx.double().cpu(), want.dx.cpu(), rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("plan", ["split-welford", "fused-small"])
+def test_large_mean_offset_half(plan, dtype, device):
+    shape = (8, 3, 9, 9)
+    inputs = make_inputs(shape, dtype, device, offset=50.0, scale=0.1)
+    got = run_step(inputs, backend="triton", plan=plan)
+    want = reference_step(inputs)
+    assert torch.all(got.running_var > 0)
+    # The half input itself is quantized to ~0.03 at 50: compare on that (rounded) input, with the
+    # output's own half precision.
+    rtol, atol = (2e-3, 2e-2) if dtype == torch.float16 else (1.6e-2, 6e-2)
+    torch.testing.assert_close(got.y.double().cpu(), want.y.cpu(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(got.running_var.double().cpu(), want.running_var.cpu(),
+                               rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("plan", ["split-welford", "fused-small", "column-tiled"])
+@pytest.mark.parametrize("affine, running", [(False, True), (True, False), (False, False)])
+def test_optional_tensors(plan, affine, running, device):
+    shape = (6, 3, 5, 5)
+    inputs = make_inputs(shape, torch.float32, device, channels_last=plan == "column-tiled")
+    got = run_step(inputs, backend="triton", plan=plan, affine=affine, running=running)
+    want = reference_step(inputs, affine=affine, running=running)
+    assert_step_close(got, want, torch.float32, reduced=_reduced(shape))
+
+
+@pytest.mark.parametrize("plan", ["split-welford", "fused-small", "eval"])
+@pytest.mark.parametrize("need_input, need_params", [(True, False), (False, True)])
+def test_gradient_subsets(plan, need_input, need_params, device):
+    shape = (5, 3, 4, 4)
+    training = plan != "eval"
+    inputs = make_inputs(shape, torch.float32, device)
+    got = run_step(inputs, backend="triton", plan=plan, training=training,
+                   need_input=need_input, need_params=need_params)
+    want = reference_step(inputs, training=training, need_input=need_input,
+                          need_params=need_params)
+    assert_step_close(got, want, torch.float32, reduced=_reduced(shape))
+
+
+@pytest.mark.parametrize("plan", ["split-welford", "fused-small", "column-tiled"])
+def test_running_statistics_over_several_steps(plan, device):
+    shape = (6, 4, 3, 3)
+    channels_last = plan == "column-tiled"
+    stats = {}
+    for backend in ("triton", "reference"):
+        dtype = torch.float32 if backend == "triton" else torch.float64
+        running_mean = torch.zeros(4, dtype=dtype, device=device)
+        running_var = torch.ones(4, dtype=dtype, device=device)
+        for step in range(4):
+            inputs = make_inputs(shape, torch.float32, device, channels_last=channels_last,
+                                 offset=step, seed=step)
+            x = inputs["x"].to(dtype)
+            with tritonbn.backend(backend, plan=plan if backend == "triton" else None):
+                tritonbn.batch_norm(x, running_mean, running_var, training=True, momentum=0.3)
+        stats[backend] = (running_mean, running_var)
+    for got, want in zip(stats["triton"], stats["reference"], strict=True):
+        torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last, plan",
+    [((5, 3, 41, 43), False, "split-welford"), ((3, 13, 7, 7), True, "column-tiled"),
+     ((9, 11, 7, 7), False, "fused-small")],
+)
+def test_deterministic_bits(shape, channels_last, plan, device):
+    inputs = make_inputs(shape, torch.float32, device, channels_last=channels_last)
+    first = run_step(inputs, backend="triton", plan=plan)
+    second = run_step(inputs, backend="triton", plan=plan)
+    for name in ("y", "dx", "dw", "db", "running_mean", "running_var"):
+        a, b = getattr(first, name), getattr(second, name)
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every float tensor the kernels allocate starts as NaN, so an unwritten element shows."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last, plan, training",
+    [((3, 5, 41, 43), False, "split-welford", True), ((2, 67, 7, 9), True, "column-tiled", True),
+     ((9, 11, 7, 7), False, "fused-small", True), ((3, 7, 3, 3), True, "fused-small", True),
+     ((7, 3, 5, 5), False, "eval", False), ((37, 13), False, "eval", False)],
+)
+def test_every_output_element_written(poisoned_outputs, shape, channels_last, plan, training,
+                                      device):
+    inputs = make_inputs(shape, torch.float32, device, channels_last=channels_last)
+    got = run_step(inputs, backend="triton", plan=plan, training=training)
+    want = reference_step(inputs, training=training)
+    assert_step_close(got, want, torch.float32, reduced=_reduced(shape))
+
+
+def test_non_dense_input_is_copied_once(device):
+    base = make_inputs((6, 3, 8, 10), torch.float32, device)
+    strided = dict(base, x=base["x"][:, :, ::2, 1::3], grad=base["grad"][:, :, ::2, 1::3])
+    plan = tritonbn.explain(strided["x"], backend="triton")
+    assert plan.copies_input and describe(strided["x"]).name == "strided"
+    got = run_step(strided, backend="triton")
+    want = reference_step(strided)
+    assert_step_close(got, want, torch.float32, reduced=_reduced(strided["x"].shape))
+
+
+def test_gradient_with_other_strides(device):
+    # sum() gives an expanded (stride-0) gradient; the backward copies it to x's strides.
+    x = make_inputs((5, 3, 4, 4), torch.float32, device)["x"].requires_grad_()
+    x_ref = x.detach().double().requires_grad_()
+    with tritonbn.backend("triton", plan="split-welford"):
+        (tritonbn.batch_norm(x, None, None, training=True) * 3).sum().backward()
+    (tritonbn.reference.batch_norm(x_ref, None, None, training=True) * 3).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_int64_offsets_forced(device):
+    # The 64-bit index path on a small tensor: same results as the reference.
+    from tritonbn import kernels
+
+    inputs = make_inputs((5, 3, 7, 7), torch.float32, device)
+    want = reference_step(inputs, affine=False, running=False)
+    for plan in ("split-welford", "fused-small"):
+        y, save = kernels.forward_train(inputs["x"], None, None, None, None, 0.1, 1e-5,
+                                        plan=plan, sm_count=4, force_int64=True)
+        torch.testing.assert_close(y.double(), want.y, rtol=1e-5, atol=1e-5)
+        dx, _, _ = kernels.backward_train(inputs["grad"].float(), inputs["x"], None, save,
+                                          (True, False, False), plan=plan, sm_count=4,
+                                          force_int64=True)
+        torch.testing.assert_close(dx.double(), want.dx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [((2**16, 2**15 + 1), True), ((1024, 64, 112, 112), True), ((256, 6, 24, 24), False),
+     ((2**15, 2**16 - 1), True)],
+)
+def test_int64_decision(shape, expected):
+    # Shapes of 2**31 elements and more need 64-bit offsets; meta tensors allocate nothing.
+    assert describe(torch.empty(shape, device="meta")).needs_int64 is expected
+
+
+def test_explain_names_different_plans():
+    cases = {
+        (256, 6, 24, 24): "split-welford",
+        (256, 16, 8, 8): "fused-small",
+        (256, 120): "fused-small",
+        (8192, 1024): "column-tiled",
+    }
+    for shape, plan in cases.items():
+        assert tritonbn.explain(torch.empty(shape), backend="triton").kernel == plan
+    cl = torch.empty(32, 64, 56, 56).contiguous(memory_format=torch.channels_last)
+    assert tritonbn.explain(cl, backend="triton").kernel == "column-tiled"
+    assert tritonbn.explain(cl, training=False, backend="triton").kernel == "eval"
+
+
+@given(
+    n=st.integers(2, 9),
+    c=st.integers(1, 9),
+    spatial=st.sampled_from([(), (1,), (5,), (1, 1), (3, 3), (4, 7), (9, 9)]),
+    channels_last=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    training=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_follow_the_reference(n, c, spatial, channels_last, dtype, training, seed):
+    shape = (n, c, *spatial)
+    channels_last = channels_last and len(shape) == 4
+    inputs = make_inputs(shape, dtype, DEVICE, channels_last=channels_last, seed=seed)
+    x = inputs["x"]
+    plans = [None] if not training else [None, "split-welford", "fused-small"]
+    if training and describe(x).rows_collapse:
+        plans.append("column-tiled")
+    want = reference_step(inputs, training=training)
+    for plan in plans:
+        got = run_step(inputs, backend="triton", plan=plan, training=training)
+        assert_step_close(got, want, dtype, reduced=_reduced(shape))

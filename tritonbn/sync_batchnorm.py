@@ -1,0 +1,330 @@
+"""``tritonbn.SyncBatchNorm``: batch statistics shared across the ranks of a torch.distributed group.
+
+Training with more than one rank: every rank reduces its own slice of the batch to per-channel
+(count, mean, M2), the ranks all-gather those triples and each merges them with Chan's formula in
+rank order, so every rank normalizes with the same global statistics, bit for bit. The backward
+all-reduces the two per-channel sums the input gradient needs. Unlike ``torch.nn.SyncBatchNorm``
+this runs on CPU tensors with the gloo backend as well as on CUDA with NCCL. Eval mode, a group of
+one rank, or no initialized process group: the module is a plain ``tritonbn.batch_norm`` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ._checks import check_batch_norm_args, check_module_options
+from .functional import run_checked
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+
+_SUPPORTED_DIMS = (2, 3, 4, 5)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 input keeps float64; every other dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduced_dims(x: torch.Tensor) -> list[int]:
+    """Every dimension but the channel one (dim 1)."""
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (C,) vector shaped to broadcast against ``x`` along dim 1."""
+    return values.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+@dataclass(frozen=True)
+class GlobalMoments:
+    """Per-channel statistics of the whole distributed batch (float64, identical on every rank)."""
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+
+def local_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) per channel of this rank's ``x``, in float32 (float64 for float64 ``x``).
+
+    M2 = Σ(x − mean)² comes from a variance computed around the mean (never E[x²] − E[x]²). An
+    empty ``x`` gives count 0 and zero mean and M2, which the merge then ignores.
+    """
+    acc = _accumulation_dtype(x.dtype)
+    channels = x.shape[1]
+    count = x.numel() // channels
+    if count == 0:
+        zeros = torch.zeros(channels, dtype=acc, device=x.device)
+        return 0, zeros, zeros.clone()
+    var, mean = torch.var_mean(x.to(acc), dim=_reduced_dims(x), correction=0)
+    return count, mean, var * count
+
+
+def gather_global_moments(x: torch.Tensor, group: Any, world_size: int) -> GlobalMoments:
+    """Merge every rank's (count, mean, M2) for ``x``'s channels into the whole batch's.
+
+    A collective: every rank of ``group`` must call it, each with its own (possibly empty) slice.
+    The triples travel as float64, so counts stay exact and float32 statistics lose nothing; the
+    merge runs in rank order, so all ranks get the same bits.
+    """
+    count, mean, m2 = local_moments(x)
+    channels = x.shape[1]
+    count_entry = torch.full((1,), count, dtype=torch.float64, device=x.device)
+    payload = torch.cat([count_entry, mean.to(torch.float64), m2.to(torch.float64)])
+    gathered = [torch.empty_like(payload) for _ in range(world_size)]
+    dist.all_gather(gathered, payload, group=group)
+    counts = [int(c) for c in torch.stack([p[0] for p in gathered]).tolist()]
+
+    total = 0
+    merged_mean = torch.zeros(channels, dtype=torch.float64, device=x.device)
+    merged_m2 = torch.zeros_like(merged_mean)
+    for rank_count, rank_payload in zip(counts, gathered, strict=True):
+        if rank_count == 0:
+            continue
+        rank_mean = rank_payload[1 : 1 + channels]
+        rank_m2 = rank_payload[1 + channels :]
+        # Chan et al.: with n = n_a + n_b and δ = mean_b − mean_a,
+        #   mean = mean_a + δ·n_b/n,   M2 = M2_a + M2_b + δ²·n_a·n_b/n.
+        combined = total + rank_count
+        delta = rank_mean - merged_mean
+        merged_mean = merged_mean + delta * (rank_count / combined)
+        merged_m2 = merged_m2 + rank_m2 + delta.square() * (total * rank_count / combined)
+        total = combined
+    return GlobalMoments(total, merged_mean, merged_m2)
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """y = (x − mean)·invstd·γ + β with global ``mean``/``invstd``; the backward syncs its sums.
+
+    The gradients of γ and β are this rank's own sums, Σ dy·x̂ and Σ dy over the local slice, like
+    ``torch.nn.SyncBatchNorm``'s: summed over the ranks they are the gradients of the summed loss,
+    and DistributedDataParallel's averaging then treats them like every other parameter's. A rank
+    with an empty slice gets zeros (torch leaves them None), so every rank has a gradient to reduce.
+    As in torch, the all-reduce runs only when the input needs a gradient, which every rank of the
+    group must agree on.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+        count: int,
+        group: Any,
+    ) -> torch.Tensor:
+        acc = mean.dtype
+        x_hat = (input.to(acc) - _per_channel(mean, input)) * _per_channel(invstd, input)
+        y = x_hat
+        if weight is not None:
+            y = y * _per_channel(weight.to(acc), input)
+        if bias is not None:
+            y = y + _per_channel(bias.to(acc), input)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.count = count
+        ctx.group = group
+        return y.to(input.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        input, weight, mean, invstd = ctx.saved_tensors
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        acc = mean.dtype
+        dims = _reduced_dims(input)
+        dy = grad_output.to(acc)
+        x_hat = (input.to(acc) - _per_channel(mean, input)) * _per_channel(invstd, input)
+        # Sums over an empty local slice are zeros: such a rank still joins the all-reduce.
+        sum_dy = dy.sum(dim=dims)
+        sum_dy_xhat = (dy * x_hat).sum(dim=dims)
+
+        grad_input = grad_weight = grad_bias = None
+        if needs_input:
+            totals = torch.stack([sum_dy, sum_dy_xhat])
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=ctx.group)
+            # With means over the whole distributed batch (count values per channel):
+            #   dx = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂)).
+            scale = invstd if weight is None else invstd * weight.to(acc)
+            mean_dy = totals[0] / ctx.count
+            mean_dy_xhat = totals[1] / ctx.count
+            grad_input = (
+                (dy - _per_channel(mean_dy, input) - x_hat * _per_channel(mean_dy_xhat, input))
+                * _per_channel(scale, input)
+            ).to(input.dtype)
+        if needs_weight:
+            grad_weight = sum_dy_xhat.to(weight.dtype)
+        if needs_bias:
+            grad_bias = sum_dy.to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """Drop-in ``torch.nn.SyncBatchNorm`` over (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)
+    input that also runs on CPU tensors (gloo) besides CUDA (NCCL).
+
+    Training in a group of more than one rank normalizes with the statistics of the batch
+    concatenated over the group's ranks (their slices may differ in size and may be empty), and
+    updates the running statistics with its unbiased variance, identically on every rank. Each
+    rank's weight/bias gradients are its local share, as with torch's SyncBatchNorm; summed (or
+    averaged by DistributedDataParallel) over the ranks they give the full batch's gradients.
+    Otherwise (eval, one rank, no process group) it is ``tritonbn.batch_norm``. Bad input raises on
+    the calling rank before any state changes.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"'num_features' must be a positive int, got {num_features!r}")
+        check_module_options(eps, momentum)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype
+        )
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(
+                f"{type(self).__name__}: 'input' must be a torch.Tensor, got {type(input).__name__}"
+            )
+        if input.dim() not in _SUPPORTED_DIMS:
+            raise ValueError(
+                f"{type(self).__name__}: 'input' must be 2D (N, C), 3D (N, C, L), 4D (N, C, H, W) "
+                f"or 5D (N, C, D, H, W), got a {input.dim()}D tensor of shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise RuntimeError(
+                f"{type(self).__name__}: 'input' must have num_features={self.num_features} "
+                f"channels in dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
+            )
+
+    def _sync_group(self) -> tuple[Any, int] | None:
+        """(group, world size) when training must synchronize, else None."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        world_size = dist.get_world_size(group)
+        return (group, world_size) if world_size > 1 else None
+
+    def _count_batch(self, momentum: float) -> float:
+        """Count one training batch; the running-statistics factor for it."""
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                # Cumulative average: the k-th batch gets weight 1/k.
+                return 1.0 / float(self.num_batches_tracked)
+        return momentum
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        use_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_running else None
+        running_var = self.running_var if use_running else None
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        sync = self._sync_group()
+        if sync is None:
+            check_batch_norm_args(
+                input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+                self.eps,
+            )
+            momentum = self._count_batch(momentum)
+            return run_checked(
+                input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+                self.eps,
+            )
+
+        group, world_size = sync
+        # An empty view carries everything the checks read except the batch size; "more than one
+        # value per channel" is a property of the global batch here, checked after the gather.
+        check_batch_norm_args(
+            input.narrow(0, 0, 0), running_mean, running_var, self.weight, self.bias, True,
+            momentum, self.eps,
+        )
+        moments = gather_global_moments(input, group, world_size)
+        if moments.count == 0:
+            # Every rank's slice is empty: the same as one process given an empty batch.
+            momentum = self._count_batch(momentum)
+            return run_checked(
+                input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps
+            )
+        if moments.count == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got 1 value per channel "
+                f"over the {world_size} ranks of the process group (local input size "
+                f"{tuple(input.shape)})"
+            )
+        momentum = self._count_batch(momentum)
+
+        acc = _accumulation_dtype(input.dtype)
+        biased_var = moments.m2 / moments.count
+        invstd = torch.rsqrt(biased_var + self.eps)
+        output = SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, moments.mean.to(acc), invstd.to(acc), moments.count,
+            group,
+        )
+        # Normalize first, then update: a caller may have aliased the running statistics.
+        if running_mean is not None and running_var is not None:
+            unbiased_var = moments.m2 / (moments.count - 1)
+            with torch.no_grad():
+                running_mean.mul_(1.0 - momentum).add_(moments.mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1.0 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+        return output
+
+
+def _new_sync_batchnorm(module: nn.modules.batchnorm._BatchNorm, process_group: Any) -> SyncBatchNorm:
+    """A tritonbn SyncBatchNorm holding ``module``'s own parameters, buffers and mode."""
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    floats = [t for t in tensors if t.is_floating_point()]
+    device = tensors[0].device if tensors else None
+    dtype = floats[0].dtype if floats else None
+    converted = SyncBatchNorm(
+        module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+        process_group, device=device, dtype=dtype,
+    )
+    if module.affine:
+        converted.weight = module.weight
+        converted.bias = module.bias
+    converted.running_mean = module.running_mean
+    converted.running_var = module.running_var
+    converted.num_batches_tracked = module.num_batches_tracked
+    converted.training = module.training
+    if hasattr(module, "qconfig"):
+        converted.qconfig = module.qconfig
+    return converted
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) -> nn.Module:
+    """Replace every BatchNorm layer in ``module`` (torch's or tritonbn's BatchNorm1d/2d/3d, and
+    SyncBatchNorm) with a ``tritonbn.SyncBatchNorm`` over ``process_group`` (None: the world).
+
+    Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: returns ``module`` with its BatchNorm
+    children replaced, or a new SyncBatchNorm if ``module`` itself is one. A replacement holds the
+    original's Parameter objects (an optimizer built before stays valid, requires_grad included),
+    its buffers, eps, momentum and train/eval mode, so device and dtype are unchanged.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"convert_sync_batchnorm: 'module' must be a torch.nn.Module, got {type(module).__name__}"
+        )
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return _new_sync_batchnorm(module, process_group)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, process_group))
+    return module

@@ -149,19 +149,24 @@ def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: tor
             "program: statistics, normalization and running statistics in one launch"
         )
     sms = sm_count(device)
+    fill = f"{sms} SMs" if device.type == "cuda" and not interpreted() else f"{sms} stand-in SMs off the GPU"
     if column:
         return "column-tiled", (
             f"{layout.name} rows of C={layout.c} contiguous channels: tiles coalesced along C, "
-            f"rows split across programs to fill {sms} SMs"
+            f"rows split across programs to fill {fill}"
         )
     return "split-welford", (
         f"{layout.rows} elements per channel and C={layout.c}: each channel is split across "
-        f"programs (Welford partials merged with Chan's formula) to fill {sms} SMs"
+        f"programs (Welford partials merged with Chan's formula) to fill {fill}"
     )
 
 
-def select_plan(x: torch.Tensor, training: bool) -> Plan:
-    """The plan that runs ``batch_norm`` on ``x``; promises nothing about values, only shapes."""
+def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -> Plan:
+    """The plan that runs ``batch_norm`` on ``x``, decided from shapes alone, never values.
+
+    Raises RuntimeError when the requested backend cannot run here, unless ``for_explain``: then
+    the plan says so in its facts.
+    """
     requested, forced, source = _requested()
     layout = describe(x)
     facts = _facts(x, layout, training)
@@ -180,11 +185,14 @@ def select_plan(x: torch.Tensor, training: bool) -> Plan:
             return Plan("torch", None, "empty batch: nothing to compute", facts)
     else:  # "triton"
         if x.device.type != "cuda" and not interpreted():
-            raise RuntimeError(
+            problem = (
                 f"backend 'triton' got a {x.device.type} tensor: the Triton kernels need a CUDA "
                 "device, or TRITON_INTERPRET=1 set before triton is imported to run them through "
                 "Triton's interpreter"
             )
+            if not for_explain:
+                raise RuntimeError(problem)
+            facts["runnable here"] = f"no ({problem})"
         if x.numel() == 0:
             return Plan("torch", None, "empty batch: nothing to compute, torch's semantics", facts)
         if x.dtype == torch.float64:
@@ -199,8 +207,10 @@ def select_plan(x: torch.Tensor, training: bool) -> Plan:
 def explain(input: torch.Tensor, training: bool = True, **options: object) -> Plan:
     """The dispatcher's decision for ``tritonbn.batch_norm(input, training=training, ...)``.
 
-    ``options`` may carry ``backend`` and ``plan`` to explain a forced choice. The returned
-    :class:`Plan` prints as a short report: backend, kernel plan, reason and the facts used.
+    ``options`` may carry ``backend`` and ``plan`` to explain a forced choice, also one that
+    cannot run on this machine (a CPU tensor on ``"triton"`` without the interpreter: the report
+    says so). The returned :class:`Plan` prints as a short report: backend, kernel plan, reason
+    and the facts used.
     """
     unknown = set(options) - {"backend", "plan"}
     if unknown:
@@ -209,5 +219,5 @@ def explain(input: torch.Tensor, training: bool = True, **options: object) -> Pl
         name = str(options.get("backend", "triton" if options.get("plan") else "auto"))
         plan = options.get("plan")
         with backend(name, plan=None if plan is None else str(plan)):
-            return select_plan(input, training)
-    return select_plan(input, training)
+            return select_plan(input, training, for_explain=True)
+    return select_plan(input, training, for_explain=True)

@@ -1,0 +1,235 @@
+"""Reading benchmark results (bench/results/*.json) and turning them into verdicts and tables.
+
+Shared by the pytest hooks (speedups written into the JSON), ``gpu_check.py`` (its summary) and
+``render_benchmarks.py`` (docs/benchmarks.md). The schema is described in bench/results/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = "tritonbn-bench/1"
+PASS_ORDER = ("forward+backward", "forward", "backward", "eval")
+# Inputs of at least 2^22 elements (16 MiB in float32) count as large for the bandwidth target.
+LARGE_NUMEL = 2**22
+SPEEDUP_TARGET = 1.3
+LENET_TARGET = 1.0
+COPY_TARGET_PCT = 85.0
+CPU_OVERHEAD_TARGET_PCT = 10.0
+
+
+def add_speedups(benchmarks: list[dict]) -> None:
+    """Set ``extra_info["speedup_vs_torch"]`` of every timed benchmark: torch's median time in the
+    same group divided by its own (None where the group has no timed torch entry)."""
+    torch_ms = {
+        bench["group"]: bench["extra_info"]["ms"]
+        for bench in benchmarks
+        if bench["extra_info"].get("backend") == "torch" and bench["extra_info"].get("ms")
+    }
+    for bench in benchmarks:
+        info = bench["extra_info"]
+        base = torch_ms.get(bench["group"])
+        info["speedup_vs_torch"] = base / info["ms"] if base and info.get("ms") else None
+
+
+def with_records(data: dict) -> dict:
+    """``data`` (a results document) with ``records`` added: the extra_info of every timed
+    benchmark, with its group and name."""
+    data["records"] = [
+        {**bench["extra_info"], "group": bench["group"], "name": bench["name"]}
+        for bench in data.get("benchmarks", [])
+        if bench.get("extra_info", {}).get("ms") is not None
+    ]
+    return data
+
+
+def load(path: Path) -> dict:
+    """One results file, with its ``path`` and ``records`` (see :func:`with_records`)."""
+    return {**with_records(json.loads(path.read_text())), "path": path}
+
+
+def load_all(directory: Path) -> list[dict]:
+    """Every results file in ``directory``: GPU runs first, newest first within a kind."""
+    runs = [load(path) for path in sorted(directory.glob("*.json"))]
+    runs.sort(key=lambda run: run.get("datetime", ""), reverse=True)
+    runs.sort(key=lambda run: not is_gpu(run))
+    return runs
+
+
+def machine(run: dict) -> dict:
+    """The tritonbn part of a run's machine_info (device, versions, copy bandwidth, timer)."""
+    return run.get("machine_info", {}).get("tritonbn", {})
+
+
+def is_gpu(run: dict) -> bool:
+    return machine(run).get("device_type") == "cuda"
+
+
+def shape_text(shape: Iterable[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def select(records: list[dict], **where: object) -> list[dict]:
+    """The records whose fields equal every ``where`` value."""
+    return [record for record in records if all(record.get(key) == value for key, value in where.items())]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's targets: what it asks, what was measured, and whether it is met
+    (None where the results hold nothing to judge it by)."""
+
+    name: str
+    threshold: str
+    value: str
+    met: bool | None
+    detail: str = ""
+
+
+def of_pass(records: list[dict], pass_name: str) -> list[dict]:
+    return [record for record in records if record["pass"] == pass_name]
+
+
+def _per_case(records: list[dict], field: str, fmt: str) -> str:
+    return ", ".join(f"{shape_text(r['shape'])} {r['layout']}: {format(r[field], fmt)}" for r in records)
+
+
+def _judge(name: str, asks: str, records: list[dict],
+           measure: Callable[[list[dict]], tuple[str, bool, str]]) -> Target:
+    """``measure(records)`` gives (measured, met, details); no records means not measured."""
+    if not records:
+        return Target(name, asks, "not measured", None)
+    return Target(name, asks, *measure(records))
+
+
+def _geomean_speedup(records: list[dict]) -> tuple[str, bool, str]:
+    value = geomean([r["speedup_vs_torch"] for r in records])
+    return f"{value:.2f}x", value >= SPEEDUP_TARGET, f"{len(records)} cases"
+
+
+def _slowest_speedup(records: list[dict]) -> tuple[str, bool, str]:
+    worst = min(r["speedup_vs_torch"] for r in records)
+    return f"min {worst:.2f}x", worst >= LENET_TARGET, _per_case(records, "speedup_vs_torch", ".2f")
+
+
+def _lowest_copy_share(records: list[dict]) -> tuple[str, bool, str]:
+    worst = min(r["pct_of_copy"] for r in records)
+    per_pass = ", ".join(f"{name}: min {min(r['pct_of_copy'] for r in of_pass(records, name)):.0f}%"
+                         for name in PASS_ORDER if of_pass(records, name))
+    return f"min {worst:.0f}%", worst >= COPY_TARGET_PCT, per_pass
+
+
+def _largest_overhead(records: list[dict]) -> tuple[str, bool, str]:
+    for record in records:
+        record["overhead_pct"] = 100.0 * (1.0 / record["speedup_vs_torch"] - 1.0)
+    worst = max(r["overhead_pct"] for r in records)
+    return f"max {worst:+.1f}%", worst <= CPU_OVERHEAD_TARGET_PCT, _per_case(records, "overhead_pct", "+.1f")
+
+
+def targets(run: dict) -> list[Target]:
+    """The issue's targets for a run, judged on tritonbn's automatic dispatch against torch native:
+    on a GPU the speedups and the share of copy bandwidth, on a CPU the fallback's overhead."""
+    auto = select(run["records"], backend="tritonbn", dtype="float32")
+    auto = [r for r in auto if r.get("speedup_vs_torch")]
+    fwd_bwd = of_pass(auto, "forward+backward")
+    lenet = select(fwd_bwd, family="lenet", layout="contiguous")
+    if not is_gpu(run):
+        return [_judge("CPU fallback, forward+backward float32, every LeNet layer: extra time over torch.nn",
+                       f"<= {CPU_OVERHEAD_TARGET_PCT:.0f}%", lenet, _largest_overhead)]
+    large = [r for r in auto if math.prod(r["shape"]) >= LARGE_NUMEL and r.get("pct_of_copy") is not None]
+    return [
+        _judge("forward+backward float32, geometric mean over the 4-D cases", f">= {SPEEDUP_TARGET}x",
+               [r for r in fwd_bwd if len(r["shape"]) == 4], _geomean_speedup),
+        _judge("forward+backward float32, every LeNet layer (contiguous)", f">= {LENET_TARGET}x each",
+               lenet, _slowest_speedup),
+        _judge("float32 inputs of >= 2^22 elements, every pass: % of copy bandwidth",
+               f">= {COPY_TARGET_PCT:.0f}%", large, _lowest_copy_share),
+    ]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def targets_table(items: list[Target]) -> str:
+    verdict = {True: "met", False: "NOT met", None: "not judged"}
+    return markdown_table(["target", "asks", "measured", "verdict", "details"],
+                          [[t.name, t.threshold, t.value, verdict[t.met], t.detail] for t in items])
+
+
+def cell(record: dict | None) -> str:
+    """'median ms ±half the interquartile range · speedup · % of copy' of one timed benchmark,
+    '—' for none."""
+    if record is None:
+        return "—"
+    spread = 50.0 * (record["ms_q3"] - record["ms_q1"]) / record["ms"]
+    parts = [f"{record['ms']:.4g} ms ±{spread:.0f}%"]
+    if record.get("speedup_vs_torch"):
+        parts.append(f"{record['speedup_vs_torch']:.2f}x")
+    if record.get("pct_of_copy") is not None:
+        parts.append(f"{record['pct_of_copy']:.0f}%")
+    return " · ".join(parts)
+
+
+def shape_tables(records: list[dict]) -> str:
+    """One table per shape: a row per (dtype, layout, backend), a column per pass."""
+    sections = []
+    for shape in dict.fromkeys(tuple(r["shape"]) for r in records):
+        of_shape = [r for r in records if tuple(r["shape"]) == shape]
+        rows = []
+        for key in dict.fromkeys((r["dtype"], r["layout"], r["backend"]) for r in of_shape):
+            dtype, layout, backend = key
+            found = {r["pass"]: r for r in select(of_shape, dtype=dtype, layout=layout, backend=backend)}
+            plans = sorted({str(r["plan"]) for r in found.values() if r.get("plan")})
+            rows.append([dtype, layout, backend, ", ".join(plans) or "—",
+                         *(cell(found.get(name)) for name in PASS_ORDER)])
+        sections.append(f"#### {shape_text(shape)} ({of_shape[0]['family']})\n\n"
+                        + markdown_table(["dtype", "layout", "backend", "plan", *PASS_ORDER], rows))
+    return "\n\n".join(sections)
+
+
+def headline_table(records: list[dict]) -> str:
+    """forward+backward float32 per case: tritonbn's plan and time against torch and torch.compile."""
+    rows = []
+    fwd_bwd = of_pass(select(records, dtype="float32"), "forward+backward")
+    for group in dict.fromkeys(r["group"] for r in fwd_bwd):
+        by_backend = {r["backend"]: r for r in select(fwd_bwd, group=group)}
+        auto, native = by_backend.get("tritonbn"), by_backend.get("torch")
+        compiled = by_backend.get("torch.compile")
+        any_record = next(iter(by_backend.values()))
+        rows.append([
+            f"{shape_text(any_record['shape'])} {any_record['layout']}",
+            str(auto["plan"]) if auto else "—",
+            f"{auto['ms']:.4g}" if auto else "—",
+            f"{native['ms']:.4g}" if native else "—",
+            f"{auto['speedup_vs_torch']:.2f}x" if auto and auto.get("speedup_vs_torch") else "—",
+            f"{compiled['speedup_vs_torch']:.2f}x" if compiled and compiled.get("speedup_vs_torch") else "—",
+            f"{auto['pct_of_copy']:.0f}%" if auto and auto.get("pct_of_copy") is not None else "—",
+        ])
+    return markdown_table(["case", "tritonbn plan", "tritonbn ms", "torch ms", "tritonbn speedup",
+                           "torch.compile speedup", "tritonbn % of copy"], rows)
+
+
+def training_table(training: dict[str, dict]) -> str:
+    """The LeNet training runs of a GPU check: status, final metrics and epoch times per --bn."""
+    rows = []
+    for bn, run in training.items():
+        if run.get("epochs"):
+            later = run.get("later_epoch_sec")
+            rows.append([bn, run["status"], str(run["epochs"]), f"{run['loss']:.4f}",
+                         f"{run['train_acc']:.3f}", f"{run['test_acc']:.3f}", f"{run['first_epoch_sec']:.1f}",
+                         "—" if later is None else f"{later:.1f}"])
+        else:
+            rows.append([bn, run["status"], *["—"] * 6])
+    return markdown_table(["--bn", "status", "epochs", "final loss", "train acc", "test acc",
+                           "first epoch s", "later epochs s (median)"], rows)

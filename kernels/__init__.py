@@ -1,10 +1,10 @@
 """Triton kernels for batch normalization and their launchers (installed as ``tritonbn.kernels``).
 
 One file per kernel family: ``stats`` (training statistics of the split plans), ``normalize``
-(the elementwise pass: training normalize, eval forward, eval dx), ``backward`` (the split plans'
-backward), ``fused_small`` (single-launch forward and backward); ``tiling`` holds the shared
-``@triton.jit`` helpers, ``plans`` the launch geometry, ``layout`` the (N, C, S) view, ``ops``
-the entry points.
+(the elementwise forward: training normalize, eval forward), ``backward`` (the split plans' and
+eval backward), ``fused_small`` (single-launch forward and backward); ``activation`` holds the
+fused activations and their derivatives, ``tiling`` the shared ``@triton.jit`` helpers, ``plans``
+the launch geometry, ``layout`` the (N, C, S) view, ``ops`` the entry points.
 """
 
 from .layout import Layout, describe

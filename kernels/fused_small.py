@@ -1,26 +1,38 @@
 """The fused-small plan: when a channel's whole slab fits one program's registers, one launch does
-the training forward (exact two-pass mean and variance, normalize + affine, running statistics) and
-one launch the backward (Σdy, Σdy·x̂, dγ, dβ and dx), each reading its inputs once.
+the training forward (exact two-pass mean and variance, normalize + affine + activation, running
+statistics) and one launch the backward (dz = dy·act'(z) with z recomputed, Σdz, Σdz·x̂, dγ, dβ
+and dx), each reading its inputs once.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from .activation import activate, activation_grad
+from .normalize import Normalization
 from .plans import Geometry
-from .tiling import as_row, load_channel, merge_lanes, store_channel, tile_offsets, tile_welford
+from .tiling import (
+    as_row,
+    channel_affine,
+    load_channel,
+    merge_lanes,
+    store_channel,
+    tile_offsets,
+    tile_welford,
+)
 
 
 @triton.jit
 def fused_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
-                         save_ptr, C, momentum, eps,
+                         save_ptr, C, momentum, eps, slope,
                          R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                          CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_RUNNING: tl.constexpr):
-    # mean = Σx/n, var = Σ(x − mean)²/n over the slab in registers, y = (x − mean)·invstd·γ + β,
-    # save[2, C] = (mean, invstd); running statistics updated last with the unbiased variance.
+                         HAS_RUNNING: tl.constexpr, ACTIVATION: tl.constexpr):
+    # mean = Σx/n, var = Σ(x − mean)²/n over the slab in registers,
+    # y = act((x − mean)·invstd·γ + β), save[2, C] = (mean, invstd); running statistics updated
+    # last with the unbiased variance.
     pid_k = tl.program_id(0)
     offsets, mask = tile_offsets(pid_k, 0, R, K, KB, stride_r, stride_k, stride_c,
                                  BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
@@ -36,6 +48,7 @@ def fused_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, r
     y = (x - as_row(mean, CHANNEL_MAJOR)) * as_row(a, CHANNEL_MAJOR)
     if HAS_BIAS:
         y = y + as_row(load_channel(bias_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR), CHANNEL_MAJOR)
+    y = activate(y, ACTIVATION, slope)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
     store_channel(save_ptr, mean, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
     store_channel(save_ptr + C, invstd, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
@@ -50,39 +63,42 @@ def fused_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, r
 
 
 @triton.jit
-def fused_backward_kernel(dy_ptr, x_ptr, dx_ptr, save_ptr, weight_ptr,
-                          grad_weight_ptr, grad_bias_ptr, C, count,
+def fused_backward_kernel(dy_ptr, x_ptr, dx_ptr, grad_weight_ptr, grad_bias_ptr,
+                          mean_ptr, invstd_ptr, weight_ptr, bias_ptr, C, eps, slope, count,
                           R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                           CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
-                          HAS_WEIGHT: tl.constexpr, NEEDS_INPUT: tl.constexpr,
-                          NEEDS_WEIGHT: tl.constexpr, NEEDS_BIAS: tl.constexpr):
-    # dβ = Σdy, dγ = Σdy·(x − mean)·invstd,
-    # dx = γ·invstd·(dy − Σdy/n − (x − mean)·invstd²·Σdy·(x − mean)/n), all from one read.
+                          INVSTD_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                          NEEDS_INPUT: tl.constexpr, NEEDS_WEIGHT: tl.constexpr,
+                          NEEDS_BIAS: tl.constexpr):
+    # dz = dy·act'(z) with z = (x − mean)·a + b recomputed (a = invstd·γ, b = β); dβ = Σdz,
+    # dγ = Σdz·(x − mean)·invstd, dx = a·(dz − Σdz/n − (x − mean)·invstd²·Σdz·(x − mean)/n),
+    # all from one read.
     pid_k = tl.program_id(0)
     offsets, mask = tile_offsets(pid_k, 0, R, K, KB, stride_r, stride_k, stride_c,
                                  BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
-    mean = load_channel(save_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
-    invstd = load_channel(save_ptr + C, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    mean = load_channel(mean_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    invstd, a, b = channel_affine(invstd_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
+                                  CHANNEL_MAJOR, INVSTD_IS_VAR, HAS_WEIGHT, HAS_BIAS)
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     xmu = tl.where(mask, x - as_row(mean, CHANNEL_MAJOR), 0.0)
-    sum_dy = tl.sum(dy, axis=0)
-    sum_dy_xmu = tl.sum(dy * xmu, axis=0)
+    dz = activation_grad(dy, xmu * as_row(a, CHANNEL_MAJOR) + as_row(b, CHANNEL_MAJOR),
+                         ACTIVATION, slope)
+    sum_dz = tl.sum(dz, axis=0)
+    sum_dz_xmu = tl.sum(dz * xmu, axis=0)
     if CHANNEL_MAJOR:
-        sum_dy = tl.sum(sum_dy, axis=0)
-        sum_dy_xmu = tl.sum(sum_dy_xmu, axis=0)
+        sum_dz = tl.sum(sum_dz, axis=0)
+        sum_dz_xmu = tl.sum(sum_dz_xmu, axis=0)
     if NEEDS_WEIGHT:
-        store_channel(grad_weight_ptr, sum_dy_xmu * invstd, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+        store_channel(grad_weight_ptr, sum_dz_xmu * invstd, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
     if NEEDS_BIAS:
-        store_channel(grad_bias_ptr, sum_dy, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+        store_channel(grad_bias_ptr, sum_dz, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
     if NEEDS_INPUT:
-        k = invstd
-        if HAS_WEIGHT:
-            k = k * load_channel(weight_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
-        k_xmu = invstd * invstd * sum_dy_xmu / count
-        dx = as_row(k, CHANNEL_MAJOR) * (
-            dy - as_row(sum_dy / count, CHANNEL_MAJOR) - xmu * as_row(k_xmu, CHANNEL_MAJOR)
+        k_xmu = invstd * invstd * sum_dz_xmu / count
+        dx = as_row(a, CHANNEL_MAJOR) * (
+            dz - as_row(sum_dz / count, CHANNEL_MAJOR) - xmu * as_row(k_xmu, CHANNEL_MAJOR)
         )
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -96,6 +112,9 @@ def fused_forward(
     running_var: torch.Tensor | None,
     momentum: float,
     eps: float,
+    *,
+    activation: int = 0,
+    slope: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch: returns (y in x's dtype and strides, save[2, C] fp32 = (mean, invstd))."""
     channels = x.shape[1]
@@ -103,9 +122,9 @@ def fused_forward(
     save = torch.empty((2, channels), device=x.device, dtype=torch.float32)
     fused_forward_kernel[geo.grid](
         x, y, weight, bias, running_mean, running_var, save, channels, float(momentum),
-        float(eps), *geo.args(),
+        float(eps), float(slope), *geo.args(),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RUNNING=running_mean is not None, **geo.meta(),
+        HAS_RUNNING=running_mean is not None, ACTIVATION=activation, **geo.meta(),
     )
     return y, save
 
@@ -114,22 +133,20 @@ def fused_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     geo: Geometry,
-    save: torch.Tensor,
-    weight: torch.Tensor | None,
+    norm: Normalization,
     need_input: bool,
     need_weight: bool,
     need_bias: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One launch: (dx, dγ, dβ), each None unless asked for."""
     channels = x.shape[1]
-    param_dtype = weight.dtype if weight is not None else torch.float32
+    param_dtype = norm.weight.dtype if norm.weight is not None else torch.float32
     dx = torch.empty_like(x) if need_input else None
     grad_weight = torch.empty(channels, device=x.device, dtype=param_dtype) if need_weight else None
     grad_bias = torch.empty(channels, device=x.device, dtype=param_dtype) if need_bias else None
     fused_backward_kernel[geo.grid](
-        dy, x, dx, save, weight, grad_weight, grad_bias, channels, float(x.numel() // channels),
-        *geo.args(),
-        HAS_WEIGHT=weight is not None, NEEDS_INPUT=need_input, NEEDS_WEIGHT=need_weight,
-        NEEDS_BIAS=need_bias, **geo.meta(),
+        dy, x, dx, grad_weight, grad_bias, *norm.args(channels), float(x.numel() // channels),
+        *geo.args(), NEEDS_INPUT=need_input, NEEDS_WEIGHT=need_weight, NEEDS_BIAS=need_bias,
+        **norm.meta(), **geo.meta(),
     )
     return dx, grad_weight, grad_bias

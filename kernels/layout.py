@@ -73,9 +73,9 @@ def _spatial_stride(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int | N
     return inner
 
 
-def _is_dense(x: torch.Tensor) -> bool:
+def _is_dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     """Non-overlapping and dense: every storage element of its span belongs to the tensor."""
-    pairs = sorted((st, sz) for sz, st in zip(x.shape, x.stride(), strict=True) if sz != 1)
+    pairs = sorted((st, sz) for sz, st in zip(shape, strides, strict=True) if sz != 1)
     expected = 1
     for stride, size in pairs:
         if stride != expected:
@@ -86,16 +86,30 @@ def _is_dense(x: torch.Tensor) -> bool:
 
 def describe(x: torch.Tensor) -> Layout:
     """The (N, C, S) layout of ``x`` (at least 2-D)."""
-    n, c = x.shape[0], x.shape[1]
-    s = math.prod(x.shape[2:])
-    stride_n, stride_c = x.stride(0), x.stride(1)
-    spatial = _spatial_stride(tuple(x.shape[2:]), tuple(x.stride()[2:]))
+    return describe_strides(tuple(x.shape), tuple(x.stride()))
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def describe_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout:
+    """The (N, C, S) layout of a tensor with ``shape`` and ``strides`` (at least 2-D)."""
+    n, c = shape[0], shape[1]
+    s = math.prod(shape[2:])
+    stride_n, stride_c = strides[0], strides[1]
+    spatial = _spatial_stride(shape[2:], strides[2:])
     if c == 1:
         stride_c = 1
-    if not _is_dense(x) or spatial is None:
+    if not _is_dense(shape, strides) or spatial is None:
         return Layout("strided", n, c, s, stride_n, stride_c, spatial or 0)
     layout = Layout("", n, c, s, stride_n, stride_c, spatial)
-    if x.dim() == 2:
+    if len(shape) == 2:
         name = "2d"
     elif s == 1 or spatial == 1:
         name = "nchw"

@@ -2,16 +2,20 @@
 
 Each function takes tensors whose layout ``describe`` accepts (the dispatcher copies any other),
 picks the tiling and launches; it never reads a module, an option or an environment variable.
+``activation`` (None or a name of ``activation.ACTIVATIONS``, with leaky_relu's ``negative_slope``)
+is applied to the normalized output in the forward and differentiated, from the saved input, in
+the backward.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .activation import activation_code
 from .backward import backward_dx, backward_sums
 from .fused_small import fused_backward, fused_forward
 from .layout import describe
-from .normalize import normalize
+from .normalize import Normalization, normalize
 from .plans import ELEMENTWISE_PROGRAMS_PER_SM, Geometry, column_tiling, geometry
 from .stats import batch_statistics
 
@@ -49,20 +53,24 @@ def forward_train(
     plan: str,
     sm_count: int,
     force_int64: bool = False,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training forward: (y, save) with save[0] = mean and save[1] = invstd (fp32, per channel).
 
-    Normalizes with the batch statistics, then updates the running statistics in place.
+    y = act((x − mean)·invstd·weight + bias) with the batch statistics; then updates the running
+    statistics in place.
     """
-    if plan == "fused-small":
-        geo = _geometry(x, plan, sm_count, force_int64=force_int64)
-        return fused_forward(x, geo, weight, bias, running_mean, running_var, momentum, eps)
+    code = activation_code(activation)
     geo = _geometry(x, plan, sm_count, force_int64=force_int64)
+    if plan == "fused-small":
+        return fused_forward(x, geo, weight, bias, running_mean, running_var, momentum, eps,
+                             activation=code, slope=negative_slope)
+    # save[2], save[3] = invstd·weight, bias: folded before the running statistics change.
     save = batch_statistics(x, geo, weight, bias, running_mean, running_var, momentum, eps)
     out_geo = _geometry(x, plan, sm_count, elementwise=True, force_int64=force_int64)
-    y = normalize(x, torch.empty_like(x), out_geo, mean=save[0], scale=save[2],
-                  scale_is_var=False, weight=None, bias=save[3])
-    return y, save
+    folded = Normalization(save[0], save[2], None, save[3], activation=code, slope=negative_slope)
+    return normalize(x, out_geo, folded), save
 
 
 def forward_eval(
@@ -75,11 +83,14 @@ def forward_eval(
     *,
     sm_count: int,
     force_int64: bool = False,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> torch.Tensor:
-    """Eval forward in one launch: y = (x − running_mean)/sqrt(running_var + eps)·γ + β."""
+    """Eval forward in one launch: y = act((x − running_mean)/sqrt(running_var + eps)·γ + β)."""
     geo = _geometry(x, "eval", sm_count, elementwise=True, force_int64=force_int64)
-    return normalize(x, torch.empty_like(x), geo, mean=running_mean, scale=running_var,
-                     scale_is_var=True, weight=weight, bias=bias, eps=eps)
+    norm = Normalization(running_mean, running_var, weight, bias, invstd_is_var=True, eps=eps,
+                         activation=activation_code(activation), slope=negative_slope)
+    return normalize(x, geo, norm)
 
 
 def backward_train(
@@ -92,24 +103,28 @@ def backward_train(
     plan: str,
     sm_count: int,
     force_int64: bool = False,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Training backward: (dx, dγ, dβ) for the entries of ``needs`` that are True.
 
-    ``dy`` must have ``x``'s strides; ``save`` is what ``forward_train`` returned.
+    ``dy`` must have ``x``'s strides; ``save`` is what ``forward_train`` returned. With an
+    activation, ``bias`` must be the forward's: the backward recomputes its input z from ``x``.
     """
     need_input, need_weight, need_bias = needs
-    if plan == "fused-small":
-        geo = _geometry(x, plan, sm_count, force_int64=force_int64)
-        return fused_backward(dy, x, geo, save, weight, need_input, need_weight, need_bias)
+    norm = Normalization(save[0], save[1], weight, bias, activation=activation_code(activation),
+                         slope=negative_slope)
     geo = _geometry(x, plan, sm_count, force_int64=force_int64)
+    if plan == "fused-small":
+        return fused_backward(dy, x, geo, norm, need_input, need_weight, need_bias)
     grad_weight, grad_bias, coef = backward_sums(
-        dy, x, geo, mean=save[0], invstd=save[1], invstd_is_var=False, eps=0.0, weight=weight,
-        need_weight=need_weight, need_bias=need_bias, need_coef=need_input,
+        dy, x, geo, norm, need_weight=need_weight, need_bias=need_bias, need_coef=need_input
     )
     dx = None
     if need_input:
         out_geo = _geometry(x, plan, sm_count, elementwise=True, force_int64=force_int64)
-        dx = backward_dx(dy, x, out_geo, mean=save[0], coef=coef)
+        dx = backward_dx(dy, x, out_geo, norm, coef)
     return dx, grad_weight, grad_bias
 
 
@@ -124,20 +139,24 @@ def backward_eval(
     *,
     sm_count: int,
     force_int64: bool = False,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Eval backward with the running statistics: dx = dy·γ/sqrt(running_var + eps),
-    dγ = Σ dy·(x − running_mean)/sqrt(running_var + eps), dβ = Σ dy.
+    """Eval backward with the running statistics held constant: with dz = dy·act'(z) (z
+    recomputed from ``x``; dz = dy without activation), dx = dz·γ/sqrt(running_var + eps),
+    dγ = Σ dz·(x − running_mean)/sqrt(running_var + eps), dβ = Σ dz.
     """
     need_input, need_weight, need_bias = needs
+    norm = Normalization(running_mean, running_var, weight, bias, invstd_is_var=True, eps=eps,
+                         activation=activation_code(activation), slope=negative_slope)
     grad_weight = grad_bias = dx = None
     if need_weight or need_bias:
         geo = _geometry(x, "eval", sm_count, force_int64=force_int64)
         grad_weight, grad_bias, _ = backward_sums(
-            dy, x, geo, mean=running_mean, invstd=running_var, invstd_is_var=True, eps=eps,
-            weight=weight, need_weight=need_weight, need_bias=need_bias, need_coef=False,
+            dy, x, geo, norm, need_weight=need_weight, need_bias=need_bias, need_coef=False
         )
     if need_input:
         geo = _geometry(x, "eval", sm_count, elementwise=True, force_int64=force_int64)
-        dx = normalize(dy, torch.empty_like(x), geo, mean=None, scale=running_var,
-                       scale_is_var=True, weight=weight, bias=None, eps=eps)
+        dx = backward_dx(dy, x, geo, norm, None)
     return dx, grad_weight, grad_bias

@@ -1,5 +1,6 @@
-"""Triton helpers shared by every kernel: tile addressing, per-channel loads and stores, and the
-Welford/Chan merges of (count, mean, M2) statistics. See ``plans.py`` for the two tilings.
+"""Triton helpers shared by every kernel: tile addressing, per-channel loads and stores (and the
+per-channel affine coefficients), and the Welford/Chan merges of (count, mean, M2) statistics.
+See ``plans.py`` for the two tilings.
 """
 
 import triton
@@ -38,10 +39,13 @@ def tile_offsets(pid_k, block, R, K, KB, stride_r, stride_k, stride_c,
 @triton.jit
 def load_channel(ptr, pid_k, K, BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr):
     # The fp32 per-channel value(s) of this program: a scalar (channel-major) or [BLOCK_K].
+    # (One return after a static if/else: the compiler type-checks every return it meets.)
     if CHANNEL_MAJOR:
-        return tl.load(ptr + pid_k).to(tl.float32)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    return tl.load(ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        value = tl.load(ptr + pid_k).to(tl.float32)
+    else:
+        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        value = tl.load(ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    return value
 
 
 @triton.jit
@@ -55,11 +59,38 @@ def store_channel(ptr, value, pid_k, K, BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl
 
 
 @triton.jit
+def channel_affine(invstd_ptr, weight_ptr, bias_ptr, eps, pid_k, K,
+                   BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr, INVSTD_IS_VAR: tl.constexpr,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # This program's per-channel invstd (rsqrt(var + eps) when given the variance), a = invstd·γ
+    # and b = β (0 without bias): the normalized, affine value is z = (x − mean)·a + b.
+    invstd = load_channel(invstd_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
+    if INVSTD_IS_VAR:
+        invstd = 1.0 / tl.sqrt(invstd + eps)
+    a = invstd
+    if HAS_WEIGHT:
+        a = a * load_channel(weight_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
+    b = tl.zeros_like(a)
+    if HAS_BIAS:
+        b = load_channel(bias_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
+    return invstd, a, b
+
+
+@triton.jit
+def affine_rows(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, eps, pid_k, K,
+                BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr, INVSTD_IS_VAR: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # mean, a and b of ``channel_affine``, broadcast against this program's tiles.
+    mean = load_channel(mean_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
+    _, a, b = channel_affine(invstd_ptr, weight_ptr, bias_ptr, eps, pid_k, K, BLOCK_K,
+                             CHANNEL_MAJOR, INVSTD_IS_VAR, HAS_WEIGHT, HAS_BIAS)
+    return as_row(mean, CHANNEL_MAJOR), as_row(a, CHANNEL_MAJOR), as_row(b, CHANNEL_MAJOR)
+
+
+@triton.jit
 def as_row(value, CHANNEL_MAJOR: tl.constexpr):
     # Broadcast per-channel value(s) against a [BLOCK_R, BLOCK_K] tile.
-    if CHANNEL_MAJOR:
-        return value
-    return value[None, :]
+    return value if CHANNEL_MAJOR else value[None, :]
 
 
 @triton.jit

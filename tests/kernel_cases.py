@@ -1,11 +1,13 @@
-"""Shared machinery of the kernel tests: run one batch-norm step on a backend and on the float64
-reference, and compare outputs, gradients and running statistics with dtype-scaled tolerances."""
+"""Shared machinery of the kernel tests: run one batch-norm step (optionally with a fused
+activation) on a backend and on the float64 reference, and compare outputs, gradients and running
+statistics with dtype-scaled tolerances."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import tritonbn
 from tritonbn import reference
@@ -17,6 +19,20 @@ TOLERANCES = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
+
+
+def torch_activation(y: torch.Tensor, activation: str | None, negative_slope: float = 0.01):
+    """The oracle of a fused activation: torch's own op applied after batch norm."""
+    if activation is None:
+        return y
+    ops = {
+        "relu": torch.relu,
+        "sigmoid": torch.sigmoid,
+        "leaky_relu": lambda t: F.leaky_relu(t, negative_slope),
+        "silu": F.silu,
+        "tanh": torch.tanh,
+    }
+    return ops[activation](y)
 
 
 @dataclass
@@ -56,9 +72,10 @@ def make_inputs(shape, dtype, device, *, channels_last=False, offset=0.0, scale=
 
 def run_step(inputs, *, backend, plan=None, training=True, param_dtype=torch.float32, affine=True,
              running=True, momentum=0.1, eps=1e-5, need_input=True, need_params=True,
-             compute_dtype=None) -> Step:
+             compute_dtype=None, activation=None, negative_slope=0.01) -> Step:
     """One forward (+ backward of <grad, y>) on ``backend``; float64 params/stats when the input
-    is float64 (the reference), else ``param_dtype``."""
+    is float64 (the reference), else ``param_dtype``. ``activation`` is fused on the tritonbn
+    backends and applied with torch's op after ``tritonbn.reference`` on ``"reference"``."""
     x_src = inputs["x"]
     dtype = compute_dtype or x_src.dtype
     pdtype = torch.float64 if dtype == torch.float64 else param_dtype
@@ -74,9 +91,11 @@ def run_step(inputs, *, backend, plan=None, training=True, param_dtype=torch.flo
     running_var = fresh("running_var") if running else None
     if backend == "reference":
         y = reference.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = torch_activation(y, activation, negative_slope)
     else:
         with tritonbn.backend(backend, plan=plan):
-            y = tritonbn.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+            y = tritonbn.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    activation=activation, negative_slope=negative_slope)
     wants = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
     if wants:
         torch.autograd.backward(y, inputs["grad"].to(dtype))

@@ -12,6 +12,8 @@ from numbers import Real
 
 import torch
 
+from tritonbn.kernels.activation import ACTIVATIONS
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -83,7 +85,7 @@ def check_batch_norm_args(
             f"batch_norm: '{missing}' must be a tensor in evaluation mode (training=False), got None"
         )
     if (running_mean is None) != (running_var is None):
-        raise RuntimeError(
+        raise ValueError(
             "batch_norm: 'running_mean' and 'running_var' must both be tensors or both be None, "
             f"got {type(running_mean).__name__} and {type(running_var).__name__}"
         )
@@ -115,3 +117,15 @@ def check_module_options(eps: float, momentum: float | None) -> None:
         raise TypeError(f"'momentum' must be a float or None, got {type(momentum).__name__}")
     if not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"'momentum' must be in [0, 1] or None, got {momentum}")
+
+
+def check_activation(activation: str | None, negative_slope: float) -> None:
+    """Validate a fused activation: ``activation`` None or one of ``ACTIVATIONS`` (ValueError
+    otherwise), ``negative_slope`` (leaky_relu's slope, ignored by the others) a finite real."""
+    if activation is not None and (not isinstance(activation, str) or activation not in ACTIVATIONS):
+        valid = ", ".join(repr(name) for name in ACTIVATIONS)
+        raise ValueError(f"'activation' must be None or one of {valid}, got {activation!r}")
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, Real):
+        raise TypeError(f"'negative_slope' must be a float, got {type(negative_slope).__name__}")
+    if not math.isfinite(float(negative_slope)):
+        raise ValueError(f"'negative_slope' must be a finite number, got {negative_slope}")

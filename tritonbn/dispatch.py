@@ -13,13 +13,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 
-from tritonbn.kernels.layout import Layout, describe
+from tritonbn.kernels.layout import Layout, contiguous_strides, describe_strides
 from tritonbn.kernels.plans import FUSED_MAX_TILE, PLANS, fused_tile_elements, interpreted
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -93,8 +95,12 @@ class Plan:
     backend: str
     kernel: str | None
     reason: str
-    facts: dict[str, object] = field(default_factory=dict)
+    facts: Mapping[str, object] = field(default_factory=dict)
     copies_input: bool = False
+
+    def __post_init__(self) -> None:
+        # Plans are cached and shared between calls: their facts are read-only.
+        object.__setattr__(self, "facts", MappingProxyType(dict(self.facts)))
 
     def __str__(self) -> str:
         head = f"tritonbn plan: backend={self.backend}"
@@ -107,12 +113,13 @@ class Plan:
         return "\n".join(lines)
 
 
-def _facts(x: torch.Tensor, layout: Layout, training: bool) -> dict[str, object]:
+def _facts(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], layout: Layout,
+           training: bool) -> dict[str, object]:
     return {
-        "device": str(x.device),
-        "dtype": str(x.dtype).replace("torch.", ""),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
         "layout": layout.name,
-        "shape": tuple(x.shape),
+        "shape": shape,
         "N": layout.n,
         "C": layout.c,
         "spatial": layout.s,
@@ -165,42 +172,55 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
     """The plan that runs ``batch_norm`` on ``x``, decided from shapes alone, never values.
 
     Raises RuntimeError when the requested backend cannot run here, unless ``for_explain``: then
-    the plan says so in its facts.
+    the plan says so in its facts. Decisions are cached by shape, strides, dtype, device and
+    request, so a training loop pays for each layer's decision once.
     """
     requested, forced, source = _requested()
-    layout = describe(x)
-    facts = _facts(x, layout, training)
+    # Under torch.compile the decision is traced once per graph: the uncached function traces
+    # cleanly, while dynamo warns on every lru_cache it meets.
+    decide = _decide.__wrapped__ if torch.compiler.is_compiling() else _decide
+    return decide(x.device, x.dtype, tuple(x.shape), tuple(x.stride()), bool(training),
+                   requested, forced, source, for_explain, interpreted())
+
+
+@functools.lru_cache(maxsize=4096)
+def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
+            strides: tuple[int, ...], training: bool, requested: str, forced: str | None,
+            source: str, for_explain: bool, interpreter: bool) -> Plan:
+    layout = describe_strides(shape, strides)
+    facts = _facts(device, dtype, shape, layout, training)
+    empty = math.prod(shape) == 0
     if requested in ("torch", "reference"):
         return Plan(requested, None, f"backend {requested!r} requested by {source}", facts)
     if requested == "auto":
-        if x.device.type != "cuda":
+        if device.type != "cuda":
             return Plan(
                 "torch", None,
-                f"{x.device.type} tensor: PyTorch's own batch_norm is the fastest correct path there",
+                f"{device.type} tensor: PyTorch's own batch_norm is the fastest correct path there",
                 facts,
             )
-        if x.dtype == torch.float64:
+        if dtype == torch.float64:
             return Plan("torch", None, "float64: the kernels accumulate in float32", facts)
-        if x.numel() == 0:
+        if empty:
             return Plan("torch", None, "empty batch: nothing to compute", facts)
     else:  # "triton"
-        if x.device.type != "cuda" and not interpreted():
+        if device.type != "cuda" and not interpreter:
             problem = (
-                f"backend 'triton' got a {x.device.type} tensor: the Triton kernels need a CUDA "
+                f"backend 'triton' got a {device.type} tensor: the Triton kernels need a CUDA "
                 "device, or TRITON_INTERPRET=1 set before triton is imported to run them through "
                 "Triton's interpreter"
             )
             if not for_explain:
                 raise RuntimeError(problem)
             facts["runnable here"] = f"no ({problem})"
-        if x.numel() == 0:
+        if empty:
             return Plan("torch", None, "empty batch: nothing to compute, torch's semantics", facts)
-        if x.dtype == torch.float64:
+        if dtype == torch.float64:
             return Plan("torch", None, "float64 is not a kernel dtype: torch runs it", facts)
     copies = layout.name == "strided"
     if copies:
-        layout = describe(x.contiguous())
-    kernel, reason = _kernel_plan(layout, training, forced, x.device)
+        layout = describe_strides(shape, contiguous_strides(shape))
+    kernel, reason = _kernel_plan(layout, training, forced, device)
     return Plan("triton", kernel, reason, facts, copies_input=copies)
 
 

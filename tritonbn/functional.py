@@ -1,4 +1,5 @@
-"""``tritonbn.batch_norm``: torch.nn.functional.batch_norm's signature on tritonbn's dispatcher."""
+"""``tritonbn.batch_norm``: torch.nn.functional.batch_norm's signature on tritonbn's dispatcher,
+with an optional activation fused after the normalization."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._checks import check_batch_norm_args
+from ._checks import check_activation, check_batch_norm_args
 from .autograd import TritonBatchNorm
-from .dispatch import select_plan
+from .dispatch import Plan, select_plan
 
 __all__ = ["batch_norm"]
 
@@ -22,6 +23,9 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> torch.Tensor:
     """Batch normalization with the same signature and semantics as
     ``torch.nn.functional.batch_norm``, differentiable in ``input``, ``weight`` and ``bias``.
@@ -31,9 +35,28 @@ def batch_norm(
     ``running = (1 - momentum)·running + momentum·batch``. In eval the running statistics
     normalize. The output keeps the input's dtype and memory format. Bad arguments raise before
     anything is changed. ``tritonbn.explain`` tells which backend and kernel plan run the call.
+
+    ``activation`` (``"relu"``, ``"sigmoid"``, ``"leaky_relu"`` with ``negative_slope``,
+    ``"silu"`` or ``"tanh"``) returns ``act(batch_norm(...))``: the Triton kernels apply it before
+    storing the output and differentiate it in their backward from the saved input (no extra
+    tensor is kept); the other backends apply the torch activation after their batch norm.
     """
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return run_checked(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_activation(activation, negative_slope)
+    return run_checked(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        activation=activation, negative_slope=negative_slope,
+    )
+
+
+def _activate(y: torch.Tensor, activation: str | None, negative_slope: float) -> torch.Tensor:
+    """``activation`` applied to ``y`` with torch's own ops (out of place)."""
+    if activation is None:
+        return y
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    torch_ops = {"relu": torch.relu, "sigmoid": torch.sigmoid, "silu": F.silu, "tanh": torch.tanh}
+    return torch_ops[activation](y)
 
 
 def run_checked(
@@ -45,17 +68,25 @@ def run_checked(
     training: bool,
     momentum: float,
     eps: float,
+    *,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    plan: Plan | None = None,
 ) -> torch.Tensor:
-    """``batch_norm`` for arguments that ``check_batch_norm_args`` has already accepted."""
-    plan = select_plan(input, training)
+    """``batch_norm`` for arguments that ``check_batch_norm_args`` (and ``check_activation``) have
+    already accepted; ``plan`` is ``select_plan(input, training)``, computed here when None."""
+    if plan is None:
+        plan = select_plan(input, training)
     if plan.backend == "torch":
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _activate(y, activation, negative_slope)
     if plan.backend == "reference":
-        return reference.batch_norm(
+        y = reference.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
+        return _activate(y, activation, negative_slope)
     x = input.contiguous() if plan.copies_input else input
     return TritonBatchNorm.apply(
         x, weight, bias, running_mean, running_var, training, float(momentum), float(eps),
-        plan.kernel,
+        plan.kernel, activation, float(negative_slope),
     )

@@ -1,5 +1,6 @@
 """Drop-in modules: ``BatchNorm1d``/``BatchNorm2d`` subclass torch's and run on tritonbn's
 dispatcher; ``BatchNorm(num_features, num_dims)`` is the seed notebook's class API on top of them.
+Each takes an optional ``activation`` fused after the normalization (see ``tritonbn.batch_norm``).
 """
 
 from __future__ import annotations
@@ -7,17 +8,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_batch_norm_args, check_module_options
+from ._checks import check_activation, check_batch_norm_args, check_module_options
+from .dispatch import select_plan
 from .functional import run_checked
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d"]
 
 
 class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """torch's _BatchNorm behaviour, validated before any state changes, on tritonbn's kernels."""
+    """torch's _BatchNorm behaviour, validated before any state changes, on tritonbn's kernels.
+
+    ``activation`` (None, ``"relu"``, ``"sigmoid"``, ``"leaky_relu"`` with ``negative_slope``,
+    ``"silu"``, ``"tanh"``) makes the module return ``act(batch_norm(input))``; it is a plain
+    attribute, not state: the state_dict keeps torch's five keys.
+    """
 
     _expected_dims: tuple[int, ...] = ()
     _expected_shape: str = ""
+    # Class defaults: a torch module whose class ``convert`` swapped never ran __init__.
+    activation: str | None = None
+    negative_slope: float = 0.01
 
     def __init__(
         self,
@@ -28,11 +38,20 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"'num_features' must be a positive int, got {num_features!r}")
         check_module_options(eps, momentum)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        check_activation(activation, negative_slope)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if not isinstance(input, torch.Tensor):
@@ -61,14 +80,25 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
             self.eps,
         )
+        check_activation(self.activation, self.negative_slope)
+        # The dispatcher may refuse the call too: ask it before counting the batch.
+        plan = select_plan(input, bn_training)
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
         return run_checked(
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-            self.eps,
+            self.eps, activation=self.activation, negative_slope=self.negative_slope, plan=plan,
         )
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                text += f", negative_slope={self.negative_slope}"
+        return text
 
 
 class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):
@@ -105,10 +135,17 @@ class BatchNorm(_TritonBatchNorm):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> None:
         if num_dims not in (2, 4):
             raise ValueError(f"'num_dims' must be 2 or 4, got {num_dims!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+            activation=activation, negative_slope=negative_slope,
+        )
         self.num_dims = num_dims
         self._expected_dims = (num_dims,)
         self._expected_shape = "2D (N, C)" if num_dims == 2 else "4D (N, C, H, W)"

@@ -1,0 +1,75 @@
+"""Activations fused after the normalization: y = act(z) with z = (x − mean)·invstd·γ + β.
+
+The forward kernels apply ``activate`` to z before the store; the backward kernels recompute z
+from the saved input and turn dy into dz = dy·act'(z) with ``activation_grad`` (no activation
+tensor is saved). A kernel selects the activation with the constexpr ``ACTIVATION`` code, so
+code 0 (none) compiles to exactly the plain batch-norm kernel; leaky_relu's slope is a runtime
+float.
+"""
+
+import triton
+import triton.language as tl
+
+# Names the kernels accept, in code order: code i + 1 is ACTIVATIONS[i], code 0 is no activation.
+ACTIVATIONS = ("relu", "sigmoid", "leaky_relu", "silu", "tanh")
+
+NONE: tl.constexpr = tl.constexpr(0)
+RELU: tl.constexpr = tl.constexpr(1)
+SIGMOID: tl.constexpr = tl.constexpr(2)
+LEAKY_RELU: tl.constexpr = tl.constexpr(3)
+SILU: tl.constexpr = tl.constexpr(4)
+TANH: tl.constexpr = tl.constexpr(5)
+
+
+def activation_code(name: str | None) -> int:
+    """The ``ACTIVATION`` constexpr of activation ``name`` (None: 0); ValueError for others."""
+    if name is None:
+        return 0
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS.index(name) + 1
+
+
+@triton.jit
+def _tanh(z):
+    # tanh(z) = 2·σ(2z) − 1: finite for every z, and accurate to a few fp32 ulps of 1.
+    return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+
+
+@triton.jit
+def activate(z, ACTIVATION: tl.constexpr, slope):
+    # relu: max(z, 0); sigmoid: σ(z) = 1/(1 + e^−z); leaky_relu: z if z > 0 else slope·z;
+    # silu: z·σ(z); tanh. Code 0 returns z unchanged.
+    y = z
+    if ACTIVATION == RELU:
+        y = tl.maximum(z, 0.0)
+    elif ACTIVATION == SIGMOID:
+        y = tl.sigmoid(z)
+    elif ACTIVATION == LEAKY_RELU:
+        y = tl.where(z > 0.0, z, z * slope)
+    elif ACTIVATION == SILU:
+        y = z * tl.sigmoid(z)
+    elif ACTIVATION == TANH:
+        y = _tanh(z)
+    return y
+
+
+@triton.jit
+def activation_grad(dy, z, ACTIVATION: tl.constexpr, slope):
+    # dz = dy·act'(z): relu 1[z > 0] and leaky_relu slope at z ≤ 0 (torch's choice at z = 0),
+    # σ' = σ(1 − σ), silu' = σ(1 + z(1 − σ)), tanh' = 1 − tanh². A zero dy gives a zero dz.
+    dz = dy
+    if ACTIVATION == RELU:
+        dz = tl.where(z > 0.0, dy, 0.0)
+    elif ACTIVATION == SIGMOID:
+        s = tl.sigmoid(z)
+        dz = dy * s * (1.0 - s)
+    elif ACTIVATION == LEAKY_RELU:
+        dz = tl.where(z > 0.0, dy, dy * slope)
+    elif ACTIVATION == SILU:
+        s = tl.sigmoid(z)
+        dz = dy * s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == TANH:
+        t = _tanh(z)
+        dz = dy * (1.0 - t * t)
+    return dz

@@ -10,6 +10,7 @@ from . import reference
 from .convert import convert
 from .dispatch import BACKENDS, PLANS, Plan, backend, explain
 from .functional import batch_norm
+from .models import LeNet
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
@@ -21,6 +22,7 @@ __all__ = [
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
+    "LeNet",
     "Plan",
     "SyncBatchNorm",
     "__version__",

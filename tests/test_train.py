@@ -1,0 +1,255 @@
+"""tritonbn-train end to end on small data: it learns, prints the seed notebook's lines, leaves a
+run folder, resumes bit for bit, survives Ctrl-C and explains bad options and bad data."""
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tritonbn.train as train_module
+from tritonbn.data import DEBIAN_DIR, write_idx
+from tritonbn.train import main
+
+# the seed notebook's print-out, e.g. "epoch 1, loss 1.0037, train acc 0.783, test acc 0.836, time 15.5 sec"
+SEED_LINE = "epoch 1, loss 1.0037, train acc 0.783, test acc 0.836, time 15.5 sec"
+EPOCH_LINE = re.compile(
+    r"epoch (?P<epoch>\d+), loss (?P<loss>\d+\.\d{4}), train acc (?P<train>[01]\.\d{3}), "
+    r"test acc (?P<test>[01]\.\d{3}), time (?P<time>\d+\.\d) sec"
+)
+TIME_KEYS = {"time_sec", "train_time_sec", "eval_time_sec", "load_avg_1min"}
+SHORT = ["--limit", "512", "--batch-size", "32", "--quiet"]
+
+
+def write_learnable_set(folder: Path) -> Path:
+    """Synthetic Fashion-MNIST-shaped data a LeNet learns in a few dozen steps: class k is a
+    bright 7x7 square at cell k of a 4x4 grid over low noise."""
+    generator = torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True)
+    for split, size in (("train", 1024), ("t10k", 256)):
+        labels = torch.randint(0, 10, (size,), generator=generator)
+        images = torch.randint(0, 80, (size, 28, 28), generator=generator)
+        for index, label in enumerate(labels.tolist()):
+            row, col = divmod(label, 4)
+            images[index, row * 7:row * 7 + 7, col * 7:col * 7 + 7] += 150
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images.to(torch.uint8))
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels.to(torch.uint8))
+    return folder
+
+
+def run_cli(*argv: object) -> tuple[int, str, str]:
+    """main(argv) in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(arg) for arg in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A private cache, the learnable data set, and one uninterrupted 2-epoch run of it."""
+    root = tmp_path_factory.mktemp("train")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        patch.delenv("TRITONBN_DATA", raising=False)
+        data = write_learnable_set(root / "data")
+        code, out, err = run_cli("--data-dir", data, *SHORT, "--epochs", 2, "--out", root / "full")
+        assert code == 0, err
+        yield {"root": root, "data": data, "full": root / "full", "full_stdout": out}
+
+
+@pytest.fixture(autouse=True)
+def _same_environment(workspace, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(workspace["root"] / "cache"))
+    monkeypatch.delenv("TRITONBN_DATA", raising=False)
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def without_times(epochs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k not in TIME_KEYS} for record in epochs]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][key]), (index, key)
+    assert torch.equal(a["rng"]["shuffle"], b["rng"]["shuffle"])
+    assert without_times(a["metrics"]) == without_times(b["metrics"])
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "tritonbn.train"],
+                                     [str(Path(sys.executable).with_name("tritonbn-train"))]])
+def test_help(command):
+    if not Path(command[0]).exists():
+        pytest.skip(f"{command[0]} is not installed")
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for option in ("--epochs", "--batch-size", "--lr", "--bn", "--device", "--data-dir", "--out", "--seed",
+                   "--resume", "--quiet", "tritonbn,torch,reference"):
+        assert option in result.stdout
+    assert "--limit" not in result.stdout
+
+
+def test_seed_line_pattern_matches_the_notebook():
+    assert EPOCH_LINE.fullmatch(SEED_LINE)
+
+
+def test_short_run_learns_and_prints_the_seed_format(workspace):
+    lines = workspace["full_stdout"].splitlines()
+    assert lines[0] == "training on cpu"
+    matches = [EPOCH_LINE.fullmatch(line) for line in lines[1:]]
+    assert len(matches) == 2 and all(matches), lines
+    assert [int(m["epoch"]) for m in matches] == [1, 2]
+    record = metrics(workspace["full"])
+    for match, epoch in zip(matches, record["epochs"], strict=True):
+        assert float(match["loss"]) == round(epoch["loss"], 4)
+        assert float(match["test"]) == round(epoch["test_acc"], 3)
+    # 10 classes: chance is 0.1; the synthetic classes are learnt within 32 steps
+    last = record["epochs"][-1]
+    assert last["train_acc"] > 0.5 and last["test_acc"] > 0.5
+    assert last["loss"] < record["epochs"][0]["loss"]
+
+
+def test_run_folder_contents(workspace):
+    run_dir = workspace["full"]
+    record = metrics(run_dir)
+    assert record["config"] == {"epochs": 2, "batch_size": 32, "lr": 0.001, "bn": "tritonbn", "seed": 0,
+                                "limit": 512}
+    assert set(record["versions"]) >= {"torch", "triton", "tritonbn"}
+    assert record["device"]["type"] == "cpu" and record["device"]["name"]
+    assert record["data"] == {"origin": "--data-dir", "root": record["data"]["root"], "train_images": 512,
+                              "test_images": 256}
+    assert list(record["dispatch"]) == ["1", "5", "10", "13"]
+    first = record["dispatch"]["1"]
+    assert first["input_shape"] == [32, 6, 24, 24]
+    assert first["train"]["backend"] == "torch" and "cpu tensor" in first["train"]["reason"]
+    assert record["dispatch"]["13"]["eval"]["explain"].startswith("tritonbn plan: backend=torch")
+    assert record["finished"] is True
+    assert all(epoch["time_sec"] > 0 for epoch in record["epochs"])
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = checkpoint(run_dir)
+    assert state["epoch"] == 2 and len(state["metrics"]) == 2
+    assert not list(run_dir.glob(".*tmp")), "temporary files left behind"
+
+
+def test_resume_equals_uninterrupted(workspace, tmp_path):
+    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 1, "--out", tmp_path)
+    assert code == 0, err
+    first_epoch = without_times(checkpoint(workspace["full"])["metrics"][:1])
+    assert without_times(checkpoint(tmp_path)["metrics"]) == first_epoch, "a fresh run must repeat epoch 1"
+    code, out, err = run_cli("--data-dir", workspace["data"], "--resume", "--epochs", 2, "--out", tmp_path,
+                             "--quiet")
+    assert code == 0, err
+    assert EPOCH_LINE.fullmatch(out.splitlines()[-1])["epoch"] == "2"
+    assert_same_state(checkpoint(tmp_path), checkpoint(workspace["full"]))
+    assert without_times(metrics(tmp_path)["epochs"]) == without_times(metrics(workspace["full"])["epochs"])
+    assert [s["after_epoch"] for s in metrics(tmp_path)["sessions"]] == [0, 1]
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_resumes(workspace, tmp_path, monkeypatch):
+    real_train_epoch = train_module.train_epoch
+    calls = []
+
+    def interrupted_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", interrupted_in_epoch_two)
+    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 2, "--out", tmp_path)
+    assert code == 130
+    assert "interrupted in epoch 2" in err and "holds epoch 1" in err
+    assert f"--resume --out {tmp_path}" in err
+    assert checkpoint(tmp_path)["epoch"] == 1
+    monkeypatch.setattr(train_module, "train_epoch", real_train_epoch)
+    code, _, err = run_cli("--data-dir", workspace["data"], "--resume", "--out", tmp_path, "--quiet")
+    assert code == 0, err
+    assert_same_state(checkpoint(tmp_path), checkpoint(workspace["full"]))
+
+
+def test_other_seed_other_weights_same_seed_same_weights(workspace, tmp_path):
+    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 1, "--seed", 1,
+                           "--out", tmp_path)
+    assert code == 0, err
+    assert metrics(tmp_path)["epochs"][0]["weights_sha256"] != metrics(workspace["full"])["epochs"][0][
+        "weights_sha256"]
+
+
+def test_torch_batch_norm_gives_the_same_run_on_cpu(workspace, tmp_path):
+    """On the CPU tritonbn's modules call torch's kernel: the runs must agree bit for bit."""
+    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 2, "--bn", "torch",
+                           "--out", tmp_path)
+    assert code == 0, err
+    assert without_times(metrics(tmp_path)["epochs"]) == without_times(metrics(workspace["full"])["epochs"])
+    assert "not used" in metrics(tmp_path)["dispatch"]["1"]["note"]
+
+
+def test_reference_batch_norm_run(workspace, tmp_path):
+    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 2, "--bn", "reference",
+                           "--out", tmp_path)
+    assert code == 0, err
+    record = metrics(tmp_path)
+    assert {plan[mode]["backend"] for plan in record["dispatch"].values() for mode in ("train", "eval")} == {
+        "reference"}
+    reference, automatic = record["epochs"][-1], metrics(workspace["full"])["epochs"][-1]
+    assert abs(reference["loss"] - automatic["loss"]) < 1e-4
+    assert reference["test_acc"] > 0.5
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--resume"], "--resume needs --out"),
+    (["--resume", "--out", "{empty}"], "no checkpoint at"),
+    (["--out", "{full}"], "already holds a run"),
+    (["--resume", "--out", "{full}", "--lr", "0.01"], "trained with --lr 0.001, got --lr 0.01"),
+    (["--resume", "--out", "{full}", "--epochs", "1"], "already has 2 epochs"),
+    (["--data-dir", "{empty}"], "missing train-images-idx3-ubyte"),
+])
+def test_errors_are_explained(workspace, tmp_path, argv, message):
+    argv = [arg.format(full=workspace["full"], empty=tmp_path) for arg in argv]
+    if "--data-dir" not in argv:
+        argv += ["--data-dir", str(workspace["data"])]
+    code, out, err = run_cli(*argv)
+    assert code == 1
+    assert message in err and "Traceback" not in err
+    assert "epoch" not in out
+
+
+def test_resuming_a_finished_run_does_nothing(workspace):
+    before = checkpoint(workspace["full"])
+    code, out, err = run_cli("--data-dir", workspace["data"], "--resume", "--out", workspace["full"])
+    assert code == 0, err
+    assert "nothing to do" in err and out == "training on cpu\n"
+    assert_same_state(checkpoint(workspace["full"]), before)
+
+
+def test_bad_options_exit_2():
+    with pytest.raises(SystemExit) as info, contextlib.redirect_stderr(io.StringIO()):
+        main(["--batch-size", "1"])
+    assert info.value.code == 2
+
+
+@pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                    reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} is absent)")
+def test_learns_real_fashion_mnist(tmp_path):
+    code, _, err = run_cli("--limit", 2048, "--batch-size", 64, "--epochs", 1, "--quiet", "--out", tmp_path)
+    assert code == 0, err
+    record = metrics(tmp_path)
+    assert record["data"]["origin"] == "debian"
+    # 32 Adam steps on 2,048 real images reach about 0.6 train and 0.66 test accuracy (chance: 0.1)
+    assert record["epochs"][0]["train_acc"] > 0.5 and record["epochs"][0]["test_acc"] > 0.5

@@ -1,0 +1,544 @@
+"""``tritonbn-train``: the seed notebook's Fashion-MNIST experiment (LeNet with batch normalization,
+Adam, lr 0.001, batch 256, 5 epochs) on tritonbn, printing the notebook's per-epoch lines.
+
+Each run lives in a folder holding ``metrics.json`` (configuration, versions, device, tritonbn's
+dispatch plan per BatchNorm layer, per-epoch metrics), ``curves.png`` and ``checkpoint.pt``, all
+rewritten atomically after every epoch; ``--resume`` continues a run bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .data import FashionMNISTError, FashionMNISTTensors, load_fashion_mnist
+from .dispatch import backend as tritonbn_backend
+from .dispatch import explain
+from .models import LeNet
+
+__all__ = ["TrainConfig", "TrainingError", "build_parser", "evaluate", "main", "plot_curves", "train_epoch"]
+
+BN_CHOICES = ("tritonbn", "torch", "reference")
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+CURVES = "curves.png"
+FORMAT = 1
+EXIT_INTERRUPTED = 130
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or continue: bad options, an unusable run folder or checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What decides a run's numbers (together with the device)."""
+
+    epochs: int = 5
+    batch_size: int = 256
+    lr: float = 0.001
+    bn: str = "tritonbn"
+    seed: int = 0
+    limit: int | None = None
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``tritonbn-train`` / ``python -m tritonbn.train``."""
+    parser = argparse.ArgumentParser(
+        prog="tritonbn-train",
+        description="Train the seed notebook's LeNet with batch normalization on Fashion-MNIST and "
+        "print its per-epoch lines (loss, train acc, test acc, time).",
+        epilog="Fashion-MNIST is looked for in --data-dir, $TRITONBN_DATA, the cache "
+        "($XDG_CACHE_HOME/tritonbn or ~/.cache/tritonbn), Debian's /usr/share/datasets/fashion-mnist "
+        "(apt-get install dataset-fashion-mnist), then downloaded by torchvision. Exit status 130 "
+        "after Ctrl-C, with the last finished epoch saved for --resume.",
+    )
+    defaults = TrainConfig()
+    parser.add_argument("--epochs", type=_int_at_least(1), default=None,
+                        help=f"total number of epochs (default {defaults.epochs}; with --resume, the "
+                        "checkpoint's total, and a larger value trains further)")
+    parser.add_argument("--batch-size", type=_int_at_least(2), default=None,
+                        help=f"images per batch (default {defaults.batch_size})")
+    parser.add_argument("--lr", type=_positive_float, default=None,
+                        help=f"Adam learning rate (default {defaults.lr})")
+    parser.add_argument("--bn", choices=BN_CHOICES, default=None,
+                        help="BatchNorm of the LeNet: tritonbn's modules on its automatic dispatcher "
+                        "(default; on a CPU they call PyTorch's own kernel), torch.nn's modules, or "
+                        "tritonbn's modules forced onto its plain-torch reference implementation")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to train (default auto: cuda when available, else cpu)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder with the four Fashion-MNIST idx files (plain or .gz, or "
+                        "torchvision's <dir>/FashionMNIST/raw)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run folder for metrics.json, curves.png and checkpoint.pt (default a new "
+                        "runs/<date>-<time>-<bn> folder)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the weight initialization and of the shuffling "
+                        f"(default {defaults.seed})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint (same options as that run)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar and no notes on stderr; the per-epoch lines still print")
+    parser.add_argument("--limit", type=_int_at_least(2), default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, saved: dict[str, object] | None) -> TrainConfig:
+    """The run's configuration: options given, else the checkpoint's (when resuming), else defaults.
+
+    A resumed run may only raise ``epochs``; any other option that differs from the checkpoint's
+    raises :class:`TrainingError`.
+    """
+    values: dict[str, object] = {}
+    for field in dataclasses.fields(TrainConfig):
+        given = getattr(args, field.name)
+        if saved is None:
+            values[field.name] = field.default if given is None else given
+        elif given is None or field.name == "epochs":
+            values[field.name] = saved[field.name] if given is None else given
+        elif given != saved[field.name]:
+            option = "--" + field.name.replace("_", "-")
+            raise TrainingError(
+                f"the checkpoint was trained with {option} {saved[field.name]}, got {option} {given}; "
+                "drop the option to resume, or start a new run with another --out"
+            )
+        else:
+            values[field.name] = given
+    return TrainConfig(**values)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is ``cuda`` when a GPU is usable, else ``cpu``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda: no CUDA device is available to this PyTorch")
+    return torch.device(name)
+
+
+def bn_backend(bn: str) -> contextlib.AbstractContextManager[None]:
+    """The dispatcher setting of a ``--bn`` choice: ``reference`` forces tritonbn's reference backend
+    (plain torch ops, differentiated by autograd, so wrapping the forward pass covers backward too)."""
+    return tritonbn_backend("reference") if bn == "reference" else contextlib.nullcontext()
+
+
+def as_inputs(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) images as float (N, 1, 28, 28) in [0, 1], like torchvision's ToTensor."""
+    return images.unsqueeze(1).to(torch.float32).div_(255.0)
+
+
+def shuffled_batches(count: int, batch_size: int, generator: torch.Generator,
+                     device: torch.device) -> list[torch.Tensor]:
+    """A fresh permutation of ``range(count)`` drawn from ``generator`` (on the CPU, so CPU and CUDA
+    runs see the same order), cut into index batches on ``device``; the last one may be shorter."""
+    order = torch.randperm(count, generator=generator).to(device)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and batches[-1].numel() == 1:
+        batches.pop()  # BatchNorm cannot normalize a single image in training mode
+    return batches
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                labels: torch.Tensor, batches: Sequence[torch.Tensor],
+                progress: object | None = None) -> tuple[float, float]:
+    """One pass of Adam over ``batches``; returns (mean of the per-batch mean cross-entropy,
+    accuracy over the images seen, each batch counted with the weights before its step)."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
+    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    seen = 0
+    for step, index in enumerate(batches, 1):
+        targets = labels[index]
+        logits = model(as_inputs(images[index]))
+        loss = loss_fn(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        correct += (logits.argmax(dim=1) == targets).sum()
+        seen += index.numel()
+        if progress is not None:
+            progress.update(1)
+            if step % 20 == 0 or step == len(batches):
+                progress.set_postfix_str(
+                    f"loss {loss_sum.item() / step:.4f}, train acc {correct.item() / seen:.3f}"
+                )
+    return loss_sum.item() / len(batches), correct.item() / seen
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """Accuracy of ``model`` in eval mode over all ``images``; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    for start in range(0, images.shape[0], batch_size):
+        logits = model(as_inputs(images[start:start + batch_size]))
+        correct += (logits.argmax(dim=1) == labels[start:start + batch_size]).sum()
+    model.train(was_training)
+    return correct.item() / images.shape[0]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the state_dict (names and raw bytes): equal digests mean equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def dispatch_plans(model: nn.Module, bn: str, sample: torch.Tensor) -> dict[str, dict[str, object]]:
+    """Per BatchNorm layer: its class, its input shape for ``sample`` and, for tritonbn's modules,
+    ``tritonbn.explain``'s plan in training and in eval mode. Runs one eval-mode forward pass, which
+    changes no state."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        module.register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), bn_backend(bn):
+            model(sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    plans: dict[str, dict[str, object]] = {}
+    for name, x in inputs.items():
+        module = model.get_submodule(name)
+        entry: dict[str, object] = {
+            "module": f"{type(module).__module__}.{type(module).__qualname__}",
+            "input_shape": list(x.shape),
+        }
+        if bn == "torch":
+            entry["note"] = "torch.nn module: PyTorch's own batch norm, tritonbn's dispatcher is not used"
+        else:
+            with bn_backend(bn):
+                for mode, training in (("train", True), ("eval", False)):
+                    plan = explain(x, training=training)
+                    entry[mode] = {"backend": plan.backend, "kernel": plan.kernel, "reason": plan.reason,
+                                   "explain": str(plan)}
+        plans[name] = entry
+    return plans
+
+
+def device_description(device: torch.device) -> dict[str, object]:
+    """The device's type and name (GPU name, or the CPU model) and torch's CPU thread count."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    return {"type": device.type, "name": name, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that shape the run."""
+    import torchvision
+    import triton
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "triton": triton.__version__, "tritonbn": __version__}
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (other processes share the CPU, and times show it), if known."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _atomic_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_checkpoint(path: Path, state: dict[str, object]) -> None:
+    """``torch.save(state)`` to a temporary file renamed over ``path``: a reader (or a Ctrl-C)
+    sees the old checkpoint or the new one, never half of one."""
+    tmp = _atomic_path(path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, object]:
+    """The checkpoint at ``path`` (tensors on the CPU); :class:`TrainingError` if it is unusable."""
+    if not path.is_file():
+        raise TrainingError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file fails in pickle, zipfile or torch with varied types
+        raise TrainingError(f"--resume: cannot read {path} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise TrainingError(f"--resume: {path} is not a tritonbn-train checkpoint of format {FORMAT}")
+    return state
+
+
+def write_json(path: Path, record: dict[str, object]) -> None:
+    """Write ``record`` as indented JSON, atomically."""
+    tmp = _atomic_path(path)
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, title: str = "") -> None:
+    """Loss (left) and train/test accuracy (right) per epoch of each run, as a PNG (Agg backend),
+    written atomically. ``runs`` maps a label to its per-epoch records (epoch, loss, train_acc,
+    test_acc)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_axes, acc_axes = figure.subplots(1, 2)
+    for index, (label, epochs) in enumerate(runs.items()):
+        color = f"C{index}"
+        x = [record["epoch"] for record in epochs]
+        loss_axes.plot(x, [record["loss"] for record in epochs], "o-", color=color, label=label)
+        acc_axes.plot(x, [record["train_acc"] for record in epochs], "o-", color=color,
+                      label=f"{label}: train")
+        acc_axes.plot(x, [record["test_acc"] for record in epochs], "s--", color=color,
+                      label=f"{label}: test")
+    loss_axes.set(xlabel="epoch", ylabel="training loss (cross-entropy)")
+    acc_axes.set(xlabel="epoch", ylabel="accuracy")
+    for axes in (loss_axes, acc_axes):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        figure.suptitle(title)
+    tmp = _atomic_path(path)
+    try:
+        figure.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def epoch_line(record: dict[str, float]) -> str:
+    """The seed notebook's per-epoch line."""
+    return (f"epoch {record['epoch']}, loss {record['loss']:.4f}, train acc {record['train_acc']:.3f}, "
+            f"test acc {record['test_acc']:.3f}, time {record['time_sec']:.1f} sec")
+
+
+def _new_run_dir(bn: str) -> Path:
+    stem = Path("runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{bn}"
+    candidate, suffix = stem, 1
+    while candidate.exists():
+        suffix += 1
+        candidate = stem.with_name(f"{stem.name}-{suffix}")
+    return candidate
+
+
+def _rng_states(shuffle: torch.Generator, device: torch.device) -> dict[str, object]:
+    states: dict[str, object] = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _restore_rng_states(states: dict[str, object], shuffle: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    shuffle.set_state(states["shuffle"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, description: str) -> Iterator[object | None]:
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=description, unit="batch", leave=False, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        yield bar
+
+
+def _note(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as ``args`` say; returns the exit status. Raises TrainingError/FashionMNISTError."""
+    if args.resume and args.out is None:
+        raise TrainingError("--resume needs --out RUN_DIR, the folder of the run to continue")
+    saved = load_checkpoint(args.out / CHECKPOINT) if args.resume else None
+    if not args.resume and args.out is not None and (args.out / CHECKPOINT).exists():
+        raise TrainingError(
+            f"{args.out} already holds a run; continue it with --resume or pick another --out"
+        )
+    config = resolve_config(args, None if saved is None else saved["config"])
+    if saved is not None and config.epochs < saved["epoch"]:
+        raise TrainingError(f"--epochs {config.epochs}: the checkpoint already has {saved['epoch']} epochs")
+    run_dir = args.out if args.out is not None else _new_run_dir(config.bn)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+    data: FashionMNISTTensors = load_fashion_mnist(args.data_dir, device=device, limit=config.limit)
+    torch.manual_seed(config.seed)
+    model = LeNet("torch" if config.bn == "torch" else "tritonbn").to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, object]] = []
+    sessions: list[dict[str, object]] = []
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        _restore_rng_states(saved["rng"], shuffle, device)
+        history = list(saved["metrics"])
+        sessions = list(saved["sessions"])
+    start_epoch = len(history)
+    sessions.append({"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                     "after_epoch": start_epoch, "device": str(device)})
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record: dict[str, object] = {
+        "format": FORMAT,
+        "argv": list(args.argv),
+        "config": dataclasses.asdict(config),
+        "device": device_description(device),
+        "versions": versions(),
+        "data": {"origin": data.origin, "root": str(data.root), "train_images": data.train_images.shape[0],
+                 "test_images": data.test_images.shape[0]},
+        "dispatch": dispatch_plans(model, config.bn, as_inputs(data.train_images[:config.batch_size])),
+        "sessions": sessions,
+        "epochs": history,
+        "finished": start_epoch >= config.epochs,
+    }
+    write_json(run_dir / METRICS, record)
+
+    print(f"training on {device.type}", flush=True)
+    if saved is not None:
+        _note(args.quiet, f"resuming {run_dir} after epoch {start_epoch} of {config.epochs}")
+    show_progress = not args.quiet and sys.stdout.isatty() and sys.stderr.isatty()
+    def publish() -> None:
+        record["finished"] = len(history) >= config.epochs
+        write_json(run_dir / METRICS, record)
+        plot_curves({f"--bn {config.bn} ({device.type})": history}, run_dir / CURVES,
+                    "tritonbn-train: LeNet with batch normalization on Fashion-MNIST")
+
+    # imported now, so that a Ctrl-C cannot land in a half-finished import that publish() needs later
+    importlib.import_module("matplotlib.backends.backend_agg")
+    in_progress: int | None = None
+    try:
+        with bn_backend(config.bn):
+            for epoch in range(start_epoch + 1, config.epochs + 1):
+                in_progress = epoch
+                batches = shuffled_batches(data.train_images.shape[0], config.batch_size, shuffle, device)
+                started = time.perf_counter()
+                with _progress(show_progress, len(batches), f"epoch {epoch}/{config.epochs}") as bar:
+                    loss, train_acc = train_epoch(model, optimizer, data.train_images, data.train_labels,
+                                                  batches, bar)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                trained = time.perf_counter()
+                test_acc = evaluate(model, data.test_images, data.test_labels, config.batch_size)
+                finished = time.perf_counter()
+                entry = {"epoch": epoch, "loss": loss, "train_acc": train_acc, "test_acc": test_acc,
+                         "time_sec": finished - started, "train_time_sec": trained - started,
+                         "eval_time_sec": finished - trained, "load_avg_1min": _load_average(),
+                         "weights_sha256": weights_digest(model)}
+                save_checkpoint(run_dir / CHECKPOINT, {
+                    "format": FORMAT, "epoch": epoch, "config": dataclasses.asdict(config),
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "rng": _rng_states(shuffle, device), "metrics": [*history, entry], "sessions": sessions,
+                })
+                history.append(entry)
+                in_progress = None
+                print(epoch_line(entry), flush=True)
+                publish()
+    except KeyboardInterrupt:
+        where = f"in epoch {in_progress}" if in_progress is not None else f"after epoch {len(history)}"
+        if history:
+            publish()
+            print(f"\ninterrupted {where}: the checkpoint in {run_dir} holds epoch {len(history)}; "
+                  f"continue with --resume --out {run_dir}", file=sys.stderr, flush=True)
+        else:
+            print(f"\ninterrupted {where}: no epoch finished, nothing saved to resume",
+                  file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    if start_epoch >= config.epochs:
+        _note(args.quiet, f"{run_dir}: already trained for {start_epoch} epochs, nothing to do")
+    else:
+        _note(args.quiet, f"run saved in {run_dir}: {METRICS}, {CURVES}, {CHECKPOINT}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tritonbn-train`` and ``python -m tritonbn.train``; returns the exit status
+    (0 done, 1 an error explained on stderr, 2 bad options, 130 interrupted)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        return run(args)
+    except (TrainingError, FashionMNISTError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:  # before the first epoch started: there is nothing to save
+        print(f"\n{parser.prog}: interrupted before training started", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def _is_real(value: object) -> bool:
+    """A real number that is not a bool (the float test first: it is the hot path of every call)."""
+    return type(value) is float or (not isinstance(value, bool) and isinstance(value, Real))
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -89,11 +94,11 @@ def check_batch_norm_args(
             "batch_norm: 'running_mean' and 'running_var' must both be tensors or both be None, "
             f"got {type(running_mean).__name__} and {type(running_var).__name__}"
         )
-    if isinstance(momentum, bool) or not isinstance(momentum, Real):
+    if not _is_real(momentum):
         raise TypeError(f"batch_norm: 'momentum' must be a float, got {type(momentum).__name__}")
     if not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"batch_norm: 'momentum' must be in [0, 1], got {momentum}")
-    if isinstance(eps, bool) or not isinstance(eps, Real):
+    if not _is_real(eps):
         raise TypeError(f"batch_norm: 'eps' must be a float, got {type(eps).__name__}")
     if not math.isfinite(float(eps)) or eps < 0 or (training and eps == 0):
         expected = "a finite number > 0" if training else "a finite number >= 0"
@@ -107,13 +112,13 @@ def check_batch_norm_args(
 
 def check_module_options(eps: float, momentum: float | None) -> None:
     """Validate a module constructor's ``eps`` (finite, > 0) and ``momentum`` (None or [0, 1])."""
-    if isinstance(eps, bool) or not isinstance(eps, Real):
+    if not _is_real(eps):
         raise TypeError(f"'eps' must be a float, got {type(eps).__name__}")
     if not math.isfinite(float(eps)) or eps <= 0:
         raise ValueError(f"'eps' must be a finite number > 0, got {eps}")
     if momentum is None:
         return
-    if isinstance(momentum, bool) or not isinstance(momentum, Real):
+    if not _is_real(momentum):
         raise TypeError(f"'momentum' must be a float or None, got {type(momentum).__name__}")
     if not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"'momentum' must be in [0, 1] or None, got {momentum}")
@@ -125,7 +130,7 @@ def check_activation(activation: str | None, negative_slope: float) -> None:
     if activation is not None and (not isinstance(activation, str) or activation not in ACTIVATIONS):
         valid = ", ".join(repr(name) for name in ACTIVATIONS)
         raise ValueError(f"'activation' must be None or one of {valid}, got {activation!r}")
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, Real):
+    if not _is_real(negative_slope):
         raise TypeError(f"'negative_slope' must be a float, got {type(negative_slope).__name__}")
     if not math.isfinite(float(negative_slope)):
         raise ValueError(f"'negative_slope' must be a finite number, got {negative_slope}")

@@ -168,6 +168,11 @@ def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: tor
     )
 
 
+_OFF_GPU = Plan(
+    "torch", None, "not a CUDA tensor: PyTorch's own batch_norm is the fastest correct path there"
+)
+
+
 def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -> Plan:
     """The plan that runs ``batch_norm`` on ``x``, decided from shapes alone, never values.
 
@@ -176,6 +181,9 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
     request, so a training loop pays for each layer's decision once.
     """
     requested, forced, source = _requested()
+    if requested == "auto" and not for_explain and x.device.type != "cuda":
+        # The hot path of every CPU training step: no layout facts are needed to run torch.
+        return _OFF_GPU
     # Under torch.compile the decision is traced once per graph: the uncached function traces
     # cleanly, while dynamo warns on every lru_cache it meets.
     decide = _decide.__wrapped__ if torch.compiler.is_compiling() else _decide

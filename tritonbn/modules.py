@@ -80,7 +80,8 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
             self.eps,
         )
-        check_activation(self.activation, self.negative_slope)
+        if self.activation is not None:
+            check_activation(self.activation, self.negative_slope)
         # The dispatcher may refuse the call too: ask it before counting the batch.
         plan = select_plan(input, bn_training)
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

@@ -189,11 +189,11 @@ def test_call_runs_on_the_backend_the_plan_names(monkeypatch, name):
     spies = {
         "torch": Spy(F.batch_norm),
         "reference": Spy(tritonbn.reference.batch_norm),
-        "triton": Spy(tritonbn.functional.TritonBatchNorm.apply),
+        "triton": Spy(tritonbn.functional.triton_batch_norm),
     }
     monkeypatch.setattr(tritonbn.functional.F, "batch_norm", spies["torch"])
     monkeypatch.setattr(tritonbn.functional.reference, "batch_norm", spies["reference"])
-    monkeypatch.setattr(tritonbn.functional.TritonBatchNorm, "apply", spies["triton"])
+    monkeypatch.setattr(tritonbn.functional, "triton_batch_norm", spies["triton"])
     x = cpu_input(4, 3, 2, 2)
     with tritonbn.backend(name):
         assert tritonbn.explain(x).backend == name

@@ -1,4 +1,17 @@
-"""The autograd Function that runs the Triton kernels, forward and backward."""
+"""The Triton kernels as PyTorch operators, with their autograd formulas.
+
+Three custom ops (``torch.ops.tritonbn.*``) wrap the kernel entry points: ``forward_train`` (which
+updates the running statistics in place, declared as a mutation), ``forward_eval`` and
+``backward``. Each has a fake (meta) implementation, so ``torch.compile`` traces a model that uses
+tritonbn without graph breaks and without looking inside the Triton launches; the autograd
+Function ``TritonBatchNorm`` ties the forward ops to the backward op. Nothing here synchronizes
+with the host, so the CUDA path can be captured in a CUDA graph.
+
+Training saves the fp32 per-channel mean and invstd for the backward; eval saves the running
+statistics, and its backward is dx = dz·γ/sqrt(running_var + eps), not the training formula.
+With an activation the backward recomputes z = batch_norm(x) from the saved input, weight and bias
+and uses dz = dy·act'(z); no activation tensor is saved.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +23,8 @@ from tritonbn import kernels
 
 from .dispatch import sm_count
 
+__all__ = ["TritonBatchNorm", "triton_batch_norm"]
+
 
 def _like(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``dy`` with exactly ``x``'s strides (the kernels address both with one set of strides)."""
@@ -18,19 +33,113 @@ def _like(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x).copy_(dy)
 
 
-class TritonBatchNorm(torch.autograd.Function):
-    """y = act(batch_norm(x)) on the Triton kernels; differentiable in input, weight and bias.
+def _save_rows(plan: str) -> int:
+    """Rows of the per-channel fp32 tensor ``forward_train`` saves: (mean, invstd[, scale, shift])."""
+    return 2 if plan == "fused-small" else 4
 
-    Training saves the fp32 per-channel mean and invstd for the backward; eval saves the running
-    statistics, and its backward is dx = dz·γ/sqrt(running_var + eps), not the training formula.
-    With an activation the backward recomputes z = batch_norm(x) from the saved input, weight and
-    bias and uses dz = dy·act'(z); no activation tensor is saved.
-    """
+
+@torch.library.custom_op("tritonbn::forward_train", mutates_args=("running_mean", "running_var"))
+def _forward_train(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+    plan: str,
+    activation: str | None,
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.forward_train(
+        x, weight, bias, running_mean, running_var, momentum, eps, plan=plan,
+        sm_count=sm_count(x.device), activation=activation, negative_slope=negative_slope,
+    )
+
+
+@_forward_train.register_fake
+def _(x, weight, bias, running_mean, running_var, momentum, eps, plan, activation, negative_slope):
+    save = x.new_empty((_save_rows(plan), x.shape[1]), dtype=torch.float32)
+    return torch.empty_like(x), save
+
+
+@torch.library.custom_op("tritonbn::forward_eval", mutates_args=())
+def _forward_eval(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+) -> torch.Tensor:
+    return kernels.forward_eval(
+        x, weight, bias, running_mean, running_var, eps, sm_count=sm_count(x.device),
+        activation=activation, negative_slope=negative_slope,
+    )
+
+
+@_forward_eval.register_fake
+def _(x, weight, bias, running_mean, running_var, eps, activation, negative_slope):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("tritonbn::backward", mutates_args=())
+def _backward(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    save: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+    plan: str,
+    activation: str | None,
+    negative_slope: float,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dγ, dβ); an input whose gradient was not asked for gets an empty tensor. ``save`` is
+    the training forward's (training backward), or None with the running statistics (eval)."""
+    dy = _like(grad_output, x)
+    needs = (need_input, need_weight, need_bias)
+    act = {"bias": bias, "activation": activation, "negative_slope": negative_slope}
+    if save is not None:
+        grads = kernels.backward_train(
+            dy, x, weight, save, needs, plan=plan, sm_count=sm_count(x.device), **act
+        )
+    else:
+        grads = kernels.backward_eval(
+            dy, x, weight, running_mean, running_var, eps, needs, sm_count=sm_count(x.device),
+            **act,
+        )
+    return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
+
+
+@_backward.register_fake
+def _(grad_output, x, weight, bias, save, running_mean, running_var, eps, plan, activation,
+      negative_slope, need_input, need_weight, need_bias):
+    param_dtype = weight.dtype if weight is not None else torch.float32
+    channels = x.shape[1]
+    return (
+        torch.empty_like(x) if need_input else x.new_empty(0),
+        x.new_empty(channels if need_weight else 0, dtype=param_dtype),
+        x.new_empty(channels if need_bias else 0, dtype=param_dtype),
+    )
+
+
+class TritonBatchNorm(torch.autograd.Function):
+    """Autograd over the custom ops: ``forward_train`` mutates the running statistics, which a
+    ``register_autograd`` formula may not do, so the formula lives in this Function (dynamo traces
+    it, the ops inside stay opaque)."""
 
     @staticmethod
     def forward(
         ctx: Any,
-        input: torch.Tensor,
+        x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         running_mean: torch.Tensor | None,
@@ -39,45 +148,56 @@ class TritonBatchNorm(torch.autograd.Function):
         momentum: float,
         eps: float,
         plan: str,
-        activation: str | None = None,
-        negative_slope: float = 0.01,
+        activation: str | None,
+        negative_slope: float,
     ) -> torch.Tensor:
-        sms = sm_count(input.device)
-        act = {"activation": activation, "negative_slope": negative_slope}
         if training:
-            y, save = kernels.forward_train(
-                input, weight, bias, running_mean, running_var, momentum, eps,
-                plan=plan, sm_count=sms, **act,
-            )
-            ctx.save_for_backward(input, weight, bias, save)
+            y, save = _forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
+                                     plan, activation, negative_slope)
+            ctx.save_for_backward(x, weight, bias, save)
         else:
-            y = kernels.forward_eval(
-                input, weight, bias, running_mean, running_var, eps, sm_count=sms, **act
-            )
-            ctx.save_for_backward(input, weight, bias, running_mean, running_var)
-        ctx.training = training
-        ctx.eps = eps
-        ctx.plan = plan
-        ctx.act = act
+            y = _forward_eval(x, weight, bias, running_mean, running_var, eps, activation,
+                              negative_slope)
+            ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+        ctx.training, ctx.eps, ctx.plan = training, eps, plan
+        ctx.activation, ctx.negative_slope = activation, negative_slope
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        needs = tuple(ctx.needs_input_grad[:3])
-        if not any(needs):
-            return (None,) * 11
-        input = ctx.saved_tensors[0]
-        dy = _like(grad_output, input)
-        sms = sm_count(input.device)
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        unused = (None,) * 8
+        if not (need_input or need_weight or need_bias):
+            return (None, None, None, *unused)
         if ctx.training:
-            _, weight, bias, save = ctx.saved_tensors
-            dx, dw, db = kernels.backward_train(
-                dy, input, weight, save, needs, plan=ctx.plan, sm_count=sms, bias=bias, **ctx.act
-            )
+            x, weight, bias, save = ctx.saved_tensors
+            running_mean = running_var = None
         else:
-            _, weight, bias, running_mean, running_var = ctx.saved_tensors
-            dx, dw, db = kernels.backward_eval(
-                dy, input, weight, running_mean, running_var, ctx.eps, needs, sm_count=sms,
-                bias=bias, **ctx.act,
-            )
-        return dx, dw, db, None, None, None, None, None, None, None, None
+            x, weight, bias, running_mean, running_var = ctx.saved_tensors
+            save = None
+        dx, dw, db = _backward(
+            grad_output, x, weight, bias, save, running_mean, running_var, ctx.eps, ctx.plan,
+            ctx.activation, ctx.negative_slope, need_input, need_weight, need_bias,
+        )
+        return (dx if need_input else None, dw if need_weight else None,
+                db if need_bias else None, *unused)
+
+
+def triton_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    plan: str,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """y = act(batch_norm(x)) on the Triton kernels with kernel ``plan``; differentiable in
+    ``x``, ``weight`` and ``bias``. Arguments must already be validated."""
+    return TritonBatchNorm.apply(x, weight, bias, running_mean, running_var, bool(training),
+                                 float(momentum), float(eps), plan, activation,
+                                 float(negative_slope))

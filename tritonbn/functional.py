@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from . import reference
 from ._checks import check_activation, check_batch_norm_args
-from .autograd import TritonBatchNorm
+from .autograd import triton_batch_norm
 from .dispatch import Plan, select_plan
 
 __all__ = ["batch_norm"]
@@ -86,7 +86,7 @@ def run_checked(
         )
         return _activate(y, activation, negative_slope)
     x = input.contiguous() if plan.copies_input else input
-    return TritonBatchNorm.apply(
-        x, weight, bias, running_mean, running_var, training, float(momentum), float(eps),
-        plan.kernel, activation, float(negative_slope),
+    return triton_batch_norm(
+        x, weight, bias, running_mean, running_var, training, momentum, eps, plan.kernel,
+        activation, negative_slope,
     )

@@ -1,0 +1,111 @@
+"""Compile every Triton kernel for an NVIDIA GPU without one: Triton's own compiler down to a
+cubin for sm_90 (H100), over the constexpr variants the launchers use.
+
+The interpreter runs the kernels' Python semantics; the compiler is stricter (types of values
+returned from different branches, constexpr control flow, casts), so a kernel can pass every
+interpreter test and still fail to build on a GPU. Run as a script with TRITON_INTERPRET unset:
+``python tests/kernel_build.py`` prints the number of variants built, or raises on the first one
+that fails. tests/test_kernel_build.py runs it in CI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tritonbn.kernels import backward, fused_small, normalize, stats
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOAT_ARGS = {"eps", "slope", "momentum", "count"}
+DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+# Which pointers a constexpr flag switches off (the launchers pass None for them).
+OPTIONAL_POINTERS = {
+    "HAS_WEIGHT": ("weight_ptr",),
+    "HAS_BIAS": ("bias_ptr",),
+    "HAS_RUNNING": ("running_mean_ptr", "running_var_ptr"),
+    "NEEDS_INPUT": ("dx_ptr",),
+    "NEEDS_WEIGHT": ("grad_weight_ptr",),
+    "NEEDS_BIAS": ("grad_bias_ptr",),
+    "NEEDS_COEF": ("coef_ptr",),
+    "TRAINING": ("coef_ptr",),
+}
+BLOCKS = {"BLOCK_R": 16, "BLOCK_K": 64, "BLOCK_C": 128}
+ACTIVATION_CODES = range(6)
+KERNELS = (
+    stats.stats_partial_kernel,
+    stats.stats_combine_kernel,
+    normalize.normalize_kernel,
+    backward.backward_partial_kernel,
+    backward.backward_combine_kernel,
+    backward.backward_dx_kernel,
+    fused_small.fused_forward_kernel,
+    fused_small.fused_backward_kernel,
+)
+
+
+def build(kernel: triton.JITFunction, constexprs: dict[str, object], data_type: str) -> None:
+    """Compile ``kernel`` for TARGET with ``constexprs``; raises on a compiler error."""
+    absent = {ptr for flag, ptrs in OPTIONAL_POINTERS.items() if constexprs.get(flag) is False
+              for ptr in ptrs}
+    signature: dict[str, str] = {}
+    values: dict[str, object] = {}
+    for param in kernel.params:
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            values[name] = constexprs[name]
+        elif name in absent:
+            signature[name] = "constexpr"
+            values[name] = None
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{data_type}" if name in DATA_POINTERS else "*fp32"
+        elif name in FLOAT_ARGS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i64" if constexprs.get("INT64") else "i32"
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=values), target=TARGET)
+
+
+def variants(kernel: triton.JITFunction) -> list[tuple[dict[str, object], str]]:
+    """One-factor-at-a-time around two bases (every flag on, every flag off), for both tilings,
+    every activation, and half data types on the all-on base."""
+    flags = [p.name for p in kernel.params
+             if p.is_constexpr and p.name not in BLOCKS and p.name != "ACTIVATION"]
+    blocks = {name: size for name, size in BLOCKS.items() if name in kernel.arg_names}
+    has_activation = "ACTIVATION" in kernel.arg_names
+    result = []
+    for base_value in (True, False):
+        base = dict(blocks, **dict.fromkeys(flags, base_value))
+        if has_activation:
+            base["ACTIVATION"] = 0
+        cases = [base] + [dict(base, **{flag: not base_value}) for flag in flags]
+        if has_activation:
+            cases += [dict(base, ACTIVATION=code) for code in ACTIVATION_CODES if code]
+        result += [(case, "fp32") for case in cases]
+        if base_value:
+            result += [(base, "fp16"), (base, "bf16")]
+    unique = {(tuple(sorted(case.items())), dtype): (case, dtype) for case, dtype in result}
+    return list(unique.values())
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("kernel_build.py compiles real kernels: unset TRITON_INTERPRET")
+    count = 0
+    for kernel, (constexprs, data_type) in itertools.chain.from_iterable(
+        ((kernel, variant) for variant in variants(kernel)) for kernel in KERNELS
+    ):
+        try:
+            build(kernel, constexprs, data_type)
+        except Exception as error:
+            raise SystemExit(f"{kernel.fn.__name__} {data_type} {constexprs}: {error}") from error
+        count += 1
+    print(f"built {count} kernel variants for sm_{TARGET.arch}")
+    return count
+
+
+if __name__ == "__main__":
+    main()

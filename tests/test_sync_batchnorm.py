@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import tritonbn
+from tritonbn.functional import torch_activation
 from tritonbn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=30)
@@ -46,6 +47,7 @@ class Case:
     offset: float = 3.0  # added to the inputs: E[x²] − E[x]² would lose the variance at 1e4
     rows: dict[int, tuple[int, ...]] = field(default_factory=lambda: WORLD_ROWS)
     steps: int = 3
+    activation: str | None = None
 
 
 CASES = (
@@ -57,6 +59,7 @@ CASES = (
     Case("4d-bfloat16-input", (3, 2, 3), dtype="bfloat16"),
     Case("5d-no-affine-no-running-stats", (2, 2, 3, 3), affine=False, track_running_stats=False),
     Case("2d-all-ranks-empty", (4,), rows={2: (0, 0), 3: (0, 0, 0)}, steps=2),
+    Case("4d-fused-silu", (3, 2, 3), activation="silu"),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 ONE_VALUE_ROWS = {2: (1, 0), 3: (0, 1, 0)}
@@ -138,7 +141,7 @@ def _run_case(case: Case, rank: int, world_size: int) -> dict[str, Any]:
     memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
     bn = SyncBatchNorm(
         case.shape[0], EPS, case.momentum, case.affine, case.track_running_stats,
-        dtype=_module_dtype(case),
+        dtype=_module_dtype(case), activation=case.activation,
     )
     if case.affine:
         with torch.no_grad():
@@ -261,9 +264,14 @@ def _reference_module(case: Case) -> nn.modules.batchnorm._BatchNorm:
 
 
 def _reference_run(case: Case, world_size: int) -> dict[str, Any]:
-    """Single-process torch BatchNorm in float64 on the whole batch, the same steps."""
+    """Single-process torch BatchNorm (then the case's activation) in float64 on the whole batch,
+    the same steps."""
     data = _case_data(case, world_size)
     bn = _reference_module(case)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch_activation(bn(x), case.activation, 0.01)
+
     if case.affine:
         with torch.no_grad():
             bn.weight.copy_(data["weight"])
@@ -271,7 +279,7 @@ def _reference_run(case: Case, world_size: int) -> dict[str, Any]:
     expected: dict[str, Any] = {"y": [], "dx": [], "dw": [], "db": []}
     for x_global, dy_global in zip(data["x"], data["dy"], strict=True):
         x = x_global.clone().requires_grad_(True)
-        y = bn(x)
+        y = forward(x)
         (y * dy_global).sum().backward()
         expected["y"].append(y.detach())
         expected["dx"].append(x.grad)
@@ -284,12 +292,12 @@ def _reference_run(case: Case, world_size: int) -> dict[str, Any]:
     bn.eval()
     with torch.no_grad():
         if case.track_running_stats:
-            expected["y_eval"] = bn(data["x_eval"])
+            expected["y_eval"] = forward(data["x_eval"])
         else:
             # Without running statistics, eval normalizes each rank's slice by itself (no sync).
             rows = case.rows[world_size]
             expected["y_eval"] = torch.cat([
-                bn(_rank_slice(data["x_eval"], rows, rank)) for rank in range(world_size)
+                forward(_rank_slice(data["x_eval"], rows, rank)) for rank in range(world_size)
             ])
     return expected
 
@@ -471,6 +479,19 @@ def test_convert_replaces_nested_layers_in_place_and_returns_the_module():
     assert type(model[1][0]) is SyncBatchNorm
     assert model[1][0].weight is inner_weight
     assert type(model[0]) is nn.Linear
+
+
+def test_convert_keeps_a_fused_activation():
+    torch.manual_seed(0)
+    model = tritonbn.convert(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LeakyReLU(0.2)),
+                             fuse_activations=True)
+    x = torch.randn(6, 3)
+    expected = model(x)
+    convert_sync_batchnorm(model)
+    assert type(model[1]) is SyncBatchNorm
+    assert (model[1].activation, model[1].negative_slope) == ("leaky_relu", 0.2)
+    assert "activation='leaky_relu'" in repr(model[1])
+    torch.testing.assert_close(model(x), expected)
 
 
 def test_convert_rejects_a_non_module():

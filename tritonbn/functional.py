@@ -49,7 +49,7 @@ def batch_norm(
     )
 
 
-def _activate(y: torch.Tensor, activation: str | None, negative_slope: float) -> torch.Tensor:
+def torch_activation(y: torch.Tensor, activation: str | None, negative_slope: float) -> torch.Tensor:
     """``activation`` applied to ``y`` with torch's own ops (out of place)."""
     if activation is None:
         return y
@@ -79,12 +79,12 @@ def run_checked(
         plan = select_plan(input, training)
     if plan.backend == "torch":
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return _activate(y, activation, negative_slope)
+        return torch_activation(y, activation, negative_slope)
     if plan.backend == "reference":
         y = reference.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
-        return _activate(y, activation, negative_slope)
+        return torch_activation(y, activation, negative_slope)
     x = input.contiguous() if plan.copies_input else input
     return triton_batch_norm(
         x, weight, bias, running_mean, running_var, training, momentum, eps, plan.kernel,

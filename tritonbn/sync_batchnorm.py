@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_batch_norm_args, check_module_options
-from .functional import run_checked
+from ._checks import check_activation, check_batch_norm_args, check_module_options
+from .functional import run_checked, torch_activation
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -176,6 +176,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     updates the running statistics with its unbiased variance, identically on every rank. Each
     rank's weight/bias gradients are its local share, as with torch's SyncBatchNorm; summed (or
     averaged by DistributedDataParallel) over the ranks they give the full batch's gradients.
+    ``activation`` (as on ``tritonbn.BatchNorm2d``) follows the normalization in both paths.
     Otherwise (eval, one rank, no process group) it is ``tritonbn.batch_norm``. Bad input raises on
     the calling rank before any state changes.
     """
@@ -190,13 +191,27 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         process_group: Any | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"'num_features' must be a positive int, got {num_features!r}")
         check_module_options(eps, momentum)
+        check_activation(activation, negative_slope)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype
         )
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                text += f", negative_slope={self.negative_slope}"
+        return text
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if not isinstance(input, torch.Tensor):
@@ -247,7 +262,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             momentum = self._count_batch(momentum)
             return run_checked(
                 input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-                self.eps,
+                self.eps, activation=self.activation, negative_slope=self.negative_slope,
             )
 
         group, world_size = sync
@@ -262,7 +277,8 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             # Every rank's slice is empty: the same as one process given an empty batch.
             momentum = self._count_batch(momentum)
             return run_checked(
-                input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps
+                input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps,
+                activation=self.activation, negative_slope=self.negative_slope,
             )
         if moments.count == 1:
             raise ValueError(
@@ -285,7 +301,8 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             with torch.no_grad():
                 running_mean.mul_(1.0 - momentum).add_(moments.mean.to(running_mean.dtype), alpha=momentum)
                 running_var.mul_(1.0 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
-        return output
+        # The synchronized path is plain torch ops: the activation follows as one more.
+        return torch_activation(output, self.activation, self.negative_slope)
 
 
 def _new_sync_batchnorm(module: nn.modules.batchnorm._BatchNorm, process_group: Any) -> SyncBatchNorm:
@@ -297,6 +314,8 @@ def _new_sync_batchnorm(module: nn.modules.batchnorm._BatchNorm, process_group: 
     converted = SyncBatchNorm(
         module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
         process_group, device=device, dtype=dtype,
+        activation=getattr(module, "activation", None),
+        negative_slope=getattr(module, "negative_slope", 0.01),
     )
     if module.affine:
         converted.weight = module.weight
@@ -317,7 +336,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: returns ``module`` with its BatchNorm
     children replaced, or a new SyncBatchNorm if ``module`` itself is one. A replacement holds the
     original's Parameter objects (an optimizer built before stays valid, requires_grad included),
-    its buffers, eps, momentum and train/eval mode, so device and dtype are unchanged.
+    its buffers, eps, momentum, fused activation and train/eval mode, so device and dtype are
+    unchanged.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(

@@ -400,11 +400,15 @@ def test_without_a_process_group_it_is_plain_batch_norm():
         torch.testing.assert_close(getattr(bn, name), getattr(reference, name))
 
 
-def test_is_a_torch_sync_batch_norm_with_the_same_state_dict_keys():
-    ours = SyncBatchNorm(5)
-    assert isinstance(ours, nn.SyncBatchNorm)
-    assert list(ours.state_dict()) == list(nn.SyncBatchNorm(5).state_dict())
-    ours.load_state_dict(nn.SyncBatchNorm(5).state_dict())
+def test_has_torch_sync_batch_norms_state_dict_and_attributes():
+    ours, theirs = SyncBatchNorm(5, process_group="group"), nn.SyncBatchNorm(5)
+    # Not a subclass: DistributedDataParallel refuses any torch SyncBatchNorm on the CPU.
+    assert isinstance(ours, nn.modules.batchnorm._BatchNorm)
+    assert not isinstance(ours, nn.SyncBatchNorm)
+    assert ours.process_group == "group"
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
 
 
 @pytest.mark.parametrize(

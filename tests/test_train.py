@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,7 @@ def test_help(command):
     result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     for option in ("--epochs", "--batch-size", "--lr", "--bn", "--device", "--data-dir", "--out", "--seed",
-                   "--resume", "--quiet", "tritonbn,torch,reference"):
+                   "--resume", "--quiet", "--fuse", "--distributed", "tritonbn,torch,reference"):
         assert option in result.stdout
     assert "--limit" not in result.stdout
 
@@ -129,7 +130,8 @@ def test_run_folder_contents(workspace):
     run_dir = workspace["full"]
     record = metrics(run_dir)
     assert record["config"] == {"epochs": 2, "batch_size": 32, "lr": 0.001, "bn": "tritonbn", "seed": 0,
-                                "limit": 512}
+                                "limit": 512, "fuse": False}
+    assert record["distributed"] == {"world_size": 1, "backend": None}
     assert set(record["versions"]) >= {"torch", "triton", "tritonbn"}
     assert record["device"]["type"] == "cpu" and record["device"]["name"]
     assert record["data"] == {"origin": "--data-dir", "root": record["data"]["root"], "train_images": 512,
@@ -200,6 +202,45 @@ def test_torch_batch_norm_gives_the_same_run_on_cpu(workspace, tmp_path):
     assert "not used" in metrics(tmp_path)["dispatch"]["1"]["note"]
 
 
+def test_fused_run_matches_the_unfused_one_on_cpu(workspace, tmp_path):
+    """--fuse folds the four BatchNorm -> Sigmoid pairs; on the CPU the fused modules run torch's
+    batch norm then torch's sigmoid, the same operations as the unfused network."""
+    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 2, "--fuse",
+                           "--out", tmp_path)
+    assert code == 0, err
+    record = metrics(tmp_path)
+    assert record["config"]["fuse"] is True
+    assert without_times(record["epochs"]) == without_times(metrics(workspace["full"])["epochs"])
+
+
+def test_distributed_run_under_torchrun_matches_one_process(workspace, tmp_path):
+    """Two gloo processes, each with half of every batch and tritonbn.SyncBatchNorm: one set of
+    epoch lines, and the single process's numbers up to float rounding."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip(f"{torchrun} is not installed")
+    with socket.socket() as probe:  # a free port for the rendezvous, on the loopback only
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+         "-m", "tritonbn.train",
+         "--distributed", "--data-dir", str(workspace["data"]), *SHORT, "--epochs", "2",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "training on cpu" and len(lines) == 3, lines
+    assert all(EPOCH_LINE.fullmatch(line) for line in lines[1:]), lines
+    record = metrics(tmp_path)
+    assert record["distributed"] == {"world_size": 2, "backend": "gloo"}
+    for ours, single in zip(record["epochs"], metrics(workspace["full"])["epochs"], strict=True):
+        assert ours["loss"] == pytest.approx(single["loss"], abs=1e-3)
+        assert ours["train_acc"] == pytest.approx(single["train_acc"], abs=0.02)
+        assert ours["test_acc"] == pytest.approx(single["test_acc"], abs=0.02)
+
+
 def test_reference_batch_norm_run(workspace, tmp_path):
     code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 2, "--bn", "reference",
                            "--out", tmp_path)
@@ -219,6 +260,8 @@ def test_reference_batch_norm_run(workspace, tmp_path):
     (["--resume", "--out", "{full}", "--lr", "0.01"], "trained with --lr 0.001, got --lr 0.01"),
     (["--resume", "--out", "{full}", "--epochs", "1"], "already has 2 epochs"),
     (["--data-dir", "{empty}"], "missing train-images-idx3-ubyte"),
+    (["--fuse", "--bn", "torch"], "use --bn tritonbn or reference"),
+    (["--distributed"], "start the processes with torchrun"),
 ])
 def test_errors_are_explained(workspace, tmp_path, argv, message):
     argv = [arg.format(full=workspace["full"], empty=tmp_path) for arg in argv]

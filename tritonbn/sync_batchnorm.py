@@ -167,9 +167,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Drop-in ``torch.nn.SyncBatchNorm`` over (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)
     input that also runs on CPU tensors (gloo) besides CUDA (NCCL).
+
+    Same constructor, attributes and state_dict as torch's, but not a subclass of it:
+    DistributedDataParallel refuses every ``torch.nn.SyncBatchNorm`` in a CPU model.
 
     Training in a group of more than one rank normalizes with the statistics of the batch
     concatenated over the group's ranks (their slices may differ in size and may be empty), and
@@ -199,9 +202,8 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             raise ValueError(f"'num_features' must be a positive int, got {num_features!r}")
         check_module_options(eps, momentum)
         check_activation(activation, negative_slope)
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype
-        )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
         self.activation = activation
         self.negative_slope = negative_slope
 

@@ -23,13 +23,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import __version__
+from .convert import convert
 from .data import FashionMNISTError, FashionMNISTTensors, load_fashion_mnist
 from .dispatch import backend as tritonbn_backend
 from .dispatch import explain
 from .models import LeNet
+from .sync_batchnorm import convert_sync_batchnorm
 
 __all__ = ["TrainConfig", "TrainingError", "build_parser", "evaluate", "main", "plot_curves", "train_epoch"]
 
@@ -55,6 +58,7 @@ class TrainConfig:
     bn: str = "tritonbn"
     seed: int = 0
     limit: int | None = None
+    fuse: bool = False
 
 
 def _int_at_least(minimum: int):
@@ -115,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {defaults.seed})")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint (same options as that run)")
+    parser.add_argument("--fuse", action="store_const", const=True, default=None,
+                        help="fold each BatchNorm -> Sigmoid pair into one tritonbn module with the "
+                        "sigmoid fused into its kernels (tritonbn.convert(fuse_activations=True); "
+                        "not with --bn torch)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel training under torchrun (DistributedDataParallel, "
+                        "tritonbn.SyncBatchNorm; gloo on CPU, NCCL on CUDA): each global batch of "
+                        "--batch-size images is split across the processes, and rank 0 prints and "
+                        "saves, e.g. torchrun --nproc_per_node=2 -m tritonbn.train --distributed")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar and no notes on stderr; the per-epoch lines still print")
     parser.add_argument("--limit", type=_int_at_least(2), default=None, help=argparse.SUPPRESS)
@@ -154,6 +167,74 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """Where this process sits in a data-parallel run: rank ``rank`` of ``world_size`` (0 of 1
+    without ``--distributed``). Each global batch is cut into ``world_size`` contiguous shards."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    backend: str | None = None  # the process group's backend; None when not distributed
+
+    @property
+    def main(self) -> bool:
+        """Whether this process prints, writes the run folder and saves checkpoints."""
+        return self.rank == 0
+
+    def shard(self, index: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of the global batch ``index``."""
+        if self.backend is None:
+            return index
+        return index.tensor_split(self.world_size)[self.rank]
+
+    def sum(self, *tensors: torch.Tensor) -> None:
+        """Sum each tensor over the ranks, in place (nothing to do in a single process)."""
+        if self.backend is not None:
+            for tensor in tensors:
+                dist.all_reduce(tensor)
+
+
+def start_ranks(device_name: str, distributed: bool) -> Ranks:
+    """The single process, or (``distributed``) this process's place in torchrun's group, which it
+    joins: NCCL with one GPU per local rank on CUDA, gloo on the CPU."""
+    if not distributed:
+        return Ranks(resolve_device(device_name))
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if name not in os.environ]
+    if missing:
+        raise TrainingError(
+            f"--distributed: {', '.join(missing)} not set; start the processes with torchrun, e.g. "
+            "torchrun --nproc_per_node=2 -m tritonbn.train --distributed"
+        )
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    return Ranks(device, dist.get_rank(), dist.get_world_size(), backend)
+
+
+def prepare_model(model: nn.Module, config: TrainConfig, ranks: Ranks) -> nn.Module:
+    """``model`` as trained: BatchNorm -> activation pairs fused (``--fuse``), and for a
+    distributed run its BatchNorms synchronized and the whole wrapped in DistributedDataParallel.
+    The returned module's ``state_dict`` keys may differ; checkpoints keep ``model``'s."""
+    if config.fuse:
+        convert(model, fuse_activations=True)
+    if ranks.backend is None:
+        return model
+    if config.bn == "torch":
+        if ranks.device.type != "cuda":
+            raise TrainingError("--distributed --bn torch needs CUDA: torch.nn.SyncBatchNorm has no "
+                                "CPU implementation (tritonbn.SyncBatchNorm has: use --bn tritonbn)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        model = convert_sync_batchnorm(model)
+    device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
 def bn_backend(bn: str) -> contextlib.AbstractContextManager[None]:
     """The dispatcher setting of a ``--bn`` choice: ``reference`` forces tritonbn's reference backend
     (plain torch ops, differentiated by autograd, so wrapping the forward pass covers backward too)."""
@@ -166,55 +247,67 @@ def as_inputs(images: torch.Tensor) -> torch.Tensor:
 
 
 def shuffled_batches(count: int, batch_size: int, generator: torch.Generator,
-                     device: torch.device) -> list[torch.Tensor]:
+                     device: torch.device, min_size: int = 2) -> list[torch.Tensor]:
     """A fresh permutation of ``range(count)`` drawn from ``generator`` (on the CPU, so CPU and CUDA
-    runs see the same order), cut into index batches on ``device``; the last one may be shorter."""
+    runs see the same order), cut into index batches on ``device``; the last one may be shorter,
+    and is dropped below ``min_size`` images (BatchNorm cannot normalize a single image in training
+    mode, and every rank of a distributed run needs a share)."""
     order = torch.randperm(count, generator=generator).to(device)
     batches = list(order.split(batch_size))
-    if len(batches) > 1 and batches[-1].numel() == 1:
-        batches.pop()  # BatchNorm cannot normalize a single image in training mode
+    if len(batches) > 1 and batches[-1].numel() < min_size:
+        batches.pop()
     return batches
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                 labels: torch.Tensor, batches: Sequence[torch.Tensor],
-                progress: object | None = None) -> tuple[float, float]:
-    """One pass of Adam over ``batches``; returns (mean of the per-batch mean cross-entropy,
-    accuracy over the images seen, each batch counted with the weights before its step)."""
+                progress: object | None = None, ranks: Ranks | None = None) -> tuple[float, float]:
+    """One pass of Adam over the global ``batches`` (this rank trains on its shard of each);
+    returns (mean over batches of the batch's mean cross-entropy, accuracy over the images seen,
+    each batch counted with the weights before its step), over all ranks."""
+    ranks = ranks or Ranks(images.device)
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    seen = 0
-    for step, index in enumerate(batches, 1):
+    seen = torch.zeros((), dtype=torch.int64, device=images.device)
+    for step, global_index in enumerate(batches, 1):
+        index = ranks.shard(global_index)
         targets = labels[index]
         logits = model(as_inputs(images[index]))
         loss = loss_fn(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach()
+        # This shard's part of the global batch's mean: its mean weighted by its share.
+        loss_sum += loss.detach() * (index.numel() / global_index.numel())
         correct += (logits.argmax(dim=1) == targets).sum()
         seen += index.numel()
         if progress is not None:
             progress.update(1)
             if step % 20 == 0 or step == len(batches):
                 progress.set_postfix_str(
-                    f"loss {loss_sum.item() / step:.4f}, train acc {correct.item() / seen:.3f}"
+                    f"loss {loss_sum.item() / step:.4f}, train acc {correct.item() / seen.item():.3f}"
                 )
-    return loss_sum.item() / len(batches), correct.item() / seen
+    ranks.sum(loss_sum, correct, seen)
+    return loss_sum.item() / len(batches), correct.item() / seen.item()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    """Accuracy of ``model`` in eval mode over all ``images``; the model's mode is restored."""
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+             ranks: Ranks | None = None) -> float:
+    """Accuracy of ``model`` in eval mode over all ``images`` (each rank scores a contiguous share);
+    the model's mode is restored."""
+    ranks = ranks or Ranks(images.device)
+    share = ranks.shard(torch.arange(images.shape[0], device=images.device))
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    for start in range(0, images.shape[0], batch_size):
-        logits = model(as_inputs(images[start:start + batch_size]))
-        correct += (logits.argmax(dim=1) == labels[start:start + batch_size]).sum()
+    for index in share.split(batch_size):
+        logits = model(as_inputs(images[index]))
+        correct += (logits.argmax(dim=1) == labels[index]).sum()
     model.train(was_training)
+    ranks.sum(correct)
     return correct.item() / images.shape[0]
 
 
@@ -427,8 +520,13 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(args, None if saved is None else saved["config"])
     if saved is not None and config.epochs < saved["epoch"]:
         raise TrainingError(f"--epochs {config.epochs}: the checkpoint already has {saved['epoch']} epochs")
+    if config.fuse and config.bn == "torch":
+        raise TrainingError(
+            "--fuse folds activations into tritonbn's modules: use --bn tritonbn or reference"
+        )
     run_dir = args.out if args.out is not None else _new_run_dir(config.bn)
-    device = resolve_device(args.device)
+    ranks = start_ranks(args.device, args.distributed)
+    device = ranks.device
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
@@ -436,6 +534,7 @@ def run(args: argparse.Namespace) -> int:
     data: FashionMNISTTensors = load_fashion_mnist(args.data_dir, device=device, limit=config.limit)
     torch.manual_seed(config.seed)
     model = LeNet("torch" if config.bn == "torch" else "tritonbn").to(device)
+    net = prepare_model(model, config, ranks)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     shuffle = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, object]] = []
@@ -450,7 +549,6 @@ def run(args: argparse.Namespace) -> int:
     sessions.append({"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                      "after_epoch": start_epoch, "device": str(device)})
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, object] = {
         "format": FORMAT,
         "argv": list(args.argv),
@@ -459,17 +557,25 @@ def run(args: argparse.Namespace) -> int:
         "versions": versions(),
         "data": {"origin": data.origin, "root": str(data.root), "train_images": data.train_images.shape[0],
                  "test_images": data.test_images.shape[0]},
-        "dispatch": dispatch_plans(model, config.bn, as_inputs(data.train_images[:config.batch_size])),
+        "distributed": {"world_size": ranks.world_size, "backend": ranks.backend},
         "sessions": sessions,
         "epochs": history,
         "finished": start_epoch >= config.epochs,
     }
-    write_json(run_dir / METRICS, record)
-
-    print(f"training on {device.type}", flush=True)
+    quiet = args.quiet or not ranks.main
+    if ranks.main:
+        record["dispatch"] = dispatch_plans(model, config.bn,
+                                            as_inputs(data.train_images[:config.batch_size]))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / METRICS, record)
+        print(f"training on {device.type}", flush=True)
+    if ranks.backend is not None:
+        _note(quiet, f"data-parallel over {ranks.world_size} processes ({ranks.backend}): "
+                     f"{config.batch_size} images a step in {ranks.world_size} shards")
     if saved is not None:
-        _note(args.quiet, f"resuming {run_dir} after epoch {start_epoch} of {config.epochs}")
-    show_progress = not args.quiet and sys.stdout.isatty() and sys.stderr.isatty()
+        _note(quiet, f"resuming {run_dir} after epoch {start_epoch} of {config.epochs}")
+    show_progress = not quiet and sys.stdout.isatty() and sys.stderr.isatty()
+
     def publish() -> None:
         record["finished"] = len(history) >= config.epochs
         write_json(run_dir / METRICS, record)
@@ -483,31 +589,37 @@ def run(args: argparse.Namespace) -> int:
         with bn_backend(config.bn):
             for epoch in range(start_epoch + 1, config.epochs + 1):
                 in_progress = epoch
-                batches = shuffled_batches(data.train_images.shape[0], config.batch_size, shuffle, device)
+                batches = shuffled_batches(data.train_images.shape[0], config.batch_size, shuffle, device,
+                                           min_size=2 * ranks.world_size)
                 started = time.perf_counter()
                 with _progress(show_progress, len(batches), f"epoch {epoch}/{config.epochs}") as bar:
-                    loss, train_acc = train_epoch(model, optimizer, data.train_images, data.train_labels,
-                                                  batches, bar)
+                    loss, train_acc = train_epoch(net, optimizer, data.train_images, data.train_labels,
+                                                  batches, bar, ranks)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 trained = time.perf_counter()
-                test_acc = evaluate(model, data.test_images, data.test_labels, config.batch_size)
+                test_acc = evaluate(net, data.test_images, data.test_labels, config.batch_size, ranks)
                 finished = time.perf_counter()
                 entry = {"epoch": epoch, "loss": loss, "train_acc": train_acc, "test_acc": test_acc,
                          "time_sec": finished - started, "train_time_sec": trained - started,
                          "eval_time_sec": finished - trained, "load_avg_1min": _load_average(),
                          "weights_sha256": weights_digest(model)}
-                save_checkpoint(run_dir / CHECKPOINT, {
-                    "format": FORMAT, "epoch": epoch, "config": dataclasses.asdict(config),
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "rng": _rng_states(shuffle, device), "metrics": [*history, entry], "sessions": sessions,
-                })
+                if ranks.main:
+                    save_checkpoint(run_dir / CHECKPOINT, {
+                        "format": FORMAT, "epoch": epoch, "config": dataclasses.asdict(config),
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "rng": _rng_states(shuffle, device), "metrics": [*history, entry],
+                        "sessions": sessions,
+                    })
                 history.append(entry)
                 in_progress = None
-                print(epoch_line(entry), flush=True)
-                publish()
+                if ranks.main:
+                    print(epoch_line(entry), flush=True)
+                    publish()
     except KeyboardInterrupt:
         where = f"in epoch {in_progress}" if in_progress is not None else f"after epoch {len(history)}"
+        if not ranks.main:
+            return EXIT_INTERRUPTED
         if history:
             publish()
             print(f"\ninterrupted {where}: the checkpoint in {run_dir} holds epoch {len(history)}; "
@@ -516,10 +628,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"\ninterrupted {where}: no epoch finished, nothing saved to resume",
                   file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    finally:
+        if ranks.backend is not None:
+            dist.destroy_process_group()
     if start_epoch >= config.epochs:
-        _note(args.quiet, f"{run_dir}: already trained for {start_epoch} epochs, nothing to do")
+        _note(quiet, f"{run_dir}: already trained for {start_epoch} epochs, nothing to do")
     else:
-        _note(args.quiet, f"run saved in {run_dir}: {METRICS}, {CURVES}, {CHECKPOINT}")
+        _note(quiet, f"run saved in {run_dir}: {METRICS}, {CURVES}, {CHECKPOINT}")
     return 0
 
 

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .activation import NONE, activation_grad
 from .normalize import Normalization
-from .plans import Geometry
+from .plans import Geometry, cdiv
 from .tiling import affine_rows, as_row, load_channel, tile_offsets
 
 
@@ -138,7 +138,7 @@ def backward_sums(
     grad_weight = torch.empty(channels, device=x.device, dtype=param_dtype) if need_weight else None
     grad_bias = torch.empty(channels, device=x.device, dtype=param_dtype) if need_bias else None
     coef = torch.empty((2, channels), device=x.device, dtype=torch.float32) if need_coef else None
-    backward_combine_kernel[(triton.cdiv(channels, COMBINE_BLOCK),)](
+    backward_combine_kernel[(cdiv(channels, COMBINE_BLOCK),)](
         sums[0], sums[1], geo.split, channels, count, norm.invstd, grad_weight, grad_bias,
         coef, float(norm.eps),
         BLOCK_C=COMBINE_BLOCK, INVSTD_IS_VAR=norm.invstd_is_var, NEEDS_WEIGHT=need_weight,

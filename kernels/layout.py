@@ -7,12 +7,14 @@ strides; it launches nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
 INT32_LIMIT = 2**31 - 1
+INT64_MARGIN = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -20,9 +22,10 @@ class Layout:
     """The (N, C, S) view of a tensor and what the kernels can do with it.
 
     ``name`` is one of ``"nchw"`` (spatial elements contiguous), ``"channels_last"`` (channels
-    contiguous, rows of C), ``"2d"`` ((N, C) input) or ``"strided"`` (anything else; the
-    dispatcher copies it to ``"nchw"`` first). ``rows_collapse`` tells whether the N·S rows of the
-    tensor sit at one stride apart, which the column-tiled plan needs.
+    contiguous, rows of C), ``"2d"`` ((N, C) input, or one spatial element with contiguous
+    channels) or ``"strided"`` (anything else; the dispatcher copies it to ``"nchw"`` first).
+    ``rows_collapse`` tells whether the N·S rows of the tensor sit at one stride apart, which the
+    column-tiled plan needs.
     """
 
     name: str
@@ -51,12 +54,14 @@ class Layout:
 
     @property
     def needs_int64(self) -> bool:
-        """Whether an offset (with a margin of one tile past the end) can pass 2**31 - 1."""
-        margin = 1 << 16
-        largest = (self.n + margin) * abs(self.stride_n) + (self.c + margin) * abs(
-            self.stride_c
-        ) + (self.s + margin) * abs(self.stride_s)
-        return largest > INT32_LIMIT
+        """Whether the largest element offset, plus a safety margin, can pass 2**31 - 1.
+
+        Only in-bounds lanes are ever dereferenced; the int32 offsets of masked lanes past the
+        end may wrap, harmlessly. The margin keeps a tensor near the limit on the int64 path.
+        """
+        largest = ((self.n - 1) * abs(self.stride_n) + (self.c - 1) * abs(self.stride_c)
+                   + (self.s - 1) * abs(self.stride_s))
+        return largest + INT64_MARGIN > INT32_LIMIT
 
 
 def _spatial_stride(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int | None:
@@ -85,8 +90,9 @@ def _is_dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
 
 
 def describe(x: torch.Tensor) -> Layout:
-    """The (N, C, S) layout of ``x`` (at least 2-D)."""
-    return describe_strides(tuple(x.shape), tuple(x.stride()))
+    """The (N, C, S) layout of ``x`` (at least 2-D); cached by shape and strides, since the
+    launchers ask for every call."""
+    return _cached_layout(tuple(x.shape), tuple(x.stride()))
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -109,7 +115,8 @@ def describe_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout
     if not _is_dense(shape, strides) or spatial is None:
         return Layout("strided", n, c, s, stride_n, stride_c, spatial or 0)
     layout = Layout("", n, c, s, stride_n, stride_c, spatial)
-    if len(shape) == 2:
+    if len(shape) == 2 or (s == 1 and stride_c == 1):
+        # One spatial element: rows of C contiguous channels, like an (N, C) matrix.
         name = "2d"
     elif s == 1 or spatial == 1:
         name = "nchw"
@@ -118,3 +125,6 @@ def describe_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout
     else:
         name = "strided"
     return Layout(name, n, c, s, stride_n, stride_c, spatial)
+
+
+_cached_layout = functools.lru_cache(maxsize=4096)(describe_strides)

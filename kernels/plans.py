@@ -13,9 +13,8 @@ Along grid axis 1 a channel's tiles are split into ``split`` contiguous ranges o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-
-import triton
 
 from .layout import Layout
 
@@ -45,11 +44,17 @@ ELEMENTWISE_PROGRAMS_PER_SM = 8
 MAX_GRID_Y = 65535
 
 
+_interpreted: bool | None = None
+
+
 def interpreted() -> bool:
     """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    from .normalize import normalize_kernel
+    global _interpreted
+    if _interpreted is None:
+        from .normalize import normalize_kernel
 
-    return type(normalize_kernel).__name__ == "InterpretedFunction"
+        _interpreted = type(normalize_kernel).__name__ == "InterpretedFunction"
+    return _interpreted
 
 
 def column_tiling(layout: Layout) -> bool:
@@ -57,8 +62,14 @@ def column_tiling(layout: Layout) -> bool:
     return layout.name in ("channels_last", "2d")
 
 
+# Plain integer helpers: triton.cdiv and triton.next_power_of_2 cost microseconds a call on the
+# launch path (they are constexpr functions in recent Triton).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, n))
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _spatial_block(s: int, n: int) -> int:
@@ -72,7 +83,7 @@ def _spatial_block(s: int, n: int) -> int:
     block = 1
     while block <= min(MAX_SPATIAL_BLOCK, _pow2(s)):
         block_r = max(1, min(_pow2(n), TILE // block))
-        tiles = triton.cdiv(n, block_r) * triton.cdiv(s, block)
+        tiles = cdiv(n, block_r) * cdiv(s, block)
         cost = tiles * (block_r * block + TILE_OVERHEAD)
         if best_cost is None or cost <= best_cost:
             best, best_cost = block, cost
@@ -127,6 +138,7 @@ class Geometry:
         }
 
 
+@functools.lru_cache(maxsize=1024)
 def geometry(
     layout: Layout,
     *,
@@ -136,13 +148,14 @@ def geometry(
     single_tile: bool = False,
     force_int64: bool = False,
 ) -> Geometry:
-    """The tiling of ``layout``; ``single_tile`` makes one tile hold a whole channel group."""
+    """The tiling of ``layout``; ``single_tile`` makes one tile hold a whole channel group.
+    Cached: a training loop computes each layer's geometry once."""
     if channel_major:
         block_k = _pow2(layout.s) if single_tile else _spatial_block(layout.s, layout.n)
         block_r = _pow2(layout.n) if single_tile else max(1, min(_pow2(layout.n), TILE // block_k))
         rows, keys = layout.n, layout.s
         stride_r, stride_k = layout.stride_n, layout.stride_s
-        key_blocks = triton.cdiv(keys, block_k)
+        key_blocks = cdiv(keys, block_k)
         groups = layout.c
     else:
         if not layout.rows_collapse:
@@ -156,14 +169,14 @@ def geometry(
             block_k = min(_pow2(keys), MAX_COLUMN_BLOCK)
             block_r = max(1, min(_pow2(rows), TILE // block_k))
         key_blocks = 1
-        groups = triton.cdiv(keys, block_k)
-    blocks = triton.cdiv(rows, block_r) * key_blocks
+        groups = cdiv(keys, block_k)
+    blocks = cdiv(rows, block_r) * key_blocks
     if single_tile:
         split, per_split = 1, 1
     else:
-        split = min(max(1, triton.cdiv(programs_per_sm * sm_count, groups)), blocks)
-        per_split = max(triton.cdiv(blocks, split), triton.cdiv(blocks, MAX_GRID_Y))
-        split = triton.cdiv(blocks, per_split)
+        split = min(max(1, cdiv(programs_per_sm * sm_count, groups)), blocks)
+        per_split = max(cdiv(blocks, split), cdiv(blocks, MAX_GRID_Y))
+        split = cdiv(blocks, per_split)
     return Geometry(
         channel_major=channel_major, rows=rows, keys=keys, key_blocks=key_blocks,
         stride_r=stride_r, stride_k=stride_k, stride_c=layout.stride_c,

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plans import Geometry
+from .plans import Geometry, cdiv
 from .tiling import chan_merge, merge_lanes, tile_offsets, tile_welford
 
 
@@ -111,7 +111,7 @@ def batch_statistics(
     )
     save = torch.empty((4, channels), device=x.device, dtype=torch.float32)
     has_running = running_mean is not None
-    stats_combine_kernel[(triton.cdiv(channels, COMBINE_BLOCK),)](
+    stats_combine_kernel[(cdiv(channels, COMBINE_BLOCK),)](
         partials[0], partials[1], partials[2], geo.split, channels,
         weight, bias, running_mean, running_var, save, float(momentum), float(eps),
         BLOCK_C=COMBINE_BLOCK, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,

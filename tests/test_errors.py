@@ -96,6 +96,11 @@ FUNCTIONAL_CASES = [
          r"'running_mean' must be a tensor in evaluation mode \(training=False\), got None"),
     Case("eval-running_var-None", put(training=False, running_var=None), RuntimeError,
          r"'running_var' must be a tensor in evaluation mode \(training=False\), got None"),
+    *[
+        Case(f"{name}-requires-grad", put_lazy(**{name: lambda: torch.ones(C, requires_grad=True)}),
+             RuntimeError, rf"'{name}' must not require grad")
+        for name in ("running_mean", "running_var")
+    ],
     Case("train-running_var-None-only", put(running_var=None), ValueError,
          r"'running_mean' and 'running_var' must both be tensors or both be None"),
     Case("one-value-per-channel-2d", put_lazy(input=lambda: torch.randn(1, C)), ValueError,

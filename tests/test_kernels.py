@@ -219,6 +219,34 @@ def test_non_dense_input_is_copied_once(device):
     assert_step_close(got, want, torch.float32, reduced=_reduced(strided["x"].shape))
 
 
+@pytest.mark.parametrize("plan", ["split-welford", "fused-small", "eval"])
+def test_strided_per_channel_tensors(plan, device):
+    # weight, bias and running statistics as every-other-element views: the kernels must read
+    # the view's elements and write back only them, never the storage in between.
+    training = plan != "eval"
+    inputs = make_inputs((5, 3, 4, 4), torch.float32, device)
+    want = reference_step(inputs, training=training)
+    storage = {name: torch.full((6,), 7.0, device=device) for name in inputs if name not in ("x", "grad")}
+    views = {}
+    for name, buffer in storage.items():
+        views[name] = buffer[::2]
+        views[name].copy_(inputs[name].float())
+    weight = views["weight"].requires_grad_()
+    bias = views["bias"].requires_grad_()
+    x = inputs["x"].clone().requires_grad_()
+    with tritonbn.backend("triton", plan=plan):
+        y = tritonbn.batch_norm(x, views["running_mean"], views["running_var"], weight, bias,
+                                training, 0.1, 1e-5)
+    y.backward(inputs["grad"].float())
+    torch.testing.assert_close(y.double(), want.y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), want.dx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), want.dw, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(views["running_mean"].double(), want.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(views["running_var"].double(), want.running_var, rtol=1e-5, atol=1e-6)
+    for name, buffer in storage.items():
+        assert torch.all(buffer[1::2] == 7.0), f"{name}: an element outside the view was written"
+
+
 def test_gradient_with_other_strides(device):
     # sum() gives an expanded (stride-0) gradient; the backward copies it to x's strides.
     x = make_inputs((5, 3, 4, 4), torch.float32, device)["x"].requires_grad_()
@@ -247,8 +275,8 @@ def test_int64_offsets_forced(device):
 
 @pytest.mark.parametrize(
     "shape, expected",
-    [((2**16, 2**15 + 1), True), ((1024, 64, 112, 112), True), ((256, 6, 24, 24), False),
-     ((2**15, 2**16 - 1), True)],
+    [((2**16, 2**15 + 1), True), ((4096, 64, 112, 112), True), ((1024, 64, 112, 112), False),
+     ((256, 6, 24, 24), False), ((2**15, 2**16), True), ((2**15, 2**16 - 64), False)],
 )
 def test_int64_decision(shape, expected):
     # Shapes of 2**31 elements and more need 64-bit offsets; meta tensors allocate nothing.

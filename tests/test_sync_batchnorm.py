@@ -400,6 +400,15 @@ def test_without_a_process_group_it_is_plain_batch_norm():
         torch.testing.assert_close(getattr(bn, name), getattr(reference, name))
 
 
+def test_a_refused_dispatch_leaves_the_batch_count_alone(monkeypatch):
+    monkeypatch.setattr(tritonbn.dispatch, "interpreted", lambda: False)
+    bn = SyncBatchNorm(3)
+    with tritonbn.backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        bn(torch.randn(4, 3))
+    assert bn.num_batches_tracked.item() == 0
+    assert torch.equal(bn.running_mean, torch.zeros(3))
+
+
 def test_has_torch_sync_batch_norms_state_dict_and_attributes():
     ours, theirs = SyncBatchNorm(5, process_group="group"), nn.SyncBatchNorm(5)
     # Not a subclass: DistributedDataParallel refuses any torch SyncBatchNorm on the CPU.

@@ -84,6 +84,12 @@ def check_batch_norm_args(
                 f"batch_norm: '{name}' must have dtype {expected} for a "
                 f"{_dtype_name(input.dtype)} 'input', got {_dtype_name(tensor.dtype)}"
             )
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+        if tensor is not None and tensor.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"batch_norm: '{name}' must not require grad (running statistics are updated in "
+                "place, not differentiated), got a tensor with requires_grad=True"
+            )
     if not training and (running_mean is None or running_var is None):
         missing = "running_mean" if running_mean is None else "running_var"
         raise RuntimeError(

@@ -86,7 +86,17 @@ def run_checked(
         )
         return torch_activation(y, activation, negative_slope)
     x = input.contiguous() if plan.copies_input else input
-    return triton_batch_norm(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, plan.kernel,
+    # The kernels index per-channel tensors as dense vectors: strided ones go through a dense copy
+    # (differentiable for the parameters; written back for the running statistics).
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    dense_mean = None if running_mean is None else running_mean.contiguous()
+    dense_var = None if running_var is None else running_var.contiguous()
+    y = triton_batch_norm(
+        x, weight, bias, dense_mean, dense_var, training, momentum, eps, plan.kernel,
         activation, negative_slope,
     )
+    for given, dense in ((running_mean, dense_mean), (running_var, dense_var)):
+        if given is not None and dense is not given:
+            given.copy_(dense)
+    return y

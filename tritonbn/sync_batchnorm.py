@@ -19,6 +19,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._checks import check_activation, check_batch_norm_args, check_module_options
+from .dispatch import select_plan
 from .functional import run_checked, torch_activation
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -261,10 +262,12 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
                 self.eps,
             )
+            # The dispatcher may refuse the call too: ask it before counting the batch.
+            plan = select_plan(input, bn_training)
             momentum = self._count_batch(momentum)
             return run_checked(
                 input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-                self.eps, activation=self.activation, negative_slope=self.negative_slope,
+                self.eps, activation=self.activation, negative_slope=self.negative_slope, plan=plan,
             )
 
         group, world_size = sync
@@ -277,10 +280,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         moments = gather_global_moments(input, group, world_size)
         if moments.count == 0:
             # Every rank's slice is empty: the same as one process given an empty batch.
+            plan = select_plan(input, True)
             momentum = self._count_batch(momentum)
             return run_checked(
                 input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps,
-                activation=self.activation, negative_slope=self.negative_slope,
+                activation=self.activation, negative_slope=self.negative_slope, plan=plan,
             )
         if moments.count == 1:
             raise ValueError(

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import gc
 import hashlib
 import importlib
 import json
@@ -630,6 +631,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         if ranks.backend is not None:
+            # The DistributedDataParallel wrapper (and its reducer's threads) must go before the
+            # process group, and every rank must get there: otherwise a rank may abort at exit.
+            del net
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
     if start_epoch >= config.epochs:
         _note(quiet, f"{run_dir}: already trained for {start_epoch} epochs, nothing to do")

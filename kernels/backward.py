@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .activation import NONE, activation_grad
 from .normalize import Normalization
-from .plans import Geometry, cdiv
+from .plans import COMBINE_BLOCK, Geometry, cdiv
 from .tiling import affine_rows, as_row, load_channel, tile_offsets
 
 
@@ -114,7 +114,6 @@ def backward_dx_kernel(dy_ptr, x_ptr, dx_ptr, coef_ptr,
         tl.store(dx_ptr + offsets, (a * dz).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-COMBINE_BLOCK = 128
 
 
 def backward_sums(
@@ -134,9 +133,7 @@ def backward_sums(
     backward_partial_kernel[geo.grid](
         dy, x, sums[0], sums[1], *norm.args(channels), *geo.args(), **norm.meta(), **geo.meta()
     )
-    param_dtype = norm.weight.dtype if norm.weight is not None else torch.float32
-    grad_weight = torch.empty(channels, device=x.device, dtype=param_dtype) if need_weight else None
-    grad_bias = torch.empty(channels, device=x.device, dtype=param_dtype) if need_bias else None
+    grad_weight, grad_bias = norm.parameter_grads(x, need_weight, need_bias)
     coef = torch.empty((2, channels), device=x.device, dtype=torch.float32) if need_coef else None
     backward_combine_kernel[(cdiv(channels, COMBINE_BLOCK),)](
         sums[0], sums[1], geo.split, channels, count, norm.invstd, grad_weight, grad_bias,

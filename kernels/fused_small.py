@@ -140,10 +140,8 @@ def fused_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One launch: (dx, dγ, dβ), each None unless asked for."""
     channels = x.shape[1]
-    param_dtype = norm.weight.dtype if norm.weight is not None else torch.float32
     dx = torch.empty_like(x) if need_input else None
-    grad_weight = torch.empty(channels, device=x.device, dtype=param_dtype) if need_weight else None
-    grad_bias = torch.empty(channels, device=x.device, dtype=param_dtype) if need_bias else None
+    grad_weight, grad_bias = norm.parameter_grads(x, need_weight, need_bias)
     fused_backward_kernel[geo.grid](
         dy, x, dx, grad_weight, grad_bias, *norm.args(channels), float(x.numel() // channels),
         *geo.args(), NEEDS_INPUT=need_input, NEEDS_WEIGHT=need_weight, NEEDS_BIAS=need_bias,

@@ -56,6 +56,17 @@ class Normalization:
         return (self.mean, self.invstd, self.weight, self.bias, channels, float(self.eps),
                 float(self.slope))
 
+    def parameter_grads(self, x: torch.Tensor, need_weight: bool, need_bias: bool
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Uninitialized (dγ, dβ) in the parameters' dtypes (float32 without one), or None."""
+        channels = x.shape[1]
+
+        def grad_of(param: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+            dtype = param.dtype if param is not None else torch.float32
+            return torch.empty(channels, device=x.device, dtype=dtype) if needed else None
+
+        return grad_of(self.weight, need_weight), grad_of(self.bias, need_bias)
+
     def meta(self) -> dict[str, object]:
         return {
             "INVSTD_IS_VAR": self.invstd_is_var,

@@ -21,8 +21,10 @@ from .layout import Layout
 PLANS = ("fused-small", "split-welford", "column-tiled", "eval")
 
 # One program of the fused-small plan holds its whole slab in registers: 16,384 fp32 values over
-# 16 warps is 32 registers a thread for x (64 with dy in the backward), inside the 255-register
-# budget of NVIDIA GPUs. (256, 16, 8, 8), the second LeNet conv layer, is exactly this size.
+# 16 warps is 32 registers a thread for x (64 with dy in the backward) of the 128 a thread has at
+# 512 threads an SM. (256, 16, 8, 8), the second LeNet conv layer, is exactly this size. Compiled
+# offline for sm_90, the backward at this size spills 16-40 bytes a thread with some activations:
+# a candidate for tuning once a GPU can measure it.
 FUSED_MAX_TILE = 16384
 # The fused-small plan aims at this many elements a program in the column tiling, trading fewer
 # launches' worth of work per program for more programs on a small layer.
@@ -42,6 +44,8 @@ TILE_OVERHEAD = 256
 REDUCTION_PROGRAMS_PER_SM = 4
 ELEMENTWISE_PROGRAMS_PER_SM = 8
 MAX_GRID_Y = 65535
+# Channels a program of the per-channel combine kernels (statistics, backward sums) handles.
+COMBINE_BLOCK = 128
 
 
 _interpreted: bool | None = None

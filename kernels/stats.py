@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plans import Geometry, cdiv
+from .plans import COMBINE_BLOCK, Geometry, cdiv
 from .tiling import chan_merge, merge_lanes, tile_offsets, tile_welford
 
 
@@ -87,7 +87,6 @@ def stats_combine_kernel(count_ptr, mean_ptr, m2_ptr, SPLIT, C,
                  mask=cmask)
 
 
-COMBINE_BLOCK = 128
 
 
 def batch_statistics(

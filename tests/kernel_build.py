@@ -46,8 +46,11 @@ KERNELS = (
 )
 
 
-def build(kernel: triton.JITFunction, constexprs: dict[str, object], data_type: str) -> None:
-    """Compile ``kernel`` for TARGET with ``constexprs``; raises on a compiler error."""
+def build(kernel: triton.JITFunction, constexprs: dict[str, object], data_type: str,
+          ones: tuple[str, ...] = ()) -> None:
+    """Compile ``kernel`` for TARGET with ``constexprs``; the int arguments named in ``ones`` are 1,
+    which Triton's launcher turns into constants (as it does for a unit stride). Raises on a
+    compiler error."""
     absent = {ptr for flag, ptrs in OPTIONAL_POINTERS.items() if constexprs.get(flag) is False
               for ptr in ptrs}
     signature: dict[str, str] = {}
@@ -57,6 +60,9 @@ def build(kernel: triton.JITFunction, constexprs: dict[str, object], data_type: 
         if param.is_constexpr:
             signature[name] = "constexpr"
             values[name] = constexprs[name]
+        elif name in ones:
+            signature[name] = "constexpr"
+            values[name] = 1
         elif name in absent:
             signature[name] = "constexpr"
             values[name] = None
@@ -69,9 +75,10 @@ def build(kernel: triton.JITFunction, constexprs: dict[str, object], data_type: 
     triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=values), target=TARGET)
 
 
-def variants(kernel: triton.JITFunction) -> list[tuple[dict[str, object], str]]:
+def variants(kernel: triton.JITFunction) -> list[tuple[dict[str, object], str, tuple[str, ...]]]:
     """One-factor-at-a-time around two bases (every flag on, every flag off), for both tilings,
-    every activation, and half data types on the all-on base."""
+    every activation, and half data types on the all-on base; each with general strides and with
+    the unit stride along the tile's contiguous axis that real launches specialize."""
     flags = [p.name for p in kernel.params
              if p.is_constexpr and p.name not in BLOCKS and p.name != "ACTIVATION"]
     blocks = {name: size for name, size in BLOCKS.items() if name in kernel.arg_names}
@@ -87,7 +94,9 @@ def variants(kernel: triton.JITFunction) -> list[tuple[dict[str, object], str]]:
         result += [(case, "fp32") for case in cases]
         if base_value:
             result += [(base, "fp16"), (base, "bf16")]
-    unique = {(tuple(sorted(case.items())), dtype): (case, dtype) for case, dtype in result}
+    strides = [()] + ([("stride_k",)] if "stride_k" in kernel.arg_names else [])
+    unique = {(tuple(sorted(case.items())), dtype, ones): (case, dtype, ones)
+              for case, dtype in result for ones in strides}
     return list(unique.values())
 
 
@@ -95,13 +104,13 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernel_build.py compiles real kernels: unset TRITON_INTERPRET")
     count = 0
-    for kernel, (constexprs, data_type) in itertools.chain.from_iterable(
+    for kernel, (constexprs, data_type, ones) in itertools.chain.from_iterable(
         ((kernel, variant) for variant in variants(kernel)) for kernel in KERNELS
     ):
         try:
-            build(kernel, constexprs, data_type)
+            build(kernel, constexprs, data_type, ones)
         except Exception as error:
-            raise SystemExit(f"{kernel.fn.__name__} {data_type} {constexprs}: {error}") from error
+            raise SystemExit(f"{kernel.fn.__name__} {data_type} {constexprs} {ones}: {error}") from error
         count += 1
     print(f"built {count} kernel variants for sm_{TARGET.arch}")
     return count

@@ -4,8 +4,9 @@
 
 Run from anywhere on a checkout; needs no network. The data travels with the checkout: before the
 device call, ``mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz
-data/fashion-mnist/`` here (``data/`` is gitignored, so name it in the call's ``carry``). The steps, each with a time budget (a step that
-fails or runs out of time is recorded and the next one runs), all inside about six minutes:
+data/fashion-mnist/`` here (``data/`` is gitignored, so name it in the call's ``carry``). The steps,
+each with a time budget (a step that fails or runs out of time is recorded and the next one runs),
+all inside about six minutes:
 
 1. ``pip install --no-deps --no-build-isolation -e .`` (the machine's torch and triton stay);
 2. ``pytest -q --maxfail=10 tests`` on CUDA, its output in OUTDIR/tests.log;

@@ -55,6 +55,8 @@ def check_batch_norm_args(
             f"got {_dtype_name(input.dtype)}"
         )
     channels = input.shape[1]
+    device, dtype = input.device, input.dtype
+    allowed = (dtype, torch.float32) if dtype in _HALF_DTYPES else (dtype,)
     for name, tensor in (
         ("running_mean", running_mean),
         ("running_var", running_var),
@@ -72,20 +74,18 @@ def check_batch_norm_args(
                 f"batch_norm: '{name}' must have {channels} elements (one per channel of 'input' "
                 f"of shape {tuple(input.shape)}), got {tensor.numel()}"
             )
-        if tensor.device != input.device:
+        if tensor.device != device:
             raise RuntimeError(
-                f"batch_norm: '{name}' must be on the same device as 'input' ({input.device}), "
+                f"batch_norm: '{name}' must be on the same device as 'input' ({device}), "
                 f"got {tensor.device}"
             )
-        allowed = {input.dtype, torch.float32} if input.dtype in _HALF_DTYPES else {input.dtype}
         if tensor.dtype not in allowed:
             expected = " or ".join(sorted(_dtype_name(d) for d in allowed))
             raise RuntimeError(
                 f"batch_norm: '{name}' must have dtype {expected} for a "
-                f"{_dtype_name(input.dtype)} 'input', got {_dtype_name(tensor.dtype)}"
+                f"{_dtype_name(dtype)} 'input', got {_dtype_name(tensor.dtype)}"
             )
-    for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
-        if tensor is not None and tensor.requires_grad and torch.is_grad_enabled():
+        if name.startswith("running") and tensor.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
                 f"batch_norm: '{name}' must not require grad (running statistics are updated in "
                 "place, not differentiated), got a tensor with requires_grad=True"

@@ -71,26 +71,29 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # Parameters and buffers are read once: each read goes through Module.__getattr__.
+        weight, bias = self.weight, self.bias
+        running_mean, running_var = self.running_mean, self.running_var
+        training, activation = self.training, self.activation
+        bn_training = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
         momentum = 0.0 if self.momentum is None else self.momentum
         check_batch_norm_args(
-            input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-            self.eps,
+            input, running_mean, running_var, weight, bias, bn_training, momentum, self.eps
         )
-        if self.activation is not None:
-            check_activation(self.activation, self.negative_slope)
+        if activation is not None:
+            check_activation(activation, self.negative_slope)
         # The dispatcher may refuse the call too: ask it before counting the batch.
         plan = select_plan(input, bn_training)
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        counter = self.num_batches_tracked
+        if training and self.track_running_stats and counter is not None:
+            counter.add_(1)
             if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+                momentum = 1.0 / float(counter)
         return run_checked(
-            input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-            self.eps, activation=self.activation, negative_slope=self.negative_slope, plan=plan,
+            input, running_mean, running_var, weight, bias, bn_training, momentum, self.eps,
+            activation=activation, negative_slope=self.negative_slope, plan=plan,
         )
 
     def extra_repr(self) -> str:

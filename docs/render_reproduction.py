@@ -29,7 +29,8 @@ TARGET = {"epochs": 5, "train_acc": 0.88, "test_acc": 0.83}
 
 SEED_SOURCE = (
     "the seed notebook, Dive into Deep Learning (Chinese edition, PyTorch port `d2lzh_pytorch`), "
-    "section 批量归一化层 (batch normalization), stored as /work/shared/seed/000_d307a893f64d010e.txt"
+    "section 批量归一化层 (batch normalization), kept beside the project as "
+    "shared/seed/000_d307a893f64d010e.txt"
 )
 # Verbatim from the notebook: the output of cell 3 (its own BatchNorm class) and of cell 5
 # (torch.nn.BatchNorm2d/1d), both trained by d2l.train_ch5 on a CUDA device.
@@ -88,21 +89,35 @@ def line(record: dict[str, float]) -> str:
             f"test acc {record['test_acc']:.3f}, time {record['time_sec']:.1f} sec")
 
 
+def world_size(run: dict) -> int:
+    return (run.get("distributed") or {}).get("world_size", 1)
+
+
 def bn_description(run: dict) -> str:
-    return {"tritonbn": "tritonbn.BatchNorm2d/1d", "torch": "torch.nn.BatchNorm2d/1d",
+    text = {"tritonbn": "tritonbn.BatchNorm2d/1d", "torch": "torch.nn.BatchNorm2d/1d",
             "reference": "tritonbn.BatchNorm2d/1d on the reference backend"}[run["config"]["bn"]]
+    if run["config"].get("fuse"):
+        text += ", sigmoid fused in (`--fuse`)"
+    if world_size(run) > 1:
+        text += f"; as tritonbn.SyncBatchNorm over {world_size(run)} processes (DDP)"
+    return text
 
 
 def device_text(run: dict) -> str:
     device = run["device"]
     if device["type"] == "cpu":
-        return (f"CPU ({device['name']}, {device['cpu_count']} cores, torch on {device['torch_threads']} "
-                "threads)")
+        threads = device["torch_threads"]
+        return (f"CPU ({device['name']}, {device['cpu_count']} cores, torch on {threads} "
+                f"thread{'s' if threads != 1 else ''})")
     return f"CUDA ({device['name']})"
 
 
 def command(run: dict) -> str:
-    return shlex.join(["tritonbn-train", *run["argv"]])
+    if world_size(run) > 1:
+        launcher = ["torchrun", f"--nproc_per_node={world_size(run)}", "-m", "tritonbn.train"]
+    else:
+        launcher = ["tritonbn-train"]
+    return shlex.join([*launcher, *run["argv"]])
 
 
 def meets_target(epochs: list[dict]) -> str:
@@ -184,24 +199,64 @@ def dispatch_section(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def setup_options(run: dict) -> dict[str, object]:
+    """How a run's BatchNorm was set up: its --bn, --fuse and number of processes."""
+    return {"bn": run["config"]["bn"], "fuse": bool(run["config"].get("fuse")),
+            "processes": world_size(run)}
+
+
+def setup(run: dict) -> str:
+    """``setup_options`` as the options that give them."""
+    options = setup_options(run)
+    parts = [f"--bn {options['bn']}"]
+    if options["fuse"]:
+        parts.append("--fuse")
+    if options["processes"] > 1:
+        parts.append(f"--distributed over {options['processes']} processes")
+    return " ".join(parts)
+
+
 def identity_section(runs: dict[str, dict]) -> list[str]:
-    """Pairs of runs that differ only in --bn: are their weights equal after every epoch?"""
+    """Pairs of runs that differ in one aspect of the BatchNorm set-up alone (--bn, --fuse or
+    --distributed): are their weights equal after every epoch?"""
     lines = []
     labels = list(runs)
+    varied = {"bn", "fuse"}
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
             ra, rb = runs[a], runs[b]
-            same_setup = ({k: v for k, v in ra["config"].items() if k != "bn"}
-                          == {k: v for k, v in rb["config"].items() if k != "bn"}
+            same_setup = ({k: v for k, v in ra["config"].items() if k not in varied}
+                          == {k: v for k, v in rb["config"].items() if k not in varied}
                           and ra["device"]["type"] == rb["device"]["type"])
-            if not same_setup or ra["config"]["bn"] == rb["config"]["bn"]:
+            differences = [key for key, value in setup_options(ra).items()
+                           if setup_options(rb)[key] != value]
+            if not same_setup or len(differences) != 1:
                 continue
             equal = [x["weights_sha256"] == y["weights_sha256"]
                      for x, y in zip(ra["epochs"], rb["epochs"], strict=False)]
             verdict = ("identical after every epoch (same SHA-256 of the state_dict)" if all(equal)
                        else f"different from epoch {equal.index(False) + 1} on")
-            lines.append(f"- {a} and {b} (same seed and options, `--bn {ra['config']['bn']}` vs "
-                         f"`--bn {rb['config']['bn']}`): weights {verdict}.")
+            lines.append(f"- {a} and {b} (same seed and options, `{setup(ra)}` vs `{setup(rb)}`): "
+                         f"weights {verdict}.")
+    return lines
+
+
+def distributed_section(runs: dict[str, dict]) -> list[str]:
+    """For each distributed run and its single-process twin (same options otherwise): the largest
+    per-epoch differences of loss and accuracies."""
+    lines = []
+    for label, run in runs.items():
+        if world_size(run) == 1:
+            continue
+        for twin_label, twin in runs.items():
+            if (world_size(twin) == 1 and twin["config"] == run["config"]
+                    and twin["device"]["type"] == run["device"]["type"]):
+                pairs = list(zip(run["epochs"], twin["epochs"], strict=False))
+                loss = max(abs(a["loss"] - b["loss"]) for a, b in pairs)
+                train = max(abs(a["train_acc"] - b["train_acc"]) for a, b in pairs)
+                test = max(abs(a["test_acc"] - b["test_acc"]) for a, b in pairs)
+                lines.append(f"- {label} against {twin_label}: loss within {loss:.4f}, train acc within "
+                             f"{train:.4f}, test acc within {test:.4f} over {len(pairs)} epochs.")
     return lines
 
 
@@ -230,7 +285,12 @@ def render(runs: dict[str, dict]) -> str:
             f"{TARGET['train_acc']} and test acc ≥ {TARGET['test_acc']}.", "", *summary_table(seed, runs), ""]
     identical = identity_section(runs)
     if identical:
-        out += ["Same network and seed, different BatchNorm modules:", "", *identical, ""]
+        out += ["Same network and seed, different BatchNorm set-ups:", "", *identical, ""]
+    distributed = distributed_section(runs)
+    if distributed:
+        out += ["A distributed run adds each batch's gradients over its processes in another order "
+                "than one process does, so its weights are not bit-identical to the single-process "
+                "run's; how far its numbers moved:", "", *distributed, ""]
     out += ["## Which BatchNorm code ran", ""]
     if on_torch_kernels:
         out += ["On a CPU, tritonbn's modules do not run Triton kernels: the dispatcher hands every call "

@@ -436,7 +436,7 @@ def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, title: str 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 4), layout="constrained")
+    figure = Figure(figsize=(12, 4), layout="constrained")
     FigureCanvasAgg(figure)
     loss_axes, acc_axes = figure.subplots(1, 2)
     for index, (label, epochs) in enumerate(runs.items()):
@@ -451,8 +451,10 @@ def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, title: str 
     acc_axes.set(xlabel="epoch", ylabel="accuracy")
     for axes in (loss_axes, acc_axes):
         axes.grid(alpha=0.3)
-        axes.legend(fontsize="small")
         axes.xaxis.get_major_locator().set_params(integer=True)
+    loss_axes.legend(fontsize="small")
+    # Two entries a run: beside the axes, where they hide no curve.
+    acc_axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     if title:
         figure.suptitle(title)
     tmp = _atomic_path(path)

@@ -116,8 +116,11 @@ def check_batch_norm_args(
         )
 
 
-def check_module_options(eps: float, momentum: float | None) -> None:
-    """Validate a module constructor's ``eps`` (finite, > 0) and ``momentum`` (None or [0, 1])."""
+def check_module_options(num_features: int, eps: float, momentum: float | None) -> None:
+    """Validate a module constructor's ``num_features`` (a positive int), ``eps`` (finite, > 0)
+    and ``momentum`` (None or [0, 1])."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"'num_features' must be a positive int, got {num_features!r}")
     if not _is_real(eps):
         raise TypeError(f"'eps' must be a float, got {type(eps).__name__}")
     if not math.isfinite(float(eps)) or eps <= 0:
@@ -140,3 +143,23 @@ def check_activation(activation: str | None, negative_slope: float) -> None:
         raise TypeError(f"'negative_slope' must be a float, got {type(negative_slope).__name__}")
     if not math.isfinite(float(negative_slope)):
         raise ValueError(f"'negative_slope' must be a finite number, got {negative_slope}")
+
+
+def check_module_input(module: object, input: object, dims: tuple[int, ...], expected: str,
+                       num_features: int) -> None:
+    """The checks of a BatchNorm module's ``_check_input_dim``: a tensor (TypeError) with a number
+    of dimensions in ``dims``, described by ``expected`` (ValueError), and ``num_features``
+    channels (RuntimeError). Messages start with the module's class name."""
+    owner = type(module).__name__
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{owner}: 'input' must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() not in dims:
+        raise ValueError(
+            f"{owner}: 'input' must be {expected}, got a {input.dim()}D tensor of shape "
+            f"{tuple(input.shape)}"
+        )
+    if input.shape[1] != num_features:
+        raise RuntimeError(
+            f"{owner}: 'input' must have num_features={num_features} channels in dim 1, got "
+            f"{input.shape[1]} (input shape {tuple(input.shape)})"
+        )

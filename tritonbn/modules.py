@@ -8,7 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_activation, check_batch_norm_args, check_module_options
+from ._checks import (
+    check_activation,
+    check_batch_norm_args,
+    check_module_input,
+    check_module_options,
+)
 from .dispatch import select_plan
 from .functional import run_checked
 
@@ -43,9 +48,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         activation: str | None = None,
         negative_slope: float = 0.01,
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"'num_features' must be a positive int, got {num_features!r}")
-        check_module_options(eps, momentum)
+        check_module_options(num_features, eps, momentum)
         check_activation(activation, negative_slope)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
@@ -54,20 +57,8 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.negative_slope = float(negative_slope)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(
-                f"{type(self).__name__}: 'input' must be a torch.Tensor, got {type(input).__name__}"
-            )
-        if input.dim() not in self._expected_dims:
-            raise ValueError(
-                f"{type(self).__name__}: 'input' must be {self._expected_shape}, "
-                f"got a {input.dim()}D tensor of shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise RuntimeError(
-                f"{type(self).__name__}: 'input' must have num_features={self.num_features} "
-                f"channels in dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
-            )
+        check_module_input(self, input, self._expected_dims, self._expected_shape,
+                           self.num_features)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)

@@ -18,7 +18,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_activation, check_batch_norm_args, check_module_options
+from ._checks import (
+    check_activation,
+    check_batch_norm_args,
+    check_module_input,
+    check_module_options,
+)
 from .dispatch import select_plan
 from .functional import run_checked, torch_activation
 
@@ -199,9 +204,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         activation: str | None = None,
         negative_slope: float = 0.01,
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"'num_features' must be a positive int, got {num_features!r}")
-        check_module_options(eps, momentum)
+        check_module_options(num_features, eps, momentum)
         check_activation(activation, negative_slope)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
@@ -217,20 +220,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return text
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(
-                f"{type(self).__name__}: 'input' must be a torch.Tensor, got {type(input).__name__}"
-            )
-        if input.dim() not in _SUPPORTED_DIMS:
-            raise ValueError(
-                f"{type(self).__name__}: 'input' must be 2D (N, C), 3D (N, C, L), 4D (N, C, H, W) "
-                f"or 5D (N, C, D, H, W), got a {input.dim()}D tensor of shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise RuntimeError(
-                f"{type(self).__name__}: 'input' must have num_features={self.num_features} "
-                f"channels in dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
-            )
+        check_module_input(self, input, _SUPPORTED_DIMS,
+                           "2D (N, C), 3D (N, C, L), 4D (N, C, H, W) or 5D (N, C, D, H, W)",
+                           self.num_features)
 
     def _sync_group(self) -> tuple[Any, int] | None:
         """(group, world size) when training must synchronize, else None."""

@@ -131,6 +131,11 @@ def run_section(run: dict, root: Path) -> str:
         parts.append("forward+backward, float32\n\n" + report.headline_table(run["records"]))
         parts.append("<details><summary>Every case</summary>\n\n" + report.shape_tables(run["records"])
                      + "\n\n</details>")
+    if run.get("activation_records"):
+        parts.append("Fused activation: `tritonbn.BatchNorm2d/1d(activation=...)` against "
+                     "`torch.nn.BatchNorm2d/1d` then the activation module, forward+backward "
+                     "float32; held = memory a training forward leaves for the backward (CUDA only)"
+                     "\n\n" + report.activation_table(run["activation_records"]))
     return "\n\n".join(parts)
 
 

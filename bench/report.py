@@ -38,12 +38,15 @@ def add_speedups(benchmarks: list[dict]) -> None:
 
 def with_records(data: dict) -> dict:
     """``data`` (a results document) with ``records`` added: the extra_info of every timed
-    benchmark, with its group and name."""
-    data["records"] = [
+    batch-norm benchmark, with its group and name; ``activation_records`` holds those of the fused
+    activation suite (extra_info ``suite`` = ``"activation"``)."""
+    timed = [
         {**bench["extra_info"], "group": bench["group"], "name": bench["name"]}
         for bench in data.get("benchmarks", [])
         if bench.get("extra_info", {}).get("ms") is not None
     ]
+    data["records"] = [record for record in timed if "suite" not in record]
+    data["activation_records"] = select(timed, suite="activation")
     return data
 
 
@@ -218,6 +221,29 @@ def headline_table(records: list[dict]) -> str:
         ])
     return markdown_table(["case", "tritonbn plan", "tritonbn ms", "torch ms", "tritonbn speedup",
                            "torch.compile speedup", "tritonbn % of copy"], rows)
+
+
+def activation_table(records: list[dict]) -> str:
+    """Fused BatchNorm + activation against BatchNorm then the activation module, per case:
+    forward+backward time and the memory a training forward holds for the backward."""
+    rows = []
+    for group in dict.fromkeys(r["group"] for r in records):
+        by_variant = {r["variant"]: r for r in select(records, group=group)}
+        fused, unfused = by_variant.get("fused"), by_variant.get("unfused")
+        any_record = next(iter(by_variant.values()))
+
+        def mib(record: dict | None) -> str:
+            held = None if record is None else record.get("held_bytes")
+            return "—" if held is None else f"{held / 2**20:.1f}"
+
+        rows.append([
+            shape_text(any_record["shape"]), any_record["activation"],
+            f"{fused['ms']:.4g}" if fused else "—", f"{unfused['ms']:.4g}" if unfused else "—",
+            f"{unfused['ms'] / fused['ms']:.2f}x" if fused and unfused else "—",
+            mib(fused), mib(unfused),
+        ])
+    return markdown_table(["shape", "activation", "fused ms", "unfused ms", "fused speedup",
+                           "fused held MiB", "unfused held MiB"], rows)
 
 
 def training_table(training: dict[str, dict]) -> str:

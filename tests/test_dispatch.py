@@ -103,7 +103,8 @@ def test_explain_names_a_kernel_plan_for_triton():
     ((8192, 1024), False, True, "column-tiled", "2d"),
     ((32, 64, 56, 56), True, True, "column-tiled", "channels_last"),
     ((256, 6, 24, 24), False, False, "eval", "nchw"),
-], ids=["lenet-conv1", "lenet-conv2", "lenet-fc1", "large-2d", "channels-last", "eval"])
+    ((4096, 64, 1, 1), False, True, "column-tiled", "2d"),  # one spatial element: an (N, C) matrix
+], ids=["lenet-conv1", "lenet-conv2", "lenet-fc1", "large-2d", "channels-last", "eval", "spatial-1"])
 def test_plan_for_shape(shape, channels_last, training, kernel, layout):
     # An unfilled tensor: the dispatcher reads shapes and strides, never values.
     x = torch.empty(shape, memory_format=torch.channels_last if channels_last else torch.contiguous_format)

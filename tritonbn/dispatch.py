@@ -4,8 +4,8 @@ Backends: ``"triton"`` (the fused kernels of ``tritonbn.kernels``), ``"torch"`` 
 ``torch.nn.functional.batch_norm``) and ``"reference"`` (``tritonbn.reference``). The choice is
 ``auto`` unless the environment variable ``TRITONBN_BACKEND`` or the context manager
 :func:`backend` says otherwise; ``TRITONBN_PLAN`` (or ``backend("triton", plan=...)``) forces a
-kernel plan. The decision uses shapes, dtype, layout and the GPU alone, never tensor values, so it
-is the same for every call of a given shape.
+kernel plan wherever a Triton kernel runs. The decision uses shapes, dtype, layout and the GPU
+alone, never tensor values, so it is the same for every call of a given shape.
 """
 
 from __future__ import annotations
@@ -63,13 +63,19 @@ def backend(name: str, plan: str | None = None) -> Iterator[None]:
         _override.reset(token)
 
 
-def _requested() -> tuple[str, str | None, str]:
-    """(backend, forced plan, where the choice came from)."""
+def _requested(device_type: str) -> tuple[str, str | None, str]:
+    """(backend, forced plan, where the choice came from) for a tensor on ``device_type``.
+
+    TRITONBN_PLAN is read only where a Triton kernel may run (backend ``triton``, or ``auto`` on
+    CUDA): an environment read costs about half a microsecond, on every call of the CPU fallback.
+    """
     override = _override.get()
     if override is not None:
         return override[0], override[1], "tritonbn.backend()"
     name = _check_backend(os.environ.get("TRITONBN_BACKEND", "auto") or "auto", "TRITONBN_BACKEND")
-    plan = _check_plan(os.environ.get("TRITONBN_PLAN") or None, "TRITONBN_PLAN")
+    plan = None
+    if name == "triton" or (name == "auto" and device_type == "cuda"):
+        plan = _check_plan(os.environ.get("TRITONBN_PLAN") or None, "TRITONBN_PLAN")
     return name, plan, "TRITONBN_BACKEND" if name != "auto" else "default"
 
 
@@ -180,7 +186,7 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
     the plan says so in its facts. Decisions are cached by shape, strides, dtype, device and
     request, so a training loop pays for each layer's decision once.
     """
-    requested, forced, source = _requested()
+    requested, forced, source = _requested(x.device.type)
     if requested == "auto" and not for_explain and x.device.type != "cuda":
         # The hot path of every CPU training step: no layout facts are needed to run torch.
         return _OFF_GPU

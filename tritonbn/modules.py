@@ -17,7 +17,7 @@ from ._checks import (
 from .dispatch import select_plan
 from .functional import run_checked
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "activation_repr"]
 
 
 class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -88,12 +88,17 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         )
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if self.activation is not None:
-            text += f", activation={self.activation!r}"
-            if self.activation == "leaky_relu":
-                text += f", negative_slope={self.negative_slope}"
-        return text
+        return super().extra_repr() + activation_repr(self.activation, self.negative_slope)
+
+
+def activation_repr(activation: str | None, negative_slope: float) -> str:
+    """The ``extra_repr`` suffix of a fused activation: empty without one."""
+    if activation is None:
+        return ""
+    text = f", activation={activation!r}"
+    if activation == "leaky_relu":
+        text += f", negative_slope={negative_slope}"
+    return text
 
 
 class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):

@@ -26,6 +26,7 @@ from ._checks import (
 )
 from .dispatch import select_plan
 from .functional import run_checked, torch_activation
+from .modules import activation_repr
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -212,12 +213,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.negative_slope = negative_slope
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
-        if self.activation is not None:
-            text += f", activation={self.activation!r}"
-            if self.activation == "leaky_relu":
-                text += f", negative_slope={self.negative_slope}"
-        return text
+        return super().extra_repr() + activation_repr(self.activation, self.negative_slope)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_module_input(self, input, _SUPPORTED_DIMS,

@@ -22,7 +22,7 @@ from types import MappingProxyType
 import torch
 
 from tritonbn.kernels.layout import Layout, contiguous_strides, describe_strides
-from tritonbn.kernels.plans import FUSED_MAX_TILE, PLANS, fused_tile_elements, interpreted
+from tritonbn.kernels.plans import FUSED_MAX_TILE, PLANS, column_tiling, fused_tile_elements, interpreted
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -136,7 +136,7 @@ def _facts(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], lay
 
 def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: torch.device):
     """(plan name, reason) for the Triton backend."""
-    column = layout.name in ("channels_last", "2d")
+    column = column_tiling(layout)
     tile = fused_tile_elements(layout)
     if forced is not None:
         if forced == "column-tiled" and not layout.rows_collapse:

@@ -16,7 +16,7 @@ import triton.language as tl
 from .activation import NONE, activation_grad
 from .normalize import Normalization
 from .plans import COMBINE_BLOCK, Geometry, cdiv
-from .tiling import affine_rows, as_row, load_channel, tile_offsets
+from .tiling import affine_rows, as_row, load_channel, store_channel, tile_offsets
 
 
 @triton.jit
@@ -47,12 +47,10 @@ def backward_partial_kernel(dy_ptr, x_ptr, sum_dz_ptr, sum_dz_xmu_ptr,
         acc_dz_xmu += tl.sum(dz * xmu, axis=0)
     row = split * C
     if CHANNEL_MAJOR:
-        tl.store(sum_dz_ptr + row + pid_k, tl.sum(acc_dz, axis=0))
-        tl.store(sum_dz_xmu_ptr + row + pid_k, tl.sum(acc_dz_xmu, axis=0))
-    else:
-        c = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        tl.store(sum_dz_ptr + row + c, acc_dz, mask=c < C)
-        tl.store(sum_dz_xmu_ptr + row + c, acc_dz_xmu, mask=c < C)
+        acc_dz = tl.sum(acc_dz, axis=0)
+        acc_dz_xmu = tl.sum(acc_dz_xmu, axis=0)
+    store_channel(sum_dz_ptr + row, acc_dz, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    store_channel(sum_dz_xmu_ptr + row, acc_dz_xmu, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .plans import COMBINE_BLOCK, Geometry, cdiv
-from .tiling import chan_merge, merge_lanes, tile_offsets, tile_welford
+from .tiling import chan_merge, merge_lanes, store_channel, tile_offsets, tile_welford
 
 
 @triton.jit
@@ -33,14 +33,9 @@ def stats_partial_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, C,
     row = split * C
     if CHANNEL_MAJOR:
         count, mean, m2 = merge_lanes(count, mean, m2)
-        tl.store(count_ptr + row + pid_k, count)
-        tl.store(mean_ptr + row + pid_k, mean)
-        tl.store(m2_ptr + row + pid_k, m2)
-    else:
-        c = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        tl.store(count_ptr + row + c, count, mask=c < C)
-        tl.store(mean_ptr + row + c, mean, mask=c < C)
-        tl.store(m2_ptr + row + c, m2, mask=c < C)
+    store_channel(count_ptr + row, count, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    store_channel(mean_ptr + row, mean, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+    store_channel(m2_ptr + row, m2, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ the launch geometry, ``layout`` the (N, C, S) view, ``ops`` the entry points.
 """
 
 from .layout import Layout, describe
-from .ops import backward_eval, backward_train, forward_eval, forward_train
+from .ops import backward_eval, backward_train, forward_eval, forward_train, saved_rows
 from .plans import FUSED_MAX_TILE, PLANS, interpreted
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "forward_eval",
     "forward_train",
     "interpreted",
+    "saved_rows",
 ]

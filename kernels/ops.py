@@ -41,6 +41,12 @@ def _geometry(x: torch.Tensor, plan: str, sm_count: int, *, elementwise: bool = 
                     force_int64=force_int64, **kwargs)
 
 
+def saved_rows(plan: str) -> int:
+    """Rows of the per-channel fp32 ``save`` that ``forward_train`` returns for ``plan``: mean and
+    invstd, plus the folded scale and shift on the split plans."""
+    return 2 if plan == "fused-small" else 4
+
+
 def forward_train(
     x: torch.Tensor,
     weight: torch.Tensor | None,

@@ -33,11 +33,6 @@ def _like(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x).copy_(dy)
 
 
-def _save_rows(plan: str) -> int:
-    """Rows of the per-channel fp32 tensor ``forward_train`` saves: (mean, invstd[, scale, shift])."""
-    return 2 if plan == "fused-small" else 4
-
-
 @torch.library.custom_op("tritonbn::forward_train", mutates_args=("running_mean", "running_var"))
 def _forward_train(
     x: torch.Tensor,
@@ -59,7 +54,7 @@ def _forward_train(
 
 @_forward_train.register_fake
 def _(x, weight, bias, running_mean, running_var, momentum, eps, plan, activation, negative_slope):
-    save = x.new_empty((_save_rows(plan), x.shape[1]), dtype=torch.float32)
+    save = x.new_empty((kernels.saved_rows(plan), x.shape[1]), dtype=torch.float32)
     return torch.empty_like(x), save
 
 

@@ -9,7 +9,8 @@ the launch geometry, ``layout`` the (N, C, S) view, ``ops`` the entry points.
 
 from .layout import Layout, describe
 from .ops import backward_eval, backward_train, forward_eval, forward_train, saved_rows
-from .plans import FUSED_MAX_TILE, PLANS, interpreted
+from .plans import FUSED_MAX_TILE, PLANS
+from .runtime import interpreted
 
 __all__ = [
     "FUSED_MAX_TILE",

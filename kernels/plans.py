@@ -48,19 +48,6 @@ MAX_GRID_Y = 65535
 COMBINE_BLOCK = 128
 
 
-_interpreted: bool | None = None
-
-
-def interpreted() -> bool:
-    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    global _interpreted
-    if _interpreted is None:
-        from .normalize import normalize_kernel
-
-        _interpreted = type(normalize_kernel).__name__ == "InterpretedFunction"
-    return _interpreted
-
-
 def column_tiling(layout: Layout) -> bool:
     """Whether the automatic plans tile ``layout`` by columns (channels contiguous)."""
     return layout.name in ("channels_last", "2d")

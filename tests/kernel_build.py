@@ -16,6 +16,7 @@ import os
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
 from tritonbn.kernels import backward, fused_small, normalize, stats
 
 TARGET = GPUTarget("cuda", 90, 32)

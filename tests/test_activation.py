@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 from torch import nn
-from tritonbn.kernels.activation import ACTIVATIONS
 
 import tritonbn
+from tritonbn.kernels.activation import ACTIVATIONS
 
 from .kernel_cases import assert_step_close, make_inputs, reference_step, run_step
 

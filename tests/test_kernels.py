@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import tritonbn.kernels as kernels_package
 from hypothesis import given
 from hypothesis import strategies as st
-from tritonbn.kernels import describe
 
 import tritonbn
+import tritonbn.kernels as kernels_package
+from tritonbn.kernels import describe
 
 from .conftest import DEVICE
 from .kernel_cases import assert_step_close, make_inputs, reference_step, run_step

@@ -14,6 +14,8 @@ import torch
 
 from tritonbn.kernels.activation import ACTIVATIONS
 
+from ._compat import EVAL_ACCEPTS_ZERO_EPS
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -106,8 +108,9 @@ def check_batch_norm_args(
         raise ValueError(f"batch_norm: 'momentum' must be in [0, 1], got {momentum}")
     if not _is_real(eps):
         raise TypeError(f"batch_norm: 'eps' must be a float, got {type(eps).__name__}")
-    if not math.isfinite(float(eps)) or eps < 0 or (training and eps == 0):
-        expected = "a finite number > 0" if training else "a finite number >= 0"
+    zero_allowed = not training and EVAL_ACCEPTS_ZERO_EPS
+    if not math.isfinite(float(eps)) or eps < 0 or (eps == 0 and not zero_allowed):
+        expected = "a finite number >= 0" if zero_allowed else "a finite number > 0"
         raise ValueError(f"batch_norm: 'eps' must be {expected}, got {eps}")
     if training and input.numel() > 0 and input.numel() // channels <= 1:
         raise ValueError(

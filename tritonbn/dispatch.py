@@ -22,7 +22,8 @@ from types import MappingProxyType
 import torch
 
 from tritonbn.kernels.layout import Layout, contiguous_strides, describe_strides
-from tritonbn.kernels.plans import FUSED_MAX_TILE, PLANS, column_tiling, fused_tile_elements, interpreted
+from tritonbn.kernels.plans import FUSED_MAX_TILE, PLANS, column_tiling, fused_tile_elements
+from tritonbn.kernels.runtime import interpreted
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -63,13 +64,21 @@ def backend(name: str, plan: str | None = None) -> Iterator[None]:
         _override.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _current_override() -> tuple[str, str | None] | None:
+    """The innermost ``backend()`` block's (backend, plan). Under torch.compile it is read once,
+    when a graph is traced (older dynamo cannot trace ``ContextVar.get``), like every decision of
+    the dispatcher."""
+    return _override.get()
+
+
 def _requested(device_type: str) -> tuple[str, str | None, str]:
     """(backend, forced plan, where the choice came from) for a tensor on ``device_type``.
 
     TRITONBN_PLAN is read only where a Triton kernel may run (backend ``triton``, or ``auto`` on
     CUDA): an environment read costs about half a microsecond, on every call of the CPU fallback.
     """
-    override = _override.get()
+    override = _current_override()
     if override is not None:
         return override[0], override[1], "tritonbn.backend()"
     name = _check_backend(os.environ.get("TRITONBN_BACKEND", "auto") or "auto", "TRITONBN_BACKEND")

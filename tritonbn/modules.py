@@ -14,6 +14,7 @@ from ._checks import (
     check_module_input,
     check_module_options,
 )
+from ._compat import batchnorm_bias_kwargs
 from .dispatch import select_plan
 from .functional import run_checked
 
@@ -51,7 +52,8 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         check_module_options(num_features, eps, momentum)
         check_activation(activation, negative_slope)
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            **batchnorm_bias_kwargs(type(self).__name__, bias),
         )
         self.activation = activation
         self.negative_slope = float(negative_slope)

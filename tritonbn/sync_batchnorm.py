@@ -24,6 +24,7 @@ from ._checks import (
     check_module_input,
     check_module_options,
 )
+from ._compat import batchnorm_bias_kwargs
 from .dispatch import select_plan
 from .functional import run_checked, torch_activation
 from .modules import activation_repr
@@ -202,12 +203,16 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         activation: str | None = None,
         negative_slope: float = 0.01,
     ) -> None:
         check_module_options(num_features, eps, momentum)
         check_activation(activation, negative_slope)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            **batchnorm_bias_kwargs(type(self).__name__, bias),
+        )
         self.process_group = process_group
         self.activation = activation
         self.negative_slope = negative_slope

@@ -1,0 +1,68 @@
+"""Facts about the Triton runtime the kernels were built for, and fixes for the Triton versions
+tritonbn supports.
+
+``interpreted()`` tells whether ``@triton.jit`` produced interpreter functions (TRITON_INTERPRET=1
+was set before the kernels were imported). ``patch_interpreter`` mends Triton 3.6's interpreter
+under NumPy >= 2.4, where a loop bound passed as a kernel argument raises "only 0-dimensional
+arrays can be converted to Python scalars" (Triton issue 9171, fixed in later releases).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _probe_kernel(x_ptr):
+    # Never launched: its type tells how @triton.jit built this module's kernels.
+    tl.store(x_ptr, 0)
+
+
+_INTERPRETED = type(_probe_kernel).__name__ == "InterpretedFunction"
+
+
+def interpreted() -> bool:
+    """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETED
+
+
+def _numpy_refuses_sized_scalars() -> bool:
+    import numpy as np  # the interpreter's own dependency; compiled kernels never need it
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+    except TypeError:
+        return True
+    return False
+
+
+def patch_interpreter() -> bool:
+    """Make the interpreter's scalar arguments usable as Python integers where this Triton's
+    interpreter converts them with ``int(array)``, which NumPy >= 2.4 refuses for 1-element arrays.
+
+    A no-op (False) when the kernels are compiled, when NumPy still converts, or when Triton has
+    the fix; otherwise wraps the interpreter's tensor patching once and returns True.
+    """
+    if not _INTERPRETED or not _numpy_refuses_sized_scalars():
+        return False
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "tritonbn_fixed", False):
+        return True
+    if "int(self.handle.data)" not in inspect.getsource(original):
+        return False
+
+    def patch_lang_tensor(tensor: object, scope: object) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor.tritonbn_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+patch_interpreter()

@@ -4,6 +4,8 @@ data; one test reads Debian's files when they are installed."""
 
 import gzip
 import os
+import shutil
+import socket
 import struct
 from pathlib import Path
 
@@ -13,13 +15,15 @@ import torch
 from tritonbn.data import (
     DEBIAN_DIR,
     FILE_NAMES,
+    RAW_MD5,
     FashionMNISTError,
     cache_root,
     check_idx_file,
     load_fashion_mnist,
     locate_fashion_mnist,
-    write_idx,
 )
+
+from .idx_files import write_idx
 
 SIZES = {"train": 40, "t10k": 16}
 
@@ -54,6 +58,7 @@ def test_write_idx_round_trips_through_torchvision(tmp_path):
     assert data.train_images.dtype == torch.uint8 and data.train_labels.dtype == torch.int64
     assert data.train_images.shape == (SIZES["train"], 28, 28)
     assert data.test_labels.shape == (SIZES["t10k"],)
+    assert data.verified == "structure", "synthetic files have no reference MD5"
 
 
 def test_check_idx_file_counts_items(tmp_path):
@@ -130,6 +135,35 @@ def test_missing_file_is_named(tmp_path):
 def test_missing_folder(tmp_path):
     with pytest.raises(FashionMNISTError, match="no such folder"):
         locate_fashion_mnist(tmp_path / "nowhere", download=False)
+
+
+def test_full_split_with_a_wrong_md5_is_corrupt(tmp_path):
+    """A file with a full split's item count must have Fashion-MNIST's MD5: right header and
+    length, wrong pixels (or labels) still fail, naming the file."""
+    folder = write_fake_set(tmp_path / "src", compressed=False)
+    labels = torch.randint(0, 10, (10000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    write_idx(folder / "t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(FashionMNISTError, match=r"t10k-labels-idx1-ubyte: corrupt: the MD5 of its 10000 "
+                       r"items \(uncompressed\) is [0-9a-f]{32}, Fashion-MNIST's t10k-labels-idx1-ubyte has "
+                       + RAW_MD5["t10k-labels-idx1-ubyte"]) as info:
+        locate_fashion_mnist(folder, download=False)
+    assert str(folder) in str(info.value)
+
+
+def test_download_failure_is_explained_and_leaves_socket_defaults(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    seen = []
+
+    def failing_download(root, train, download):
+        seen.append(socket.getdefaulttimeout())
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", failing_download)
+    before = socket.getdefaulttimeout()
+    with pytest.raises(FashionMNISTError, match=r"download failed \(network is unreachable\)"):
+        locate_fashion_mnist(debian_dir=tmp_path / "absent")
+    assert seen == [before] and socket.getdefaulttimeout() == before
 
 
 def test_truncated_image_file(tmp_path):
@@ -222,9 +256,25 @@ def test_limit_and_device(tmp_path):
                     reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} is absent)")
 def test_real_debian_data():
     data = load_fashion_mnist(download=False)
-    assert data.origin == "debian"
+    assert data.origin == "debian" and data.verified == "md5"
     assert data.train_images.shape == (60000, 28, 28) and data.test_images.shape == (10000, 28, 28)
     # Fashion-MNIST is balanced: 6,000 training and 1,000 test images per class
     assert torch.bincount(data.train_labels, minlength=10).tolist() == [6000] * 10
     assert torch.bincount(data.test_labels, minlength=10).tolist() == [1000] * 10
     assert 0 < data.train_images.float().mean() < 255
+
+
+@pytest.mark.skipif(not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} is absent)")
+def test_one_flipped_pixel_of_the_real_data_is_caught(tmp_path):
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for name in FILE_NAMES:
+        shutil.copyfile(DEBIAN_DIR / f"{name}.gz", folder / f"{name}.gz")
+    with gzip.open(folder / "t10k-images-idx3-ubyte.gz") as handle:
+        raw = bytearray(handle.read())
+    raw[16 + 5000 * 28 * 28 + 400] ^= 0x01
+    (folder / "t10k-images-idx3-ubyte.gz").unlink()
+    (folder / "t10k-images-idx3-ubyte").write_bytes(bytes(raw))
+    with pytest.raises(FashionMNISTError, match=r"t10k-images-idx3-ubyte: corrupt: the MD5"):
+        load_fashion_mnist(folder, download=False)

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 import tritonbn.train as train_module
-from tritonbn.data import DEBIAN_DIR, write_idx
+from tritonbn.data import DEBIAN_DIR
 from tritonbn.train import main
+
+from .idx_files import write_idx
 
 # the seed notebook's print-out, e.g. "epoch 1, loss 1.0037, train acc 0.783, test acc 0.836, time 15.5 sec"
 SEED_LINE = "epoch 1, loss 1.0037, train acc 0.783, test acc 0.836, time 15.5 sec"

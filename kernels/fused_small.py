@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from .activation import activate, activation_grad
-from .normalize import Normalization
+from .launch import Launcher
+from .normalization import Normalization
 from .plans import Geometry
 from .tiling import (
     as_row,
@@ -103,6 +104,10 @@ def fused_backward_kernel(dy_ptr, x_ptr, dx_ptr, grad_weight_ptr, grad_bias_ptr,
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+launch_forward = Launcher(fused_forward_kernel)
+launch_backward = Launcher(fused_backward_kernel)
+
+
 def fused_forward(
     x: torch.Tensor,
     geo: Geometry,
@@ -115,16 +120,19 @@ def fused_forward(
     *,
     activation: int = 0,
     slope: float = 0.0,
+    key: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One launch: returns (y in x's dtype and strides, save[2, C] fp32 = (mean, invstd))."""
+    """One launch: returns (y in x's dtype and strides, save[2, C] fp32 = (mean, invstd)).
+    ``key`` names the launch site."""
     channels = x.shape[1]
     y = torch.empty_like(x)
     save = torch.empty((2, channels), device=x.device, dtype=torch.float32)
-    fused_forward_kernel[geo.grid](
-        x, y, weight, bias, running_mean, running_var, save, channels, float(momentum),
-        float(eps), float(slope), *geo.args(),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RUNNING=running_mean is not None, ACTIVATION=activation, **geo.meta(),
+    launch_forward(
+        key, geo.grid,
+        (x, y, weight, bias, running_mean, running_var, save, channels, float(momentum),
+         float(eps), float(slope), *geo.args()),
+        {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
+         "HAS_RUNNING": running_mean is not None, "ACTIVATION": activation, **geo.meta()},
     )
     return y, save
 
@@ -137,14 +145,18 @@ def fused_backward(
     need_input: bool,
     need_weight: bool,
     need_bias: bool,
+    *,
+    key: object,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """One launch: (dx, dγ, dβ), each None unless asked for."""
+    """One launch: (dx, dγ, dβ), each None unless asked for. ``key`` names the launch site."""
     channels = x.shape[1]
     dx = torch.empty_like(x) if need_input else None
     grad_weight, grad_bias = norm.parameter_grads(x, need_weight, need_bias)
-    fused_backward_kernel[geo.grid](
-        dy, x, dx, grad_weight, grad_bias, *norm.args(channels), float(x.numel() // channels),
-        *geo.args(), NEEDS_INPUT=need_input, NEEDS_WEIGHT=need_weight, NEEDS_BIAS=need_bias,
-        **norm.meta(), **geo.meta(),
+    launch_backward(
+        key, geo.grid,
+        (dy, x, dx, grad_weight, grad_bias, *norm.args(channels), float(x.numel() // channels),
+         *geo.args()),
+        {"NEEDS_INPUT": need_input, "NEEDS_WEIGHT": need_weight, "NEEDS_BIAS": need_bias,
+         **norm.meta(), **geo.meta()},
     )
     return dx, grad_weight, grad_bias

@@ -1,50 +1,70 @@
-"""The kernels' entry points: training and eval forward and backward for a named plan.
+"""The kernels' entry points: training and eval forward and backward for a plan of ``KERNEL_PLANS``.
 
-Each function takes tensors whose layout ``describe`` accepts (the dispatcher copies any other),
-picks the tiling and launches; it never reads a module, an option or an environment variable.
-``activation`` (None or a name of ``activation.ACTIVATIONS``, with leaky_relu's ``negative_slope``)
-is applied to the normalized output in the forward and differentiated, from the saved input, in
-the backward.
+Each function takes tensors whose layout ``layout.describe`` accepts (the dispatcher copies any other),
+looks up the launch site's geometry and launches; it never reads a module, an option or an
+environment variable. A launch site is everything the launches depend on — plan, shape, strides,
+dtypes, which optional tensors are present, their pointer alignment, activation, the gradients
+asked for — so a training loop computes each layer's geometry once and, after the first call,
+launches through ``launch.Launcher``'s records. ``activation`` (None or a name of
+``activation.ACTIVATIONS``, with leaky_relu's ``negative_slope``) is applied to the normalized
+output in the forward and differentiated, from the saved input, in the backward.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from .activation import activation_code
 from .backward import backward_dx, backward_sums
 from .fused_small import fused_backward, fused_forward
-from .layout import describe
-from .normalize import Normalization, normalize
-from .plans import ELEMENTWISE_PROGRAMS_PER_SM, Geometry, column_tiling, geometry
+from .launch import alignment_key
+from .layout import describe_strides
+from .normalization import Normalization
+from .normalize import normalize
+from .plans import ELEMENTWISE_PROGRAMS_PER_SM, KERNEL_PLANS, Geometry, KernelPlan, geometry
 from .stats import batch_statistics
 
+__all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train", "saved_rows"]
 
-def _geometry(x: torch.Tensor, plan: str, sm_count: int, *, elementwise: bool = False,
-              force_int64: bool = False) -> Geometry:
-    layout = describe(x)
+
+def _dtype(tensor: torch.Tensor | None) -> torch.dtype | None:
+    return None if tensor is None else tensor.dtype
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometries(plan: KernelPlan, shape: tuple[int, ...], strides: tuple[int, ...], sm_count: int,
+                force_int64: bool) -> tuple[Geometry, Geometry]:
+    """(reduction geometry, elementwise geometry) of ``plan`` on a tensor of this shape."""
+    layout = describe_strides(shape, strides)
     if layout.name == "strided":
         raise ValueError("the kernels need a dense input whose spatial dims collapse; copy it first")
-    if plan == "fused-small":
-        return geometry(layout, channel_major=not column_tiling(layout), sm_count=sm_count,
-                        single_tile=True, force_int64=force_int64)
-    if plan == "column-tiled":
-        channel_major = False
-    elif plan == "split-welford":
-        channel_major = True
-    elif plan == "eval":
-        channel_major = not column_tiling(layout)
-    else:
-        raise ValueError(f"unknown kernel plan {plan!r}")
-    kwargs = {"programs_per_sm": ELEMENTWISE_PROGRAMS_PER_SM} if elementwise else {}
-    return geometry(layout, channel_major=channel_major, sm_count=sm_count,
-                    force_int64=force_int64, **kwargs)
+    channel_major = plan.channel_major(layout)
+    if plan.single_tile:
+        geo = geometry(layout, channel_major=channel_major, sm_count=sm_count, single_tile=True,
+                       force_int64=force_int64)
+        return geo, geo
+    reduction = geometry(layout, channel_major=channel_major, sm_count=sm_count,
+                         force_int64=force_int64)
+    elementwise = geometry(layout, channel_major=channel_major, sm_count=sm_count,
+                           programs_per_sm=ELEMENTWISE_PROGRAMS_PER_SM, force_int64=force_int64)
+    return reduction, elementwise
+
+
+def _site(x: torch.Tensor, plan: KernelPlan, sm_count: int, force_int64: bool, *flags: object
+          ) -> tuple[tuple[object, ...], Geometry, Geometry]:
+    """(launch-site key, reduction geometry, elementwise geometry) of a call on ``x``."""
+    shape, strides = tuple(x.shape), x.stride()
+    reduction, elementwise = _geometries(plan, shape, strides, sm_count, force_int64)
+    key = (plan.name, x.device, x.dtype, shape, strides, force_int64, *flags)
+    return key, reduction, elementwise
 
 
 def saved_rows(plan: str) -> int:
     """Rows of the per-channel fp32 ``save`` that ``forward_train`` returns for ``plan``: mean and
     invstd, plus the folded scale and shift on the split plans."""
-    return 2 if plan == "fused-small" else 4
+    return KERNEL_PLANS[plan].saved_rows
 
 
 def forward_train(
@@ -67,16 +87,19 @@ def forward_train(
     y = act((x − mean)·invstd·weight + bias) with the batch statistics; then updates the running
     statistics in place.
     """
+    kernel_plan = KERNEL_PLANS[plan]
     code = activation_code(activation)
-    geo = _geometry(x, plan, sm_count, force_int64=force_int64)
-    if plan == "fused-small":
+    key, geo, out_geo = _site(
+        x, kernel_plan, sm_count, force_int64, "train", code, _dtype(weight), _dtype(bias),
+        _dtype(running_mean), alignment_key(x, weight, bias, running_mean, running_var),
+    )
+    if kernel_plan.single_tile:
         return fused_forward(x, geo, weight, bias, running_mean, running_var, momentum, eps,
-                             activation=code, slope=negative_slope)
+                             activation=code, slope=negative_slope, key=key)
     # save[2], save[3] = invstd·weight, bias: folded before the running statistics change.
-    save = batch_statistics(x, geo, weight, bias, running_mean, running_var, momentum, eps)
-    out_geo = _geometry(x, plan, sm_count, elementwise=True, force_int64=force_int64)
+    save = batch_statistics(x, geo, weight, bias, running_mean, running_var, momentum, eps, key=key)
     folded = Normalization(save[0], save[2], None, save[3], activation=code, slope=negative_slope)
-    return normalize(x, out_geo, folded), save
+    return normalize(x, out_geo, folded, key=key), save
 
 
 def forward_eval(
@@ -93,10 +116,14 @@ def forward_eval(
     negative_slope: float = 0.01,
 ) -> torch.Tensor:
     """Eval forward in one launch: y = act((x − running_mean)/sqrt(running_var + eps)·γ + β)."""
-    geo = _geometry(x, "eval", sm_count, elementwise=True, force_int64=force_int64)
+    code = activation_code(activation)
+    key, _, geo = _site(
+        x, KERNEL_PLANS["eval"], sm_count, force_int64, "eval", code, _dtype(weight),
+        _dtype(bias), _dtype(running_mean), alignment_key(x, weight, bias, running_mean, running_var),
+    )
     norm = Normalization(running_mean, running_var, weight, bias, invstd_is_var=True, eps=eps,
-                         activation=activation_code(activation), slope=negative_slope)
-    return normalize(x, geo, norm)
+                         activation=code, slope=negative_slope)
+    return normalize(x, geo, norm, key=key)
 
 
 def backward_train(
@@ -119,18 +146,20 @@ def backward_train(
     activation, ``bias`` must be the forward's: the backward recomputes its input z from ``x``.
     """
     need_input, need_weight, need_bias = needs
-    norm = Normalization(save[0], save[1], weight, bias, activation=activation_code(activation),
-                         slope=negative_slope)
-    geo = _geometry(x, plan, sm_count, force_int64=force_int64)
-    if plan == "fused-small":
-        return fused_backward(dy, x, geo, norm, need_input, need_weight, need_bias)
-    grad_weight, grad_bias, coef = backward_sums(
-        dy, x, geo, norm, need_weight=need_weight, need_bias=need_bias, need_coef=need_input
+    kernel_plan = KERNEL_PLANS[plan]
+    code = activation_code(activation)
+    key, geo, out_geo = _site(
+        x, kernel_plan, sm_count, force_int64, "backward", code, needs, _dtype(weight),
+        _dtype(bias), alignment_key(dy, x, weight, bias),
     )
-    dx = None
-    if need_input:
-        out_geo = _geometry(x, plan, sm_count, elementwise=True, force_int64=force_int64)
-        dx = backward_dx(dy, x, out_geo, norm, coef)
+    norm = Normalization(save[0], save[1], weight, bias, activation=code, slope=negative_slope)
+    if kernel_plan.single_tile:
+        return fused_backward(dy, x, geo, norm, need_input, need_weight, need_bias, key=key)
+    grad_weight, grad_bias, coef = backward_sums(
+        dy, x, geo, norm, need_weight=need_weight, need_bias=need_bias, need_coef=need_input,
+        key=key,
+    )
+    dx = backward_dx(dy, x, out_geo, norm, coef, key=key) if need_input else None
     return dx, grad_weight, grad_bias
 
 
@@ -154,15 +183,20 @@ def backward_eval(
     dγ = Σ dz·(x − running_mean)/sqrt(running_var + eps), dβ = Σ dz.
     """
     need_input, need_weight, need_bias = needs
+    code = activation_code(activation)
+    key, geo, out_geo = _site(
+        x, KERNEL_PLANS["eval"], sm_count, force_int64, "eval-backward", code, needs,
+        _dtype(weight), _dtype(bias), _dtype(running_mean),
+        alignment_key(dy, x, weight, bias, running_mean, running_var),
+    )
     norm = Normalization(running_mean, running_var, weight, bias, invstd_is_var=True, eps=eps,
-                         activation=activation_code(activation), slope=negative_slope)
+                         activation=code, slope=negative_slope)
     grad_weight = grad_bias = dx = None
     if need_weight or need_bias:
-        geo = _geometry(x, "eval", sm_count, force_int64=force_int64)
         grad_weight, grad_bias, _ = backward_sums(
-            dy, x, geo, norm, need_weight=need_weight, need_bias=need_bias, need_coef=False
+            dy, x, geo, norm, need_weight=need_weight, need_bias=need_bias, need_coef=False,
+            key=key,
         )
     if need_input:
-        geo = _geometry(x, "eval", sm_count, elementwise=True, force_int64=force_int64)
-        dx = backward_dx(dy, x, geo, norm, None)
+        dx = backward_dx(dy, x, out_geo, norm, None, key=key)
     return dx, grad_weight, grad_bias

@@ -9,16 +9,18 @@ Two tilings cover every layout (see ``layout.py``):
 
 Along grid axis 1 a channel's tiles are split into ``split`` contiguous ranges of
 ``blocks_per_split`` tiles each, so that C × split programs fill the GPU.
+
+``KERNEL_PLANS`` is the dispatcher's vocabulary: one entry a plan. This module is plain Python on
+shapes; it imports no Triton.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .layout import Layout
-
-PLANS = ("fused-small", "split-welford", "column-tiled", "eval")
 
 # One program of the fused-small plan holds its whole slab in registers: 16,384 fp32 values over
 # 16 warps is 32 registers a thread for x (64 with dy in the backward) of the 128 a thread has at
@@ -29,9 +31,13 @@ FUSED_MAX_TILE = 16384
 # The fused-small plan aims at this many elements a program in the column tiling, trading fewer
 # launches' worth of work per program for more programs on a small layer.
 FUSED_COLUMN_TILE = 4096
-# ... but never fewer channels a program than one 32-byte sector of fp32 (8): narrower columns of a
-# row-major matrix would waste most of each memory transaction.
+# ... with at least one 32-byte sector of fp32 (8 channels) a row: narrower columns of a row-major
+# matrix fetch sectors that neighbouring programs fetch again. On a layer of at most
+# FUSED_NARROW_LAYER elements (LeNet's channels_last conv2 is 262,144) the launches, not the
+# memory transactions, set the time, and those sectors come again from L2: there a slab too tall
+# for 8 columns takes fewer rather than three launches each way.
 FUSED_MIN_COLUMNS = 8
+FUSED_NARROW_LAYER = 1 << 20
 # Elements per tile in the split and elementwise kernels: 16 fp32 a thread at 8 warps, enough
 # loads in flight per thread to saturate HBM without spilling.
 TILE = 4096
@@ -44,8 +50,6 @@ TILE_OVERHEAD = 256
 REDUCTION_PROGRAMS_PER_SM = 4
 ELEMENTWISE_PROGRAMS_PER_SM = 8
 MAX_GRID_Y = 65535
-# Channels a program of the per-channel combine kernels (statistics, backward sums) handles.
-COMBINE_BLOCK = 128
 
 
 def column_tiling(layout: Layout) -> bool:
@@ -154,8 +158,7 @@ def geometry(
         rows, keys = layout.rows, layout.c
         stride_r, stride_k = layout.row_stride, layout.stride_c
         if single_tile:
-            block_r = _pow2(rows)
-            block_k = min(_pow2(keys), max(FUSED_MIN_COLUMNS, FUSED_COLUMN_TILE // block_r))
+            block_r, block_k = _fused_column_block(rows, keys)
         else:
             block_k = min(_pow2(keys), MAX_COLUMN_BLOCK)
             block_r = max(1, min(_pow2(rows), TILE // block_k))
@@ -177,8 +180,107 @@ def geometry(
     )
 
 
+def _fused_column_block(rows: int, channels: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_K) of the fused-small plan's column tile: every row, and as many channels
+    as FUSED_COLUMN_TILE suggests (at least FUSED_MIN_COLUMNS, fewer on a small layer whose slab
+    would not fit FUSED_MAX_TILE otherwise)."""
+    block_r = _pow2(rows)
+    block_k = min(_pow2(channels), max(FUSED_MIN_COLUMNS, FUSED_COLUMN_TILE // block_r))
+    if block_r * block_k > FUSED_MAX_TILE and rows * channels <= FUSED_NARROW_LAYER:
+        block_k = max(1, FUSED_MAX_TILE // block_r)
+    return block_r, block_k
+
+
 def fused_tile_elements(layout: Layout) -> int:
-    """Elements of the single tile the fused-small plan would load for ``layout``."""
+    """Elements of the single tile the fused-small plan loads for ``layout`` (the geometry that
+    runs: ``geometry(..., single_tile=True)`` builds the same tile)."""
     if column_tiling(layout):
-        return _pow2(layout.rows) * min(_pow2(layout.c), FUSED_MIN_COLUMNS)
+        block_r, block_k = _fused_column_block(layout.rows, layout.c)
+        return block_r * block_k
     return _pow2(layout.n) * _pow2(layout.s)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """One way to run batch norm on the kernels: what the dispatcher chooses among, what
+    ``explain()`` reports and what ``ops`` launches.
+
+    ``tiling`` is ``"channel-major"``, ``"column"`` or ``"by layout"`` (column tiles for rows of
+    contiguous channels, channel-major otherwise); ``single_tile`` plans hold a channel group's
+    whole slab in one program (one launch each way), the others split it across programs (a
+    statistics or gradient-sums launch whose last program combines, then an elementwise one).
+    ``refusal(layout, training)`` says why the plan cannot run an input (None: it can);
+    ``preferred(layout, training)`` whether the automatic dispatcher takes it when it can, in
+    table order.
+    """
+
+    name: str
+    idea: str
+    tiling: str
+    single_tile: bool
+    forward_launches: int
+    backward_launches: int
+    saved_rows: int
+    refusal: Callable[[Layout, bool], str | None]
+    preferred: Callable[[Layout, bool], bool]
+
+    def channel_major(self, layout: Layout) -> bool:
+        """Whether this plan tiles ``layout`` channel-major (else by columns)."""
+        if self.tiling == "by layout":
+            return not column_tiling(layout)
+        return self.tiling == "channel-major"
+
+
+def _refuse_unless_training(layout: Layout, training: bool) -> str | None:
+    return None if training else "eval mode always runs the 'eval' plan"
+
+
+def _refuse_large_slab(layout: Layout, training: bool) -> str | None:
+    tile = fused_tile_elements(layout)
+    if tile > FUSED_MAX_TILE:
+        return f"needs a per-program tile of at most {FUSED_MAX_TILE} elements, this input needs {tile}"
+    return _refuse_unless_training(layout, training)
+
+
+def _refuse_scattered_rows(layout: Layout, training: bool) -> str | None:
+    if not layout.rows_collapse:
+        return f"needs rows at one stride apart (2-D or channels_last input), got layout {layout.name!r}"
+    return _refuse_unless_training(layout, training)
+
+
+def _refuse_training(layout: Layout, training: bool) -> str | None:
+    return "normalizes with running statistics: training must be False" if training else None
+
+
+# The automatic dispatcher takes the first plan, in this order, that can run an input and prefers
+# it. Adding a plan is adding an entry (and, for a new kind of kernel, its launchers in ops.py).
+KERNEL_PLANS: dict[str, KernelPlan] = {
+    plan.name: plan
+    for plan in (
+        KernelPlan(
+            "eval", "one elementwise pass with per-channel scale and shift from the running statistics",
+            tiling="by layout", single_tile=False, forward_launches=1, backward_launches=2,
+            saved_rows=0, refusal=_refuse_training, preferred=lambda layout, training: True,
+        ),
+        KernelPlan(
+            "fused-small", "one program holds a channel group's whole slab: statistics, "
+            "normalization and running statistics in one launch, the backward in one more",
+            tiling="by layout", single_tile=True, forward_launches=1, backward_launches=1,
+            saved_rows=2, refusal=_refuse_large_slab, preferred=lambda layout, training: True,
+        ),
+        KernelPlan(
+            "column-tiled", "tiles coalesced along C over rows of contiguous channels, the rows "
+            "split across programs whose last one merges the partials",
+            tiling="column", single_tile=False, forward_launches=2, backward_launches=2,
+            saved_rows=4, refusal=_refuse_scattered_rows,
+            preferred=lambda layout, training: column_tiling(layout),
+        ),
+        KernelPlan(
+            "split-welford", "each channel split across programs (Welford partials merged with "
+            "Chan's formula by the last program), then an elementwise pass",
+            tiling="channel-major", single_tile=False, forward_launches=2, backward_launches=2,
+            saved_rows=4, refusal=_refuse_unless_training, preferred=lambda layout, training: True,
+        ),
+    )
+}
+PLANS = tuple(KERNEL_PLANS)

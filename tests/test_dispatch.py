@@ -65,7 +65,7 @@ def test_nested_context_managers_restore_the_outer_choice():
 
 @pytest.mark.parametrize(("name", "plan", "match"), [
     ("cuda", None, r"backend name must be one of auto, triton, torch, reference, got 'cuda'"),
-    ("triton", "fastest", r"plan must be one of fused-small, split-welford, column-tiled, eval, "
+    ("triton", "fastest", r"plan must be one of eval, fused-small, column-tiled, split-welford, "
                           r"got 'fastest'"),
     ("torch", "eval", r"a kernel plan can only be forced with backend 'triton', got 'torch'"),
 ], ids=["bad-backend", "bad-plan", "plan-without-triton"])

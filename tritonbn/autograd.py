@@ -1,11 +1,13 @@
 """The Triton kernels as PyTorch operators, with their autograd formulas.
 
-Three custom ops (``torch.ops.tritonbn.*``) wrap the kernel entry points: ``forward_train`` (which
-updates the running statistics in place, declared as a mutation), ``forward_eval`` and
-``backward``. Each has a fake (meta) implementation, so ``torch.compile`` traces a model that uses
-tritonbn without graph breaks and without looking inside the Triton launches; the autograd
-Function ``TritonBatchNorm`` ties the forward ops to the backward op. Nothing here synchronizes
-with the host, so the CUDA path can be captured in a CUDA graph.
+The autograd Function ``TritonBatchNorm`` calls the kernel entry points directly in eager mode
+(the host time of a small layer is the time a user waits). For ``torch.compile`` and
+``torch.jit.trace`` three custom ops (``torch.ops.tritonbn.*``) wrap the same entry points:
+``forward_train`` (which updates the running statistics in place, declared as a mutation),
+``forward_eval`` and ``backward``. Each has a fake (meta) implementation, so ``torch.compile``
+traces a model that uses tritonbn without graph breaks and without looking inside the Triton
+launches. Nothing here synchronizes with the host, so the CUDA path can be captured in a CUDA
+graph.
 
 Training saves the fp32 per-channel mean and invstd for the backward; eval saves the running
 statistics, and its backward is dx = dz·γ/sqrt(running_var + eps), not the training formula.
@@ -15,9 +17,11 @@ and uses dz = dy·act'(z); no activation tensor is saved.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tritonbn import kernels
 
@@ -126,10 +130,43 @@ def _(grad_output, x, weight, bias, save, running_mean, running_var, eps, plan, 
     )
 
 
+def _eager() -> bool:
+    """Whether to call the kernels directly: not when torch.compile or torch.jit.trace records
+    the call (they see the custom ops, whose eager dispatch costs 6–15 µs a call)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def _device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    """Triton launches on the current CUDA device: make it ``x``'s."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+def _differentiable_backward(ctx: Any, grad_output: torch.Tensor, inputs: tuple[torch.Tensor | None, ...]
+                             ) -> tuple[torch.Tensor | None, ...]:
+    """The backward as torch ops on the saved tensors, for ``create_graph=True`` (a gradient
+    penalty, MAML): the result is itself differentiable, twice and more, as torch's is."""
+    from .functional import torch_activation
+
+    x, weight, bias = inputs
+    if ctx.training:
+        y = F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps)
+    else:
+        running_mean, running_var = ctx.saved_tensors[3:5]
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, ctx.eps)
+    y = torch_activation(y, ctx.activation, ctx.negative_slope)
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True) if need]
+    grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
+
+
 class TritonBatchNorm(torch.autograd.Function):
-    """Autograd over the custom ops: ``forward_train`` mutates the running statistics, which a
-    ``register_autograd`` formula may not do, so the formula lives in this Function (dynamo traces
-    it, the ops inside stay opaque)."""
+    """Autograd over the kernels. In eager mode it calls the launchers of ``tritonbn.kernels``
+    directly; under torch.compile or torch.jit.trace it calls the custom ops, which those see.
+    ``forward_train`` mutates the running statistics, which a ``register_autograd`` formula may
+    not do, so the formula lives in this Function (dynamo traces it, the ops inside stay opaque).
+    A backward with ``create_graph=True`` runs as torch ops, differentiable again."""
 
     @staticmethod
     def forward(
@@ -146,13 +183,29 @@ class TritonBatchNorm(torch.autograd.Function):
         activation: str | None,
         negative_slope: float,
     ) -> torch.Tensor:
-        if training:
+        if _eager():
+            with _device_of(x):
+                if training:
+                    y, save = kernels.forward_train(
+                        x, weight, bias, running_mean, running_var, momentum, eps, plan=plan,
+                        sm_count=sm_count(x.device), activation=activation,
+                        negative_slope=negative_slope,
+                    )
+                else:
+                    y = kernels.forward_eval(
+                        x, weight, bias, running_mean, running_var, eps,
+                        sm_count=sm_count(x.device), activation=activation,
+                        negative_slope=negative_slope,
+                    )
+        elif training:
             y, save = _forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
                                      plan, activation, negative_slope)
-            ctx.save_for_backward(x, weight, bias, save)
         else:
             y = _forward_eval(x, weight, bias, running_mean, running_var, eps, activation,
                               negative_slope)
+        if training:
+            ctx.save_for_backward(x, weight, bias, save)
+        else:
             ctx.save_for_backward(x, weight, bias, running_mean, running_var)
         ctx.training, ctx.eps, ctx.plan = training, eps, plan
         ctx.activation, ctx.negative_slope = activation, negative_slope
@@ -164,16 +217,34 @@ class TritonBatchNorm(torch.autograd.Function):
         unused = (None,) * 8
         if not (need_input or need_weight or need_bias):
             return (None, None, None, *unused)
+        saved = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*_differentiable_backward(ctx, grad_output, saved[:3]), *unused)
         if ctx.training:
-            x, weight, bias, save = ctx.saved_tensors
+            x, weight, bias, save = saved
             running_mean = running_var = None
         else:
-            x, weight, bias, running_mean, running_var = ctx.saved_tensors
+            x, weight, bias, running_mean, running_var = saved
             save = None
-        dx, dw, db = _backward(
-            grad_output, x, weight, bias, save, running_mean, running_var, ctx.eps, ctx.plan,
-            ctx.activation, ctx.negative_slope, need_input, need_weight, need_bias,
-        )
+        if _eager():
+            dy = _like(grad_output, x)
+            needs = (need_input, need_weight, need_bias)
+            act = {"bias": bias, "activation": ctx.activation, "negative_slope": ctx.negative_slope}
+            with _device_of(x):
+                if save is not None:
+                    dx, dw, db = kernels.backward_train(
+                        dy, x, weight, save, needs, plan=ctx.plan, sm_count=sm_count(x.device), **act
+                    )
+                else:
+                    dx, dw, db = kernels.backward_eval(
+                        dy, x, weight, running_mean, running_var, ctx.eps, needs,
+                        sm_count=sm_count(x.device), **act,
+                    )
+        else:
+            dx, dw, db = _backward(
+                grad_output, x, weight, bias, save, running_mean, running_var, ctx.eps, ctx.plan,
+                ctx.activation, ctx.negative_slope, need_input, need_weight, need_bias,
+            )
         return (dx if need_input else None, dw if need_weight else None,
                 db if need_bias else None, *unused)
 

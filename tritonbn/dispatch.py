@@ -22,7 +22,7 @@ from types import MappingProxyType
 import torch
 
 from tritonbn.kernels.layout import Layout, contiguous_strides, describe_strides
-from tritonbn.kernels.plans import FUSED_MAX_TILE, PLANS, column_tiling, fused_tile_elements
+from tritonbn.kernels.plans import KERNEL_PLANS, PLANS, KernelPlan, fused_tile_elements
 from tritonbn.kernels.runtime import interpreted
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -143,41 +143,37 @@ def _facts(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], lay
     }
 
 
-def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: torch.device):
-    """(plan name, reason) for the Triton backend."""
-    column = column_tiling(layout)
-    tile = fused_tile_elements(layout)
+def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: torch.device
+                 ) -> tuple[KernelPlan, str]:
+    """(plan, reason) for the Triton backend: the forced plan, or the first plan of
+    ``KERNEL_PLANS`` that can run ``layout`` and prefers it."""
     if forced is not None:
-        if forced == "column-tiled" and not layout.rows_collapse:
-            raise ValueError(
-                "plan 'column-tiled' needs rows at one stride apart (2-D or channels_last input), "
-                f"got layout {layout.name!r}"
+        plan = KERNEL_PLANS[forced]
+        if not training and forced != "eval":
+            return KERNEL_PLANS["eval"], (
+                f"plan {forced!r} was forced, but eval mode always runs the 'eval' plan"
             )
-        if forced == "fused-small" and tile > FUSED_MAX_TILE:
-            raise ValueError(
-                f"plan 'fused-small' needs a per-program tile of at most {FUSED_MAX_TILE} elements, "
-                f"this input needs {tile}"
-            )
-        if forced == "eval" and training:
-            raise ValueError("plan 'eval' normalizes with running statistics: training must be False")
-        if forced != "eval" and not training:
-            return "eval", f"plan {forced!r} was forced, but eval mode always runs the 'eval' plan"
-        return forced, f"plan {forced!r} forced"
-    if not training:
-        return "eval", "eval mode: one elementwise pass with per-channel scale and shift"
-    if tile <= FUSED_MAX_TILE:
-        return "fused-small", (
-            f"the per-channel slab ({layout.rows} elements, a {tile}-element tile) fits one "
-            "program: statistics, normalization and running statistics in one launch"
+        refusal = plan.refusal(layout, training)
+        if refusal is not None:
+            raise ValueError(f"plan {forced!r} {refusal}")
+        return plan, f"plan {forced!r} forced"
+    plan = next(p for p in KERNEL_PLANS.values()
+                if p.refusal(layout, training) is None and p.preferred(layout, training))
+    if plan.name == "eval":
+        return plan, "eval mode: one elementwise pass with per-channel scale and shift"
+    if plan.name == "fused-small":
+        return plan, (
+            f"the per-channel slab ({layout.rows} elements, a {fused_tile_elements(layout)}-element "
+            "tile) fits one program: statistics, normalization and running statistics in one launch"
         )
     sms = sm_count(device)
     fill = f"{sms} SMs" if device.type == "cuda" and not interpreted() else f"{sms} stand-in SMs off the GPU"
-    if column:
-        return "column-tiled", (
+    if plan.name == "column-tiled":
+        return plan, (
             f"{layout.name} rows of C={layout.c} contiguous channels: tiles coalesced along C, "
             f"rows split across programs to fill {fill}"
         )
-    return "split-welford", (
+    return plan, (
         f"{layout.rows} elements per channel and C={layout.c}: each channel is split across "
         f"programs (Welford partials merged with Chan's formula) to fill {fill}"
     )
@@ -244,7 +240,9 @@ def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
     if copies:
         layout = describe_strides(shape, contiguous_strides(shape))
     kernel, reason = _kernel_plan(layout, training, forced, device)
-    return Plan("triton", kernel, reason, facts, copies_input=copies)
+    facts["launches"] = (f"{kernel.forward_launches} forward, {kernel.backward_launches} backward"
+                         if training else f"{kernel.forward_launches} forward")
+    return Plan("triton", kernel.name, reason, facts, copies_input=copies)
 
 
 def explain(input: torch.Tensor, training: bool = True, **options: object) -> Plan:

@@ -1,11 +1,14 @@
 # The two commands of the README: `make train` (the main job) and `make test`.
-# Each prepares what it needs (a virtual environment in .venv, the package installed editable with
-# its extras, the Fashion-MNIST files from Debian's package) and skips the steps already done.
+# Each prepares what it needs and skips the steps already done: `make train` a virtual environment
+# in .venv with the package installed editable with its trainer's extra, `make test` nox in .venv
+# (nox builds one environment per torch/Triton pair in .nox, see noxfile.py); both the
+# Fashion-MNIST files from Debian's package.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+TOOLS := $(VENV)/.tools
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TRAIN_ARGS ?=
 
@@ -18,7 +21,11 @@ $(BIN)/python:
 
 $(INSTALLED): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -m pip install -e ".[train,bench]"
+	touch $@
+
+$(TOOLS): | $(BIN)/python
+	$(BIN)/python -m pip install "nox>=2024.4" "ruff>=0.6"
 	touch $@
 
 install: $(INSTALLED)
@@ -39,15 +46,15 @@ data:
 train: $(INSTALLED) data
 	$(BIN)/tritonbn-train $(TRAIN_ARGS)
 
-test: $(INSTALLED) data
-	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q tests bench --benchmark-disable
+# ruff, then the suite and each benchmark once on the newest and the oldest supported pair.
+test: $(TOOLS) data
+	$(BIN)/nox
 
-lint: $(INSTALLED)
-	$(BIN)/python -m ruff check .
+lint: $(TOOLS)
+	$(BIN)/ruff check .
 
 bench: $(INSTALLED)
 	$(BIN)/python -m pytest bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .benchmarks
+	rm -rf $(VENV) .nox .pytest_cache .ruff_cache .hypothesis .benchmarks

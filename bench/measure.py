@@ -1,8 +1,17 @@
 """How the benchmarks time a call and what its time means in bytes per second.
 
-Timing: on CUDA, device events through ``triton.testing.do_bench`` (the L2 cache flushed before
-every run, quartiles of a few hundred runs); on the CPU, where calls are synchronous, the host
-clock. Never a host clock around asynchronous CUDA launches.
+One harness per device, and its runs are the figures of record:
+
+- CUDA: device events through ``triton.testing.do_bench`` (the L2 cache flushed before every run,
+  every run's time kept), never a host clock around asynchronous launches;
+- CPU, where calls are synchronous: ``torch.utils.benchmark.Timer.blocked_autorange`` (warm-up,
+  blocks of calls sized to the clock's resolution, torch's thread count fixed), each block's mean
+  time per call one run, at least ``CPU_MIN_RUNS`` runs.
+
+pytest-benchmark only carries the results: :func:`time_step` runs the harness once inside
+``benchmark.pedantic(rounds=1)`` and then gives the fixture the harness's per-run times as its
+statistics, so its table and the JSON's ``stats`` describe the same runs as ``extra_info["ms"]``
+(the median), not the host time of one harness call.
 
 Bandwidth: the bytes a pass-optimal kernel must move, divided by the measured time, also as a
 percentage of the device's copy bandwidth measured the same way in the same session.
@@ -10,8 +19,6 @@ percentage of the device's copy bandwidth measured the same way in the same sess
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,16 +26,15 @@ import torch
 
 # How each device is timed, as recorded in the results.
 TIMER = {
-    "cuda": "CUDA events: triton.testing.do_bench quartiles, L2 flushed before each run",
-    "cpu": "host clock: pytest-benchmark rounds",
+    "cuda": "CUDA events: triton.testing.do_bench runs, L2 flushed before each run",
+    "cpu": "torch.utils.benchmark.Timer.blocked_autorange: mean time per call of each block",
 }
 # Timed milliseconds of do_bench: warm-up, then repetitions (each run's time is recorded apart).
 WARMUP_MS = 10
 REPEAT_MS = 40
-QUANTILES = (0.5, 0.25, 0.75)
-# Host-clock repetitions on the CPU: at least this many runs, and at least this many seconds.
-CPU_MIN_RUNS = 5
+# On the CPU: seconds of blocked_autorange (after its own warm-up), and at least this many runs.
 CPU_MIN_SECONDS = 0.2
+CPU_MIN_RUNS = 5
 # Bytes copied to measure the copy bandwidth (one buffer; the copy reads it and writes another).
 COPY_BYTES = {"cuda": 512 * 2**20, "cpu": 64 * 2**20}
 
@@ -47,38 +53,47 @@ PASS_TRAFFIC: dict[str, tuple[int, int]] = {
 PARAM_BYTES = 4
 
 
-def quartiles_ms(fn: Callable[[], object], device: torch.device) -> list[float]:
-    """Median, first and third quartile (ms) of one call of ``fn`` on ``device``."""
+def run_times_ms(fn: Callable[[], object], device: torch.device) -> list[float]:
+    """The time of each run of ``fn`` on ``device``, in milliseconds, by the device's harness."""
     if device.type == "cuda":
         import triton.testing
 
-        return list(triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REPEAT_MS, quantiles=QUANTILES))
-    fn()
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < CPU_MIN_RUNS or time.perf_counter() - started < CPU_MIN_SECONDS:
-        begin = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - begin) * 1e3)
-    q1, median, q3 = statistics.quantiles(times, n=4)
-    return [median, q1, q3]
+        return list(triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REPEAT_MS, return_mode="all"))
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    seconds = list(timer.blocked_autorange(min_run_time=CPU_MIN_SECONDS).times)
+    while len(seconds) < CPU_MIN_RUNS:  # a slow call: blocks of one call each
+        seconds.append(timer.timeit(number=1).times[0])
+    return [value * 1e3 for value in seconds]
+
+
+def quartiles(times_ms: list[float]) -> list[float]:
+    """Median, first and third quartile of ``times_ms`` (linear interpolation, like do_bench's)."""
+    values = torch.tensor(times_ms, dtype=torch.float64)
+    return torch.quantile(values, torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64)).tolist()
+
+
+def quartiles_ms(fn: Callable[[], object], device: torch.device) -> list[float]:
+    """Median, first and third quartile (ms) of one call of ``fn`` on ``device``."""
+    return quartiles(run_times_ms(fn, device))
 
 
 def time_step(benchmark: Any, step: Callable[[], object], device: torch.device) -> list[float] | None:
-    """Time ``step`` under the pytest-benchmark fixture ``benchmark``: its (median, q1, q3) in ms,
-    or None when benchmarking is disabled (``--benchmark-disable``: ``step`` then runs once).
-
-    On CUDA the fixture times a single ``do_bench`` call, whose device-event quartiles are the
-    figures of record; on the CPU pytest-benchmark's own rounds are.
-    """
+    """Time ``step`` with the device's harness under the pytest-benchmark fixture ``benchmark``:
+    its (median, q1, q3) in ms, or None when benchmarking is disabled (``--benchmark-disable``:
+    ``step`` then runs once). The fixture's statistics become the harness's runs."""
     if benchmark.disabled:
         benchmark(step)
         return None
-    if device.type == "cuda":
-        return benchmark.pedantic(quartiles_ms, args=(step, device), rounds=1, iterations=1)
-    benchmark(step)
-    stats = benchmark.stats.stats
-    return [stats.median * 1e3, stats.q1 * 1e3, stats.q3 * 1e3]
+    from pytest_benchmark.stats import Stats
+
+    times = benchmark.pedantic(run_times_ms, args=(step, device), rounds=1, iterations=1)
+    stats = Stats()
+    for ms in times:
+        stats.update(ms / 1e3)
+    benchmark.stats.stats = stats
+    return quartiles(times)
 
 
 def copy_gbps(device: torch.device) -> float:

@@ -25,7 +25,7 @@ REPRODUCE = """\
 - Benchmarks alone, on whatever device is present: `pytest bench --benchmark-json=bench/results/<name>.json`
   (`--bench-quick` for float32 forward+backward only, `--bench-budget SECONDS` to cap the run). Without
   CUDA only the LeNet layers run, on torch, tritonbn (its CPU fallback) and the reference.
-- The CPU file here: `OMP_NUM_THREADS=1 pytest bench -p no:cacheprovider --benchmark-min-rounds=30
+- The CPU file here: `OMP_NUM_THREADS=1 pytest bench -p no:cacheprovider
   --benchmark-json=bench/results/cpu-<date>.json` (one torch thread: the 2-core machine was shared).
 - This page and its chart: `python bench/render_benchmarks.py`."""
 
@@ -48,8 +48,10 @@ def method_section() -> str:
         "property of batch norm) before it is timed.",
         "",
         "On CUDA, `triton.testing.do_bench` times every run with CUDA events after flushing the L2 "
-        "cache; the figure is the median (± half the interquartile range). On a CPU, "
-        "pytest-benchmark's rounds with the host clock. GB/s divides the bytes below by the median; "
+        "cache; on a CPU, `torch.utils.benchmark.Timer.blocked_autorange` times blocks of calls "
+        "(`bench/measure.py`; a results file's *timer* row names the harness that timed it). The "
+        "figure is the median run (± half the interquartile range). GB/s divides the bytes below by "
+        "the median; "
         "% of copy compares that with a device-to-device copy timed the same way in the same "
         "session. A cell reads `median ±spread · speedup over torch · % of copy`.",
         "",

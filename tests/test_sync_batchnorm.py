@@ -445,7 +445,8 @@ def test_bad_input_raises_before_any_state_changes(make_input, error):
     ("kwargs", "error"),
     [
         ({"num_features": 0}, ValueError),
-        ({"num_features": 3, "eps": 0.0}, ValueError),
+        ({"num_features": 3, "eps": -1e-5}, ValueError),
+        ({"num_features": True}, ValueError),
         ({"num_features": 3, "eps": "small"}, TypeError),
         ({"num_features": 3, "momentum": 1.5}, ValueError),
     ],

@@ -11,7 +11,16 @@ from .convert import convert
 from .dispatch import BACKENDS, PLANS, Plan, backend, explain
 from .functional import batch_norm
 from .models import LeNet
-from .modules import BatchNorm, BatchNorm1d, BatchNorm2d
+from .modules import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    FrozenBatchNorm2d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+)
 from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __version__ = "0.1.0"
@@ -22,6 +31,11 @@ __all__ = [
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchNorm3d",
+    "FrozenBatchNorm2d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "LeNet",
     "Plan",
     "SyncBatchNorm",

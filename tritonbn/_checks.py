@@ -8,6 +8,7 @@ torch.nn.functional.batch_norm; messages name the argument, what was expected an
 from __future__ import annotations
 
 import math
+import operator
 from numbers import Real
 
 import torch
@@ -44,18 +45,7 @@ def check_batch_norm_args(
     Promises: returns None for every call that ``torch.nn.functional.batch_norm`` accepts with
     the same meaning, and raises before any tensor is touched otherwise.
     """
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"batch_norm: 'input' must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(
-            "batch_norm: 'input' must have at least 2 dimensions (N, C, *), "
-            f"got a {input.dim()}D tensor of shape {tuple(input.shape)}"
-        )
-    if input.dtype not in SUPPORTED_DTYPES:
-        raise NotImplementedError(
-            "batch_norm: 'input' must be float16, bfloat16, float32 or float64, "
-            f"got {_dtype_name(input.dtype)}"
-        )
+    check_input(input)
     channels = input.shape[1]
     device, dtype = input.device, input.dtype
     allowed = (dtype, torch.float32) if dtype in _HALF_DTYPES else (dtype,)
@@ -103,6 +93,11 @@ def check_batch_norm_args(
             f"got {type(running_mean).__name__} and {type(running_var).__name__}"
         )
     if not _is_real(momentum):
+        if isinstance(momentum, torch.Tensor):
+            raise TypeError(
+                "batch_norm: 'momentum' must be a float or a 0-D real tensor, got a "
+                f"{momentum.dim()}-D {_dtype_name(momentum.dtype)} tensor of shape {tuple(momentum.shape)}"
+            )
         raise TypeError(f"batch_norm: 'momentum' must be a float, got {type(momentum).__name__}")
     if not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"batch_norm: 'momentum' must be in [0, 1], got {momentum}")
@@ -113,27 +108,77 @@ def check_batch_norm_args(
         expected = "a finite number >= 0" if zero_allowed else "a finite number > 0"
         raise ValueError(f"batch_norm: 'eps' must be {expected}, got {eps}")
     if training and input.numel() > 0 and input.numel() // channels <= 1:
+        raise _one_value_per_channel(input)
+
+
+def check_input(input: object, owner: str = "batch_norm") -> None:
+    """The checks of ``input`` alone: a torch.Tensor (TypeError) of at least 2 dimensions
+    (ValueError) and a supported floating dtype (NotImplementedError, torch's type). Messages
+    start with ``owner``."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{owner}: 'input' must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
         raise ValueError(
-            "Expected more than 1 value per channel when training, "
-            f"got input size {tuple(input.shape)}"
+            f"{owner}: 'input' must have at least 2 dimensions (N, C, *), "
+            f"got a {input.dim()}D tensor of shape {tuple(input.shape)}"
+        )
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise NotImplementedError(
+            f"{owner}: 'input' must be float16, bfloat16, float32 or float64, "
+            f"got {_dtype_name(input.dtype)}"
         )
 
 
-def check_module_options(num_features: int, eps: float, momentum: float | None) -> None:
-    """Validate a module constructor's ``num_features`` (a positive int), ``eps`` (finite, > 0)
-    and ``momentum`` (None or [0, 1])."""
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"'num_features' must be a positive int, got {num_features!r}")
+def check_training_input(input: torch.Tensor, training: bool) -> None:
+    """Training needs more than one value per channel (ValueError, like torch); ``input`` has
+    passed ``check_input``."""
+    if training and input.numel() > 0 and input.numel() // input.shape[1] <= 1:
+        raise _one_value_per_channel(input)
+
+
+def _one_value_per_channel(input: torch.Tensor) -> ValueError:
+    return ValueError(
+        f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
+    )
+
+
+def momentum_value(momentum: object) -> object:
+    """``momentum`` as the functional uses it: a 0-D real tensor (which torch's batch_norm accepts)
+    becomes its Python float; anything else is returned unchanged for the checks to judge."""
+    if (isinstance(momentum, torch.Tensor) and momentum.dim() == 0 and not momentum.is_complex()
+            and momentum.dtype != torch.bool):
+        return float(momentum)
+    return momentum
+
+
+def check_module_options(num_features: object, eps: object, momentum: object, *,
+                         lazy: bool = False) -> int:
+    """Validate a module constructor's options; return ``num_features`` as an ``int``.
+
+    ``num_features``: a positive integer of any integral type (``int``, ``numpy.int64``, anything
+    with ``__index__``) but bool; 0 only for a Lazy module (``lazy=True``), which learns it from
+    its first input. ``eps``: a finite real >= 0 (torch builds a module with eps=0; torch's
+    batch_norm then refuses it in training, and everywhere before torch 2.14). ``momentum``:
+    None or a real in [0, 1].
+    """
+    minimum = 0 if lazy else 1
+    try:
+        count = None if isinstance(num_features, bool) else operator.index(num_features)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        expected = "a non-negative int" if lazy else "a positive int"
+        raise ValueError(f"'num_features' must be {expected}, got {num_features!r}")
     if not _is_real(eps):
         raise TypeError(f"'eps' must be a float, got {type(eps).__name__}")
-    if not math.isfinite(float(eps)) or eps <= 0:
-        raise ValueError(f"'eps' must be a finite number > 0, got {eps}")
-    if momentum is None:
-        return
-    if not _is_real(momentum):
-        raise TypeError(f"'momentum' must be a float or None, got {type(momentum).__name__}")
-    if not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"'momentum' must be in [0, 1] or None, got {momentum}")
+    if not math.isfinite(float(eps)) or eps < 0:
+        raise ValueError(f"'eps' must be a finite number >= 0, got {eps}")
+    if momentum is not None:
+        if not _is_real(momentum):
+            raise TypeError(f"'momentum' must be a float or None, got {type(momentum).__name__}")
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"'momentum' must be in [0, 1] or None, got {momentum}")
+    return count
 
 
 def check_activation(activation: str | None, negative_slope: float) -> None:

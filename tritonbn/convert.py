@@ -3,19 +3,50 @@ activation that follows each one into it."""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from itertools import pairwise
 
 from torch import nn
 
-from .modules import BatchNorm1d, BatchNorm2d, _TritonBatchNorm
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    FrozenBatchNorm2d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    _TritonBatchNorm,
+)
 
 __all__ = ["convert"]
 
 _REPLACEMENTS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: BatchNorm1d,
     nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+    # A Lazy module not yet materialized (a materialized one is already an nn.BatchNormXd).
+    nn.LazyBatchNorm1d: LazyBatchNorm1d,
+    nn.LazyBatchNorm2d: LazyBatchNorm2d,
+    nn.LazyBatchNorm3d: LazyBatchNorm3d,
 }
+
+# Modules that can take a fused activation from the module that follows them.
+_FUSING_NORMS = (_TritonBatchNorm, FrozenBatchNorm2d)
+
+
+def _replacements() -> dict[type[nn.Module], type[nn.Module]]:
+    """``_REPLACEMENTS`` plus torchvision's FrozenBatchNorm2d when torchvision is loaded.
+
+    A model holding torchvision's module has imported ``torchvision.ops.misc``; without it there
+    is nothing of torchvision's to convert, so torchvision is never imported here.
+    """
+    misc = sys.modules.get("torchvision.ops.misc")
+    frozen = getattr(misc, "FrozenBatchNorm2d", None)
+    if frozen is None:
+        return _REPLACEMENTS
+    return {**_REPLACEMENTS, frozen: FrozenBatchNorm2d}
 
 # Activation modules (exact classes: a subclass may change forward) and their fused names.
 _FUSABLE_ACTIVATIONS: dict[type[nn.Module], str] = {
@@ -28,9 +59,14 @@ _FUSABLE_ACTIVATIONS: dict[type[nn.Module], str] = {
 
 
 def _has_hooks(module: nn.Module) -> bool:
+    """Whether a user hook is registered on ``module`` (a Lazy module's own materializing
+    pre-hook is not one)."""
+    pre_hooks = set(module._forward_pre_hooks)
+    lazy_hook = getattr(module, "_initialize_hook", None)
+    if lazy_hook is not None:
+        pre_hooks.discard(lazy_hook.id)
     return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or module._backward_pre_hooks
+        module._forward_hooks or pre_hooks or module._backward_hooks or module._backward_pre_hooks
     )
 
 
@@ -41,7 +77,7 @@ def _fuse_in(sequential: nn.Sequential, uses: Counter[int]) -> None:
         activation = _FUSABLE_ACTIVATIONS.get(type(act))
         if (
             activation is None
-            or not isinstance(norm, _TritonBatchNorm)
+            or not isinstance(norm, _FUSING_NORMS)
             or norm.activation is not None
             or uses[id(norm)] > 1  # a shared BatchNorm runs elsewhere without the activation
             or _has_hooks(norm)
@@ -55,16 +91,24 @@ def _fuse_in(sequential: nn.Sequential, uses: Counter[int]) -> None:
 
 
 def convert(module: nn.Module, *, fuse_activations: bool = False) -> nn.Module:
-    """Make every ``torch.nn.BatchNorm1d``/``BatchNorm2d`` in ``module`` a tritonbn one; returns it.
+    """Make every torch BatchNorm in ``module`` a tritonbn one; returns ``module``.
+
+    Converted: ``torch.nn.BatchNorm1d``/``2d``/``3d`` (to ``tritonbn.BatchNorm1d``/``2d``/``3d``),
+    ``torch.nn.LazyBatchNorm1d``/``2d``/``3d`` (to ``tritonbn.LazyBatchNorm1d``/``2d``/``3d``,
+    which become ``tritonbn.BatchNorm1d``/``2d``/``3d`` when their first input materializes them,
+    so the first call already runs on tritonbn; a Lazy module already materialized is a plain
+    ``torch.nn.BatchNormXd`` and converts as one) and ``torchvision.ops.misc.FrozenBatchNorm2d``
+    (to ``tritonbn.FrozenBatchNorm2d``: same buffers and eps, tritonbn's eval plan; torchvision is
+    not needed otherwise).
 
     The conversion is in place and changes nothing but the class: each module keeps its identity,
     parameters (the same Parameter objects, so an optimizer built before stays valid), buffers,
-    device, dtype, requires_grad, train/eval mode and hooks. Subclasses of torch's BatchNorm (such
+    device, dtype, requires_grad, train/eval mode and hooks. Subclasses of those classes (such
     as SyncBatchNorm) and other modules are left alone.
 
-    With ``fuse_activations=True``, a tritonbn BatchNorm directly followed, inside an
-    ``nn.Sequential``, by an ``nn.ReLU``, ``nn.Sigmoid``, ``nn.LeakyReLU``, ``nn.SiLU`` or
-    ``nn.Tanh`` (``inplace`` or not) takes that activation as its fused ``activation``, and the
+    With ``fuse_activations=True``, a tritonbn BatchNorm (or FrozenBatchNorm2d) directly followed,
+    inside an ``nn.Sequential``, by an ``nn.ReLU``, ``nn.Sigmoid``, ``nn.LeakyReLU``, ``nn.SiLU``
+    or ``nn.Tanh`` (``inplace`` or not) takes that activation as its fused ``activation``, and the
     activation's slot becomes an ``nn.Identity``: indices, and so the state_dict keys, stay the
     same, and the model computes the same function. Pairs where either module has hooks, the
     BatchNorm is used more than once or already has an activation are left unfused.
@@ -75,8 +119,9 @@ def convert(module: nn.Module, *, fuse_activations: bool = False) -> nn.Module:
         raise TypeError(
             f"convert: 'fuse_activations' must be a bool, got {type(fuse_activations).__name__}"
         )
+    replacements = _replacements()
     for submodule in module.modules():
-        replacement = _REPLACEMENTS.get(type(submodule))
+        replacement = replacements.get(type(submodule))
         if replacement is not None:
             submodule.__class__ = replacement
     if fuse_activations:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._checks import check_activation, check_batch_norm_args
+from ._checks import check_activation, check_batch_norm_args, momentum_value
 from .autograd import triton_batch_norm
 from .dispatch import Plan, select_plan
 
@@ -21,7 +21,7 @@ def batch_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: float | torch.Tensor = 0.1,
     eps: float = 1e-5,
     *,
     activation: str | None = None,
@@ -33,14 +33,17 @@ def batch_norm(
     In training, the biased batch variance normalizes ``input`` and the running statistics (when
     given) are updated in place afterwards with the unbiased one:
     ``running = (1 - momentum)·running + momentum·batch``. In eval the running statistics
-    normalize. The output keeps the input's dtype and memory format. Bad arguments raise before
-    anything is changed. ``tritonbn.explain`` tells which backend and kernel plan run the call.
+    normalize. ``momentum`` may also be a 0-D tensor, as in torch. The output keeps the input's
+    dtype and memory format. Bad arguments raise before anything is changed. ``tritonbn.explain``
+    tells which backend and kernel plan run the call.
 
     ``activation`` (``"relu"``, ``"sigmoid"``, ``"leaky_relu"`` with ``negative_slope``,
     ``"silu"`` or ``"tanh"``) returns ``act(batch_norm(...))``: the Triton kernels apply it before
     storing the output and differentiate it in their backward from the saved input (no extra
     tensor is kept); the other backends apply the torch activation after their batch norm.
     """
+    if isinstance(momentum, torch.Tensor):
+        momentum = momentum_value(momentum)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     check_activation(activation, negative_slope)
     return run_checked(

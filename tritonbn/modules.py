@@ -1,5 +1,6 @@
-"""Drop-in modules: ``BatchNorm1d``/``BatchNorm2d`` subclass torch's and run on tritonbn's
-dispatcher; ``BatchNorm(num_features, num_dims)`` is the seed notebook's class API on top of them.
+"""Drop-in modules: ``BatchNorm1d``/``BatchNorm2d``/``BatchNorm3d`` (and their ``Lazy`` forms)
+subclass torch's and run on tritonbn's dispatcher; ``FrozenBatchNorm2d`` is torchvision's
+eval-only BatchNorm; ``BatchNorm(num_features, num_dims)`` is the seed notebook's class API.
 Each takes an optional ``activation`` fused after the normalization (see ``tritonbn.batch_norm``).
 """
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ._checks import (
     check_activation,
@@ -14,11 +16,33 @@ from ._checks import (
     check_module_input,
     check_module_options,
 )
-from ._compat import batchnorm_bias_kwargs
+from ._compat import BATCHNORM_HAS_BIAS_ARG, batchnorm_bias_kwargs
 from .dispatch import select_plan
 from .functional import run_checked
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "activation_repr"]
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "FrozenBatchNorm2d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "activation_repr",
+    "script_unsupported",
+]
+
+
+def script_unsupported(module: nn.Module) -> RuntimeError:
+    """The error ``torch.jit.script`` meets on a tritonbn module (through its
+    ``__prepare_scriptable__``, which scripting calls on every submodule before compiling)."""
+    return RuntimeError(
+        f"{type(module).__name__}: torch.jit.script does not support tritonbn modules (TorchScript "
+        "cannot call Python dispatch or Triton kernels). Use torch.compile(model) or "
+        "torch.export.export(model, args), which trace tritonbn's kernels as custom ops, or keep "
+        "torch.nn's BatchNorm in a model that must be scripted."
+    )
 
 
 class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -49,7 +73,10 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         activation: str | None = None,
         negative_slope: float = 0.01,
     ) -> None:
-        check_module_options(num_features, eps, momentum)
+        # A Lazy module is built with num_features=0, set when its first input arrives.
+        num_features = check_module_options(
+            num_features, eps, momentum, lazy=isinstance(self, LazyModuleMixin)
+        )
         check_activation(activation, negative_slope)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
@@ -57,6 +84,10 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         )
         self.activation = activation
         self.negative_slope = float(negative_slope)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script calls this on every submodule first: fail there with the way out."""
+        raise script_unsupported(self)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_module_input(self, input, self._expected_dims, self._expected_shape,
@@ -115,6 +146,146 @@ class BatchNorm2d(_TritonBatchNorm, nn.BatchNorm2d):
 
     _expected_dims = (4,)
     _expected_shape = "4D (N, C, H, W)"
+
+
+class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
+    """Drop-in ``torch.nn.BatchNorm3d`` over (N, C, D, H, W) input, on tritonbn.
+
+    ``channels_last_3d`` input gives ``channels_last_3d`` output, as torch's does.
+    """
+
+    _expected_dims = (5,)
+    _expected_shape = "5D (N, C, D, H, W)"
+
+
+class _TritonLazyBatchNorm:
+    """The constructor of tritonbn's Lazy BatchNorms: torch's Lazy one, plus ``activation``.
+
+    The module is a ``torch.nn.LazyBatchNormXd`` until its first input: that call infers
+    ``num_features`` from ``input.shape[1]``, materializes the parameters and buffers, makes the
+    module the tritonbn class ``cls_to_become`` and runs it, so even the first call (and the
+    fused activation) runs on tritonbn.
+    """
+
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+    ) -> None:
+        check_module_options(0, eps, momentum, lazy=True)
+        check_activation(activation, negative_slope)
+        batchnorm_bias_kwargs(type(self).__name__, bias)  # refuses bias=False where torch lacks it
+        kwargs = {"bias": bias} if BATCHNORM_HAS_BIAS_ARG else {}
+        nn.modules.batchnorm._LazyNormBase.__init__(
+            self, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
+        )
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    def initialize_parameters(self, input: torch.Tensor) -> None:
+        """Materialize from ``input`` (torch's), and set ``num_features`` also where a loaded
+        state_dict materialized the tensors first (torch leaves it 0 then)."""
+        super().initialize_parameters(input)  # type: ignore[misc]
+        if self.num_features == 0:
+            sized = [t for t in (self.weight, self.running_mean) if t is not None]
+            self.num_features = sized[0].shape[0] if sized else input.shape[1]
+
+
+class LazyBatchNorm1d(_TritonLazyBatchNorm, nn.LazyBatchNorm1d, BatchNorm1d):
+    """Drop-in ``torch.nn.LazyBatchNorm1d``: becomes a ``tritonbn.BatchNorm1d`` at its first input."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_TritonLazyBatchNorm, nn.LazyBatchNorm2d, BatchNorm2d):
+    """Drop-in ``torch.nn.LazyBatchNorm2d``: becomes a ``tritonbn.BatchNorm2d`` at its first input."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_TritonLazyBatchNorm, nn.LazyBatchNorm3d, BatchNorm3d):
+    """Drop-in ``torch.nn.LazyBatchNorm3d``: becomes a ``tritonbn.BatchNorm3d`` at its first input."""
+
+    cls_to_become = BatchNorm3d
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Drop-in ``torchvision.ops.misc.FrozenBatchNorm2d``: BatchNorm2d with fixed statistics and
+    affine parameters, on tritonbn's eval plan.
+
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` are buffers (the state_dict keys of
+    torchvision's; a ``num_batches_tracked`` entry in a loaded state_dict is dropped, as there), so
+    nothing here is trained: ``y = (x - running_mean)·rsqrt(running_var + eps)·weight + bias`` in
+    training and eval mode alike, differentiable in ``x`` only. Unlike torchvision's, float16 or
+    bfloat16 input gives output of the input's dtype (torchvision's promotes to the buffers'),
+    and ``activation`` (as on ``BatchNorm2d``) may follow the normalization. torchvision is not
+    needed to use it.
+    """
+
+    _expected_dims = (4,)
+    _expected_shape = "4D (N, C, H, W)"
+    # Class defaults: a torchvision module whose class ``convert`` swapped never ran __init__.
+    activation: str | None = None
+    negative_slope: float = 0.01
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+    ) -> None:
+        num_features = check_module_options(num_features, eps, None)
+        check_activation(activation, negative_slope)
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    @property
+    def num_features(self) -> int:
+        """The number of channels, from the buffers (torchvision's keeps no such attribute)."""
+        return self.weight.shape[0]
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script calls this on every submodule first: fail there with the way out."""
+        raise script_unsupported(self)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # torch BatchNorm checkpoints carry a counter that a frozen module has no use for.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        running_mean, running_var = self.running_mean, self.running_var
+        check_module_input(self, input, self._expected_dims, self._expected_shape,
+                           running_mean.shape[0])
+        weight, bias, eps = self.weight, self.bias, self.eps
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+        activation = self.activation
+        if activation is not None:
+            check_activation(activation, self.negative_slope)
+        return run_checked(
+            input, running_mean, running_var, weight, bias, False, 0.0, eps,
+            activation=activation, negative_slope=self.negative_slope,
+        )
+
+    def __repr__(self) -> str:
+        extra = activation_repr(self.activation, self.negative_slope)
+        return f"{type(self).__name__}({self.weight.shape[0]}, eps={self.eps}{extra})"
 
 
 class BatchNorm(_TritonBatchNorm):

@@ -10,6 +10,7 @@ one rank, or no initialized process group: the module is a plain ``tritonbn.batc
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ from ._checks import (
 from ._compat import batchnorm_bias_kwargs
 from .dispatch import select_plan
 from .functional import run_checked, torch_activation
-from .modules import activation_repr
+from .modules import activation_repr, script_unsupported
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -207,7 +208,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         activation: str | None = None,
         negative_slope: float = 0.01,
     ) -> None:
-        check_module_options(num_features, eps, momentum)
+        num_features = check_module_options(num_features, eps, momentum)
         check_activation(activation, negative_slope)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
@@ -219,6 +220,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + activation_repr(self.activation, self.negative_slope)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script calls this on every submodule first: fail there with the way out."""
+        raise script_unsupported(self)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_module_input(self, input, _SUPPORTED_DIMS,
@@ -336,7 +341,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
     children replaced, or a new SyncBatchNorm if ``module`` itself is one. A replacement holds the
     original's Parameter objects (an optimizer built before stays valid, requires_grad included),
     its buffers, eps, momentum, fused activation and train/eval mode, so device and dtype are
-    unchanged.
+    unchanged. (torch's own ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` cannot keep a fused
+    activation: on a model with one it raises a ValueError pointing here.)
     """
     if not isinstance(module, nn.Module):
         raise TypeError(
@@ -347,3 +353,46 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, process_group))
     return module
+
+
+def _fused_batchnorms(module: nn.Module) -> list[str]:
+    """Names (``""`` for ``module`` itself) of the BatchNorm layers in ``module`` that carry a fused
+    activation: torch's ``SyncBatchNorm.convert_sync_batchnorm`` would drop it."""
+    return [
+        name for name, sub in module.named_modules()
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm)
+        and getattr(sub, "activation", None) is not None
+    ]
+
+
+def _guard_torch_conversion() -> None:
+    """Make ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` refuse a model with a tritonbn
+    BatchNorm that fuses an activation, instead of silently returning one without it.
+
+    torch copies the BatchNorm's options and state into its own SyncBatchNorm, which has no
+    activation: the converted model would compute a different function. The guard raises a
+    ValueError naming the layers and ``tritonbn.convert_sync_batchnorm`` (which keeps the
+    activation); every other call goes to torch's conversion unchanged. Installed once, at import.
+    """
+    original = nn.SyncBatchNorm.__dict__["convert_sync_batchnorm"].__func__
+    if getattr(original, "_tritonbn_guard", False):
+        return
+
+    @functools.wraps(original)
+    def convert_sync_batchnorm(cls: type, module: nn.Module, process_group: Any | None = None) -> nn.Module:
+        fused = _fused_batchnorms(module) if isinstance(module, nn.Module) else []
+        if fused:
+            where = ", ".join(repr(name) if name else "the module itself" for name in fused)
+            raise ValueError(
+                "torch.nn.SyncBatchNorm.convert_sync_batchnorm would drop the fused activation of "
+                f"the tritonbn BatchNorm layer(s) {where} (torch's SyncBatchNorm has no "
+                "activation), silently changing what the model computes; use "
+                "tritonbn.convert_sync_batchnorm(module, process_group), which keeps it"
+            )
+        return original(cls, module, process_group)
+
+    convert_sync_batchnorm._tritonbn_guard = True
+    nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(convert_sync_batchnorm)
+
+
+_guard_torch_conversion()

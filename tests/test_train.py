@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tritonbn
 import tritonbn.train as train_module
 from tritonbn.data import DEBIAN_DIR
 from tritonbn.train import main
@@ -103,7 +104,7 @@ def test_help(command):
     result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     for option in ("--epochs", "--batch-size", "--lr", "--bn", "--device", "--data-dir", "--out", "--seed",
-                   "--resume", "--quiet", "--fuse", "--distributed", "tritonbn,torch,reference"):
+                   "--resume", "--quiet", "--fuse", "--compile", "--distributed", "tritonbn,torch,reference"):
         assert option in result.stdout
     assert "--limit" not in result.stdout
 
@@ -132,12 +133,12 @@ def test_run_folder_contents(workspace):
     run_dir = workspace["full"]
     record = metrics(run_dir)
     assert record["config"] == {"epochs": 2, "batch_size": 32, "lr": 0.001, "bn": "tritonbn", "seed": 0,
-                                "limit": 512, "fuse": False}
+                                "limit": 512, "fuse": False, "compile": False}
     assert record["distributed"] == {"world_size": 1, "backend": None}
-    assert set(record["versions"]) >= {"torch", "triton", "tritonbn"}
+    assert set(record["versions"]) == {"python", "torch", "torchvision", "triton", "tritonbn"}
     assert record["device"]["type"] == "cpu" and record["device"]["name"]
-    assert record["data"] == {"origin": "--data-dir", "root": record["data"]["root"], "train_images": 512,
-                              "test_images": 256}
+    assert record["data"] == {"origin": "--data-dir", "root": record["data"]["root"], "verified": "structure",
+                              "train_images": 512, "test_images": 256}
     assert list(record["dispatch"]) == ["1", "5", "10", "13"]
     first = record["dispatch"]["1"]
     assert first["input_shape"] == [32, 6, 24, 24]
@@ -195,26 +196,78 @@ def test_other_seed_other_weights_same_seed_same_weights(workspace, tmp_path):
         "weights_sha256"]
 
 
-def test_torch_batch_norm_gives_the_same_run_on_cpu(workspace, tmp_path):
-    """On the CPU tritonbn's modules call torch's kernel: the runs must agree bit for bit."""
-    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 2, "--bn", "torch",
-                           "--out", tmp_path)
-    assert code == 0, err
-    assert without_times(metrics(tmp_path)["epochs"]) == without_times(metrics(workspace["full"])["epochs"])
-    assert "not used" in metrics(tmp_path)["dispatch"]["1"]["note"]
+def train_steps(batch_norm: str, *, backend: str | None = None, fuse: bool = False, compiled: bool = False,
+                device: torch.device | None = None, steps: int = 2) -> tuple[float, float, dict]:
+    """``steps`` steps of the trainer's ``train_epoch`` (SGD, so that a gradient's rounding moves a
+    weight by as little, not by Adam's ±lr for a gradient near zero) on 8-image batches of the
+    learnable set, then ``evaluate``: (loss, test accuracy, state_dict on the CPU)."""
+    device = device or torch.device("cpu")
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (8 * steps, 28, 28), generator=generator, dtype=torch.uint8).to(device)
+    labels = torch.randint(0, 10, (8 * steps,), generator=generator).to(device)
+    torch.manual_seed(2)
+    model = train_module.LeNet(batch_norm).to(device)
+    if fuse:
+        train_module.convert(model, fuse_activations=True)
+    net = train_module.compile_model(model, device) if compiled else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    batches = list(torch.arange(8 * steps, device=device).split(8))
+    dispatch = tritonbn.backend(backend) if backend else contextlib.nullcontext()
+    with dispatch:
+        loss, _ = train_module.train_epoch(net, optimizer, images, labels, batches)
+        accuracy = train_module.evaluate(model, images, labels, 8)  # eager: no second graph to compile
+    return loss, accuracy, {key: value.cpu() for key, value in model.state_dict().items()}
 
 
-def test_fused_run_matches_the_unfused_one_on_cpu(workspace, tmp_path):
-    """--fuse folds the four BatchNorm -> Sigmoid pairs; on the CPU the fused modules run torch's
-    batch norm then torch's sigmoid, the same operations as the unfused network."""
-    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 2, "--fuse",
-                           "--out", tmp_path)
+def assert_same_training(got: tuple[float, float, dict], want: tuple[float, float, dict], tol: float) -> None:
+    assert got[0] == pytest.approx(want[0], rel=tol, abs=tol)
+    assert got[1] == want[1]
+    assert got[2].keys() == want[2].keys()
+    for key, value in want[2].items():
+        torch.testing.assert_close(got[2][key], value, rtol=tol, atol=tol,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused-sigmoid"])
+def test_triton_kernels_train_like_torch(fuse, device):
+    """The trainer's step on tritonbn's Triton kernels (on a CPU through Triton's interpreter; with
+    --fuse the sigmoid inside them) against torch.nn's BatchNorm: loss, accuracy and every weight
+    and running statistic after two SGD steps, to float32 tolerance."""
+    got = train_steps("tritonbn", backend="triton", fuse=fuse, device=device)
+    want = train_steps("torch", device=device)
+    assert_same_training(got, want, 1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_like_eager():
+    """--compile: the same steps through torch.compile (inductor on the CPU) give eager's numbers
+    to float32 tolerance (inductor fuses and reorders the arithmetic)."""
+    compiled = train_steps("tritonbn", compiled=True, steps=3)
+    assert_same_training(compiled, train_steps("tritonbn", steps=3), 1e-4)
+
+
+def test_compile_option_is_recorded(workspace, tmp_path, monkeypatch):
+    """--compile reaches compile_model with the run's device, and metrics.json records it (here
+    through dynamo's eager backend: the numerics are test_compiled_step_trains_like_eager's)."""
+    calls = []
+
+    def traced_only(net, device):
+        calls.append(device)
+        return torch.compile(net, backend="eager")
+
+    monkeypatch.setattr(train_module, "compile_model", traced_only)
+    code, _, err = run_cli("--data-dir", workspace["data"], "--limit", 64, "--batch-size", 32, "--quiet",
+                           "--epochs", 1, "--compile", "--out", tmp_path)
     assert code == 0, err
     record = metrics(tmp_path)
-    assert record["config"]["fuse"] is True
-    assert without_times(record["epochs"]) == without_times(metrics(workspace["full"])["epochs"])
+    assert calls == [torch.device("cpu")]
+    assert record["config"]["compile"] is True
+    assert record["compile"] == {"enabled": True, "mode": "default"}
+    assert metrics(workspace["full"])["compile"] == {"enabled": False, "mode": None}
 
 
+@pytest.mark.slow
 def test_distributed_run_under_torchrun_matches_one_process(workspace, tmp_path):
     """Two gloo processes, each with half of every batch and tritonbn.SyncBatchNorm: one set of
     epoch lines, and the single process's numbers up to float rounding."""
@@ -283,12 +336,73 @@ def test_resuming_a_finished_run_does_nothing(workspace):
     assert_same_state(checkpoint(workspace["full"]), before)
 
 
-def test_bad_options_exit_2():
-    with pytest.raises(SystemExit) as info, contextlib.redirect_stderr(io.StringIO()):
-        main(["--batch-size", "1"])
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch-size", "1e20"], "argument --batch-size: expected an integer, got '1e20'"),
+    (["--batch-size", "1"], f"argument --batch-size: expected an integer from 2 to {2**63 - 1}, got 1"),
+    (["--batch-size", str(10**20)], f"argument --batch-size: expected an integer from 2 to {2**63 - 1}, got"),
+    (["--epochs", "0"], "argument --epochs: expected an integer from 1"),
+    (["--epochs", "2.5"], "argument --epochs: expected an integer, got '2.5'"),
+    (["--lr", "0"], "argument --lr: expected a finite number > 0, got 0"),
+    (["--lr", "inf"], "argument --lr: expected a finite number > 0, got inf"),
+    (["--lr", "nan"], "argument --lr: expected a finite number > 0, got nan"),
+    (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+    (["--seed", str(2**64)], f"argument --seed: expected an integer from {-(2**63)} to {2**64 - 1}, got"),
+    (["--bn", "cudnn"], "argument --bn: invalid choice: 'cudnn'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--out", "{file}"], "argument --out: expected a folder, got the file"),
+    (["--out", "{file}/run"], "is a file, not a folder"),
+    (["--out", ""], "argument --out: expected a folder, got an empty path"),
+    (["--data-dir", "{file}"], "argument --data-dir: expected a folder, got the file"),
+])
+def test_bad_option_values_are_argparse_errors(tmp_path, monkeypatch, argv, message):
+    """Exit status 2 and argparse's one-line error naming the option, before any data is loaded
+    and without a run folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_module, "load_fashion_mnist", lambda *a, **k: pytest.fail("data loaded"))
+    (tmp_path / "file").write_text("not a folder")
+    argv = [arg.format(file=tmp_path / "file") for arg in argv]
+    with pytest.raises(SystemExit) as info, contextlib.redirect_stderr(io.StringIO()) as err:
+        main(argv)
     assert info.value.code == 2
+    assert message in err.getvalue() and "Traceback" not in err.getvalue()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"], "nothing may be created"
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no one creates files")
+def test_unwritable_out_is_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "load_fashion_mnist", lambda *a, **k: pytest.fail("data loaded"))
+    with pytest.raises(SystemExit) as info, contextlib.redirect_stderr(io.StringIO()) as err:
+        main(["--out", "/proc/tritonbn-run"])
+    assert info.value.code == 2
+    assert "argument --out: cannot write the run folder '/proc/tritonbn-run': /proc is not writable" in (
+        err.getvalue())
+
+
+def test_largest_batch_size_trains_in_one_batch(workspace, tmp_path):
+    code, out, err = run_cli("--data-dir", workspace["data"], "--limit", 64, "--batch-size", 2**63 - 1,
+                             "--epochs", 1, "--quiet", "--out", tmp_path)
+    assert code == 0, err
+    assert EPOCH_LINE.fullmatch(out.splitlines()[-1])
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compiled_run_matches_the_cpu_run(workspace, tmp_path):
+    """On a GPU: --compile (CUDA graphs) over tritonbn's Triton kernels learns the synthetic set
+    like the CPU run (same shuffling; float32 rounding differs between the devices)."""
+    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 2, "--device", "cuda",
+                           "--compile", "--out", tmp_path)
+    assert code == 0, err
+    record = metrics(tmp_path)
+    assert record["compile"] == {"enabled": True, "mode": "reduce-overhead"}
+    assert record["device"]["sm_count"] > 0 and record["device"]["driver"]
+    for ours, cpu in zip(record["epochs"], metrics(workspace["full"])["epochs"], strict=True):
+        assert ours["loss"] == pytest.approx(cpu["loss"], abs=2e-2)
+        assert ours["test_acc"] == pytest.approx(cpu["test_acc"], abs=0.05)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
                     reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} is absent)")
 def test_learns_real_fashion_mnist(tmp_path):

@@ -262,7 +262,8 @@ def _from_folder(folder: Path, source: str) -> tuple[Path, str]:
     folder's path and refreshed when a file's size or time changes.
     """
     if not folder.is_dir():
-        raise FashionMNISTError(f"{source} {folder}: no such folder; {HOW_TO_GET}")
+        what = "not a folder" if folder.exists() else "no such folder"
+        raise FashionMNISTError(f"{source} {folder}: {what}; {HOW_TO_GET}")
     raw = folder / "FashionMNIST" / "raw"
     if all((raw / name).is_file() for name in FILE_NAMES):
         return folder, check_raw_folder(raw)

@@ -4,6 +4,7 @@ Adam, lr 0.001, batch 256, 5 epochs) on tritonbn, printing the notebook's per-ep
 Each run lives in a folder holding ``metrics.json`` (configuration, versions, device, tritonbn's
 dispatch plan per BatchNorm layer, per-epoch metrics), ``curves.png`` and ``checkpoint.pt``, all
 rewritten atomically after every epoch; ``--resume`` continues a run bit for bit on the CPU.
+``--compile`` trains through ``torch.compile`` (CUDA graphs on a GPU).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import datetime
 import gc
 import hashlib
 import importlib
+import importlib.metadata
 import json
+import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,13 +33,14 @@ from torch import nn
 
 from . import __version__
 from .convert import convert
-from .data import FashionMNISTError, FashionMNISTTensors, load_fashion_mnist
+from .data import FashionMNISTError, FashionMNISTTensors, atomic_target, load_fashion_mnist
 from .dispatch import backend as tritonbn_backend
 from .dispatch import explain
 from .models import LeNet
 from .sync_batchnorm import convert_sync_batchnorm
 
-__all__ = ["TrainConfig", "TrainingError", "build_parser", "evaluate", "main", "plot_curves", "train_epoch"]
+__all__ = ["TrainConfig", "TrainingError", "build_parser", "compile_model", "environment", "epoch_line",
+           "evaluate", "main", "plot_curves", "train_epoch"]
 
 BN_CHOICES = ("tritonbn", "torch", "reference")
 CHECKPOINT = "checkpoint.pt"
@@ -43,6 +48,9 @@ METRICS = "metrics.json"
 CURVES = "curves.png"
 FORMAT = 1
 EXIT_INTERRUPTED = 130
+INT64_MAX = 2**63 - 1
+# torch.manual_seed's range: negative seeds are taken modulo 2^64.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 class TrainingError(RuntimeError):
@@ -60,28 +68,63 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None
     fuse: bool = False
+    compile: bool = False
 
 
-def _int_at_least(minimum: int):
+def _int_in(minimum: int, maximum: int = INT64_MAX):
+    """An argparse type: an integer written in decimal digits, from ``minimum`` to ``maximum``."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer from {minimum} to {maximum}, got {value}")
         return value
     return parse
 
 
 def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
+
+
+def _folder(text: str) -> Path:
+    """An argparse type for ``--data-dir``: an existing folder."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a folder, got the file {text!r}")
+    return path
+
+
+def _run_folder(text: str) -> Path:
+    """An argparse type for ``--out``: a folder that exists or can be created, and is writable.
+    Checked by creating (and at once removing) a temporary file in the nearest existing folder,
+    so nothing is left behind and the answer holds for root and read-only file systems too."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a folder, got the file {text!r}")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot write the run folder {text!r}: {existing} is not writable ({exc.strerror or exc})"
+        ) from None
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         "after Ctrl-C, with the last finished epoch saved for --resume.",
     )
     defaults = TrainConfig()
-    parser.add_argument("--epochs", type=_int_at_least(1), default=None,
+    parser.add_argument("--epochs", type=_int_in(1), default=None,
                         help=f"total number of epochs (default {defaults.epochs}; with --resume, the "
                         "checkpoint's total, and a larger value trains further)")
-    parser.add_argument("--batch-size", type=_int_at_least(2), default=None,
+    parser.add_argument("--batch-size", type=_int_in(2), default=None,
                         help=f"images per batch (default {defaults.batch_size})")
     parser.add_argument("--lr", type=_positive_float, default=None,
                         help=f"Adam learning rate (default {defaults.lr})")
@@ -109,13 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "tritonbn's modules forced onto its plain-torch reference implementation")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to train (default auto: cuda when available, else cpu)")
-    parser.add_argument("--data-dir", type=Path, default=None,
+    parser.add_argument("--data-dir", type=_folder, default=None,
                         help="folder with the four Fashion-MNIST idx files (plain or .gz, or "
                         "torchvision's <dir>/FashionMNIST/raw)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=_run_folder, default=None,
                         help="run folder for metrics.json, curves.png and checkpoint.pt (default a new "
                         "runs/<date>-<time>-<bn> folder)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=_int_in(*SEED_RANGE), default=None,
                         help="seed of the weight initialization and of the shuffling "
                         f"(default {defaults.seed})")
     parser.add_argument("--resume", action="store_true",
@@ -124,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fold each BatchNorm -> Sigmoid pair into one tritonbn module with the "
                         "sigmoid fused into its kernels (tritonbn.convert(fuse_activations=True); "
                         "not with --bn torch)")
+    parser.add_argument("--compile", action="store_const", const=True, default=None,
+                        help="train through torch.compile, so that each step runs as compiled graphs "
+                        "(on CUDA with mode='reduce-overhead': CUDA graphs, one host launch a step; on "
+                        "the CPU the default mode); the first steps of each batch shape compile")
     parser.add_argument("--distributed", action="store_true",
                         help="data-parallel training under torchrun (DistributedDataParallel, "
                         "tritonbn.SyncBatchNorm; gloo on CPU, NCCL on CUDA): each global batch of "
@@ -131,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "saves, e.g. torchrun --nproc_per_node=2 -m tritonbn.train --distributed")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar and no notes on stderr; the per-epoch lines still print")
-    parser.add_argument("--limit", type=_int_at_least(2), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=_int_in(2), default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -147,11 +194,12 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, object] | None) ->
         if saved is None:
             values[field.name] = field.default if given is None else given
         elif given is None or field.name == "epochs":
-            values[field.name] = saved[field.name] if given is None else given
-        elif given != saved[field.name]:
+            values[field.name] = saved.get(field.name, field.default) if given is None else given
+        elif given != saved.get(field.name, field.default):
             option = "--" + field.name.replace("_", "-")
             raise TrainingError(
-                f"the checkpoint was trained with {option} {saved[field.name]}, got {option} {given}; "
+                f"the checkpoint was trained with {option} {saved.get(field.name, field.default)}, "
+                f"got {option} {given}; "
                 "drop the option to resume, or start a new run with another --out"
             )
         else:
@@ -234,6 +282,17 @@ def prepare_model(model: nn.Module, config: TrainConfig, ranks: Ranks) -> nn.Mod
         model = convert_sync_batchnorm(model)
     device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def compile_mode(device: torch.device) -> str:
+    """``torch.compile``'s mode for ``--compile``: CUDA graphs on CUDA, the default elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+def compile_model(net: nn.Module, device: torch.device) -> nn.Module:
+    """``net`` through ``torch.compile`` (:func:`compile_mode`): forward and backward of a step run
+    as compiled graphs; parameters, buffers and state_dict stay those of ``net``."""
+    return torch.compile(net, mode=compile_mode(device))
 
 
 def bn_backend(bn: str) -> contextlib.AbstractContextManager[None]:
@@ -359,28 +418,60 @@ def dispatch_plans(model: nn.Module, bn: str, sample: torch.Tensor) -> dict[str,
     return plans
 
 
-def device_description(device: torch.device) -> dict[str, object]:
-    """The device's type and name (GPU name, or the CPU model) and torch's CPU thread count."""
+def _installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``, None when it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict[str, object]:
+    """What a run or a benchmark ran on: device kind and name (the GPU's, or the CPU model), CPU
+    count and torch's threads, Python and library versions, and on CUDA the GPU's memory, SM count,
+    CUDA runtime, cuDNN and NVIDIA driver. The CPU model and the driver come from
+    ``torch.utils.collect_env`` (lscpu, nvidia-smi), None where it cannot tell."""
+    from torch.utils import collect_env
+
+    cpu_info = collect_env.get_cpu_info(collect_env.run) or ""
+    cpu_name = next((line.split(":", 1)[1].strip() for line in cpu_info.splitlines()
+                     if line.startswith("Model name:")), platform.processor() or platform.machine())
+    info: dict[str, object] = {
+        "device_type": device.type,
+        "device_name": cpu_name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _installed_version("torchvision"),
+        "triton": _installed_version("triton"),
+        "tritonbn": __version__,
+    }
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    return {"type": device.type, "name": name, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            device_name=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            sm_count=props.multi_processor_count,
+            cuda_runtime=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            driver=collect_env.get_nvidia_driver_version(collect_env.run),
+        )
+    return info
 
 
-def versions() -> dict[str, str]:
-    """Versions of Python and of the libraries that shape the run."""
-    import torchvision
-    import triton
+VERSION_KEYS = ("python", "torch", "torchvision", "triton", "tritonbn")
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "triton": triton.__version__, "tritonbn": __version__}
+
+def device_description(env: dict[str, object]) -> dict[str, object]:
+    """metrics.json's ``device``: :func:`environment` without the versions, keys without ``device_``."""
+    return {key.removeprefix("device_"): value for key, value in env.items() if key not in VERSION_KEYS}
+
+
+def versions(env: dict[str, object] | None = None) -> dict[str, str | None]:
+    """Versions of Python and of the libraries that shape the run (from :func:`environment`)."""
+    env = env if env is not None else environment(torch.device("cpu"))
+    return {key: env[key] for key in VERSION_KEYS}
 
 
 def _load_average() -> float | None:
@@ -391,19 +482,11 @@ def _load_average() -> float | None:
         return None
 
 
-def _atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def save_checkpoint(path: Path, state: dict[str, object]) -> None:
     """``torch.save(state)`` to a temporary file renamed over ``path``: a reader (or a Ctrl-C)
     sees the old checkpoint or the new one, never half of one."""
-    tmp = _atomic_path(path)
-    try:
+    with atomic_target(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, object]:
@@ -421,12 +504,8 @@ def load_checkpoint(path: Path) -> dict[str, object]:
 
 def write_json(path: Path, record: dict[str, object]) -> None:
     """Write ``record`` as indented JSON, atomically."""
-    tmp = _atomic_path(path)
-    try:
+    with atomic_target(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, title: str = "") -> None:
@@ -457,12 +536,8 @@ def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, title: str 
     acc_axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     if title:
         figure.suptitle(title)
-    tmp = _atomic_path(path)
-    try:
+    with atomic_target(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def epoch_line(record: dict[str, float]) -> str:
@@ -527,7 +602,13 @@ def run(args: argparse.Namespace) -> int:
         raise TrainingError(
             "--fuse folds activations into tritonbn's modules: use --bn tritonbn or reference"
         )
-    run_dir = args.out if args.out is not None else _new_run_dir(config.bn)
+    run_dir = args.out
+    if run_dir is None:
+        run_dir = _new_run_dir(config.bn)
+        try:
+            _run_folder(str(run_dir))
+        except argparse.ArgumentTypeError as exc:
+            raise TrainingError(f"the default run folder: {exc}; pass --out") from None
     ranks = start_ranks(args.device, args.distributed)
     device = ranks.device
     if device.type == "cuda":
@@ -538,6 +619,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)
     model = LeNet("torch" if config.bn == "torch" else "tritonbn").to(device)
     net = prepare_model(model, config, ranks)
+    if config.compile:
+        net = compile_model(net, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     shuffle = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, object]] = []
@@ -552,13 +635,16 @@ def run(args: argparse.Namespace) -> int:
     sessions.append({"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                      "after_epoch": start_epoch, "device": str(device)})
 
+    env = environment(device)
     record: dict[str, object] = {
         "format": FORMAT,
         "argv": list(args.argv),
         "config": dataclasses.asdict(config),
-        "device": device_description(device),
-        "versions": versions(),
-        "data": {"origin": data.origin, "root": str(data.root), "train_images": data.train_images.shape[0],
+        "compile": {"enabled": config.compile, "mode": compile_mode(device) if config.compile else None},
+        "device": device_description(env),
+        "versions": versions(env),
+        "data": {"origin": data.origin, "root": str(data.root), "verified": data.verified,
+                 "train_images": data.train_images.shape[0],
                  "test_images": data.test_images.shape[0]},
         "distributed": {"world_size": ranks.world_size, "backend": ranks.backend},
         "sessions": sessions,

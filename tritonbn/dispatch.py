@@ -252,10 +252,19 @@ def explain(input: torch.Tensor, training: bool = True, **options: object) -> Pl
     cannot run on this machine (a CPU tensor on ``"triton"`` without the interpreter: the report
     says so). The returned :class:`Plan` prints as a short report: backend, kernel plan, reason
     and the facts used.
+
+    An ``input`` that ``batch_norm`` rejects (not a tensor, fewer than 2 dimensions, a dtype other
+    than float16/bfloat16/float32/float64, one value per channel in training) raises the error
+    ``batch_norm`` would raise, on every backend: no plan is named for a call that cannot run.
     """
+    # batch_norm's own input checks, so explain and batch_norm cannot disagree.
+    from ._checks import check_input, check_training_input
+
     unknown = set(options) - {"backend", "plan"}
     if unknown:
         raise TypeError(f"explain() got unexpected options {sorted(unknown)}; known: backend, plan")
+    check_input(input, "explain")
+    check_training_input(input, bool(training))
     if "backend" in options or "plan" in options:
         name = str(options.get("backend", "triton" if options.get("plan") else "auto"))
         plan = options.get("plan")

@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from tritonbn.train import plot_curves
+from tritonbn.train import epoch_line, plot_curves
 
 DOCS = Path(__file__).resolve().parent
 RUNS = DOCS / "reproduction"
@@ -28,9 +28,9 @@ FIGURE = RUNS / "curves.png"
 TARGET = {"epochs": 5, "train_acc": 0.88, "test_acc": 0.83}
 
 SEED_SOURCE = (
-    "the seed notebook, Dive into Deep Learning (Chinese edition, PyTorch port `d2lzh_pytorch`), "
-    "section 批量归一化层 (batch normalization), kept beside the project as "
-    "shared/seed/000_d307a893f64d010e.txt"
+    "the seed notebook: Dive into Deep Learning (Chinese edition) in its PyTorch port `d2lzh_pytorch`, "
+    "section 5.10 批量归一化 (batch normalization); the notebook is not part of this repository, its "
+    "two print-outs are quoted verbatim under *Per-epoch results*"
 )
 # Verbatim from the notebook: the output of cell 3 (its own BatchNorm class) and of cell 5
 # (torch.nn.BatchNorm2d/1d), both trained by d2l.train_ch5 on a CUDA device.
@@ -84,11 +84,6 @@ def load_runs(folders: list[Path]) -> dict[str, dict]:
     return runs
 
 
-def line(record: dict[str, float]) -> str:
-    return (f"epoch {record['epoch']}, loss {record['loss']:.4f}, train acc {record['train_acc']:.3f}, "
-            f"test acc {record['test_acc']:.3f}, time {record['time_sec']:.1f} sec")
-
-
 def world_size(run: dict) -> int:
     return (run.get("distributed") or {}).get("world_size", 1)
 
@@ -98,6 +93,8 @@ def bn_description(run: dict) -> str:
             "reference": "tritonbn.BatchNorm2d/1d on the reference backend"}[run["config"]["bn"]]
     if run["config"].get("fuse"):
         text += ", sigmoid fused in (`--fuse`)"
+    if run["config"].get("compile"):
+        text += ", through torch.compile (`--compile`)"
     if world_size(run) > 1:
         text += f"; as tritonbn.SyncBatchNorm over {world_size(run)} processes (DDP)"
     return text
@@ -170,6 +167,23 @@ def plan_backends(run: dict) -> set[str]:
     return {plan[mode]["backend"] for plan in run["dispatch"].values() for mode in ("train", "eval")}
 
 
+def runs_torch_kernels(run: dict) -> bool:
+    """Whether every BatchNorm call of the run was PyTorch's own kernel: torch.nn's modules, or
+    tritonbn's whose dispatcher chose the torch backend throughout."""
+    return run["config"]["bn"] == "torch" or plan_backends(run) == {"torch"}
+
+
+def coinciding(curves: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], list[list[str]]]:
+    """``curves`` with runs of identical loss and accuracies at every epoch merged into one entry
+    labelled by all their names, and the merged groups."""
+    groups: dict[tuple, list[str]] = {}
+    for label, epochs in curves.items():
+        key = tuple((r["epoch"], r["loss"], r["train_acc"], r["test_acc"]) for r in epochs)
+        groups.setdefault(key, []).append(label)
+    merged = {" = ".join(labels): curves[labels[0]] for labels in groups.values()}
+    return merged, [labels for labels in groups.values() if len(labels) > 1]
+
+
 def dispatch_section(runs: dict[str, dict]) -> list[str]:
     lines = []
     for label, run in runs.items():
@@ -236,8 +250,14 @@ def identity_section(runs: dict[str, dict]) -> list[str]:
                      for x, y in zip(ra["epochs"], rb["epochs"], strict=False)]
             verdict = ("identical after every epoch (same SHA-256 of the state_dict)" if all(equal)
                        else f"different from epoch {equal.index(False) + 1} on")
+            note = ""
+            if all(equal) and runs_torch_kernels(ra) and runs_torch_kernels(rb):
+                note = (" Expected by construction: on the CPU both ran PyTorch's own batch_norm (and "
+                        "sigmoid), so this shows only that tritonbn's module layer adds no arithmetic of its "
+                        "own, not that its Triton kernels match torch; `tests/test_train.py` compares those "
+                        "with torch.nn's BatchNorm to float32 tolerance.")
             lines.append(f"- {a} and {b} (same seed and options, `{setup(ra)}` vs `{setup(rb)}`): "
-                         f"weights {verdict}.")
+                         f"weights {verdict}.{note}")
     return lines
 
 
@@ -301,7 +321,7 @@ def render(runs: dict[str, dict]) -> str:
             "The runs' lines as `tritonbn-train` printed them:", ""]
     for label, run in runs.items():
         out += [f"{label}:", "", "```text", f"training on {run['device']['type']}",
-                *(line(record) for record in run["epochs"]), "```", ""]
+                *(epoch_line(record) for record in run["epochs"]), "```", ""]
     for label, text in SEED_OUTPUT.items():
         out += [f"{label} (quoted from the notebook):", "", "```text", text.rstrip(), "```", ""]
     out += ["All of them epoch by epoch:", "", *epoch_table(seed, runs), ""]
@@ -325,11 +345,15 @@ def render(runs: dict[str, dict]) -> str:
             out.append(f"| {label} | {record['epoch']} | {record['train_time_sec']:.1f} | "
                        f"{record['eval_time_sec']:.1f} | {record['time_sec']:.1f} | "
                        f"{'n/a' if load is None else f'{load:.2f}'} |")
+    curves, merged = coinciding({**{label: run["epochs"] for label, run in runs.items()}, **seed})
     out += ["", "## Curves", "",
             f"![loss and accuracy per epoch]({FIGURE.relative_to(DOCS).as_posix()})", "",
-            "Solid lines: training loss and train accuracy; dashed: test accuracy. The notebook's runs are "
-            "drawn from its quoted print-out; runs with identical numbers lie on top of each other.", ""]
-    curves = {**{label: run["epochs"] for label, run in runs.items()}, **seed}
+            "Left: training loss; right: train accuracy (solid) and test accuracy (dashed); one colour a "
+            "run. The notebook's runs are drawn from its quoted print-out."]
+    for labels in merged:
+        out[-1] += (f" {', '.join(labels[:-1])} and {labels[-1]} have the same loss and accuracies at every "
+                    "epoch, so they are drawn as one line.")
+    out.append("")
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(curves, FIGURE, "LeNet with batch normalization on Fashion-MNIST")
     return "\n".join(out).rstrip() + "\n"

@@ -514,6 +514,7 @@ def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, title: str 
     test_acc)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     figure = Figure(figsize=(12, 4), layout="constrained")
     FigureCanvasAgg(figure)
@@ -522,18 +523,18 @@ def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, title: str 
         color = f"C{index}"
         x = [record["epoch"] for record in epochs]
         loss_axes.plot(x, [record["loss"] for record in epochs], "o-", color=color, label=label)
-        acc_axes.plot(x, [record["train_acc"] for record in epochs], "o-", color=color,
-                      label=f"{label}: train")
-        acc_axes.plot(x, [record["test_acc"] for record in epochs], "s--", color=color,
-                      label=f"{label}: test")
+        acc_axes.plot(x, [record["train_acc"] for record in epochs], "o-", color=color)
+        acc_axes.plot(x, [record["test_acc"] for record in epochs], "s--", color=color)
     loss_axes.set(xlabel="epoch", ylabel="training loss (cross-entropy)")
     acc_axes.set(xlabel="epoch", ylabel="accuracy")
     for axes in (loss_axes, acc_axes):
         axes.grid(alpha=0.3)
         axes.xaxis.get_major_locator().set_params(integer=True)
+    # One entry a run (its colour, on the loss plot); the accuracy plot's legend explains the styles.
     loss_axes.legend(fontsize="small")
-    # Two entries a run: beside the axes, where they hide no curve.
-    acc_axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    acc_axes.legend(handles=[Line2D([], [], color="gray", marker="o", linestyle="-", label="train"),
+                             Line2D([], [], color="gray", marker="s", linestyle="--", label="test")],
+                    fontsize="small", loc="lower right")
     if title:
         figure.suptitle(title)
     with atomic_target(path) as tmp:

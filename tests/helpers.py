@@ -3,12 +3,10 @@ one training/eval step run on both, and snapshots proving that a failed call mut
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from .kernel_cases import TOLERANCES
+from .kernel_cases import TOLERANCES, Step
 
 BACKENDS = ("torch", "reference", "triton")
 
@@ -63,18 +61,10 @@ def twin_modules(tritonbn_cls: type, torch_cls: type, num_features: int, dtype: 
     return module, oracle
 
 
-@dataclass
-class StepResult:
-    """What one forward + backward of a batch-norm module produced."""
-
-    y: torch.Tensor
-    dx: torch.Tensor
-    dweight: torch.Tensor | None
-    dbias: torch.Tensor | None
-
-
-def run_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> StepResult:
-    """Forward ``x`` cast to ``dtype`` through ``module`` and backward ``dy``."""
+def module_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> Step:
+    """Forward ``x`` cast to ``dtype`` through ``module`` and backward ``dy``: the module form of
+    ``kernel_cases.run_step`` (which calls the functional API), with the same :class:`Step`
+    result, the running statistics being the module's buffers."""
     x = x.detach().to(dtype).requires_grad_(True)
     y = module(x)
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
@@ -83,7 +73,8 @@ def run_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.
     dx = next(grads)
     dweight = None if weight is None else next(grads)
     dbias = None if bias is None else next(grads)
-    return StepResult(y.detach(), dx, dweight, dbias)
+    return Step(y.detach(), dx, dweight, dbias, getattr(module, "running_mean", None),
+                getattr(module, "running_var", None))
 
 
 def assert_modules_match(module: nn.Module, oracle: nn.Module, x: torch.Tensor, dy: torch.Tensor,
@@ -92,14 +83,14 @@ def assert_modules_match(module: nn.Module, oracle: nn.Module, x: torch.Tensor, 
     ``dtype``'s tolerance, and the output keeps the input's memory format. Both see ``x`` and
     ``dy`` rounded to ``dtype``, so only the computation's rounding is measured."""
     x, dy = x.to(dtype).double(), dy.to(dtype).double()
-    got, want = run_step(module, x, dy, dtype), run_step(oracle, x, dy, torch.float64)
+    got, want = module_step(module, x, dy, dtype), module_step(oracle, x, dy, torch.float64)
     reduced = x.numel() // x.shape[1]
     assert got.y.dtype == dtype
     assert got.y.stride() == x.stride(), "the output must keep the input's memory format"
     assert_close(got.y, want.y, dtype, "output")
     assert_close(got.dx, want.dx, dtype, "grad input")
-    assert_close(got.dweight, want.dweight, dtype, "grad weight", reduced=reduced)
-    assert_close(got.dbias, want.dbias, dtype, "grad bias", reduced=reduced)
+    assert_close(got.dw, want.dw, dtype, "grad weight", reduced=reduced)
+    assert_close(got.db, want.db, dtype, "grad bias", reduced=reduced)
     assert_close(module.running_mean, oracle.running_mean, dtype, "running_mean")
     assert_close(module.running_var, oracle.running_var, dtype, "running_var")
     if oracle.num_batches_tracked is None:

@@ -18,17 +18,17 @@ from .activation import NONE, activation_grad
 from .launch import Launcher
 from .normalization import Normalization
 from .plans import Geometry
-from .tiling import affine_rows, as_row, load_channel, store_channel, tile_offsets
+from .tiling import affine_rows, as_row, channel_affine, load_channel, store_channel, tile_offsets
 from .workspace import tickets
 
 
 @triton.jit
 def backward_sums_kernel(dy_ptr, x_ptr, partial_ptr, ticket_ptr, grad_weight_ptr, grad_bias_ptr,
-                         coef_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, C, eps, slope,
+                         coef_ptr, stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope,
                          count, R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT, SPLIT,
                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                          CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
-                         INVSTD_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                         STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                          NEEDS_WEIGHT: tl.constexpr, NEEDS_BIAS: tl.constexpr,
                          NEEDS_COEF: tl.constexpr):
@@ -38,8 +38,8 @@ def backward_sums_kernel(dy_ptr, x_ptr, partial_ptr, ticket_ptr, grad_weight_ptr
     # the dx coefficients coef[2, C] = (Σdz/n, invstd²·Σdz·(x − mean)/n).
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
-    mean, a, b = affine_rows(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
-                             CHANNEL_MAJOR, INVSTD_IS_VAR, HAS_WEIGHT, HAS_BIAS)
+    mean, a, b = affine_rows(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
+                             CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
     acc_dz = tl.zeros([BLOCK_K], dtype=tl.float32)
     acc_dz_xmu = tl.zeros([BLOCK_K], dtype=tl.float32)
     first = split * BLOCKS_PER_SPLIT
@@ -67,9 +67,8 @@ def backward_sums_kernel(dy_ptr, x_ptr, partial_ptr, ticket_ptr, grad_weight_ptr
             sum_dz += load_channel(partial_ptr + s * C, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
             sum_dz_xmu += load_channel(partial_ptr + plane + s * C, pid_k, C, BLOCK_K,
                                        CHANNEL_MAJOR)
-        invstd = load_channel(invstd_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
-        if INVSTD_IS_VAR:
-            invstd = 1.0 / tl.sqrt(invstd + eps)
+        _, invstd, _, _ = channel_affine(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C,
+                                         BLOCK_K, CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
         if NEEDS_WEIGHT:
             store_channel(grad_weight_ptr, sum_dz_xmu * invstd, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
         if NEEDS_BIAS:
@@ -83,18 +82,18 @@ def backward_sums_kernel(dy_ptr, x_ptr, partial_ptr, ticket_ptr, grad_weight_ptr
 
 @triton.jit
 def backward_dx_kernel(dy_ptr, x_ptr, dx_ptr, coef_ptr,
-                       mean_ptr, invstd_ptr, weight_ptr, bias_ptr, C, eps, slope,
+                       stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope,
                        R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                        CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
-                       INVSTD_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                       STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, TRAINING: tl.constexpr):
     # Training: dx = a·(dz − mean_dz − (x − mean)·k_xmu) with the combine's coefficients;
     # eval: dx = a·dz. a = invstd·γ and dz = dy·act'(z); eval without activation never reads x.
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
-    mean, a, b = affine_rows(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
-                             CHANNEL_MAJOR, INVSTD_IS_VAR, HAS_WEIGHT, HAS_BIAS)
+    mean, a, b = affine_rows(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
+                             CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
     if TRAINING:
         mean_dz = as_row(load_channel(coef_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR), CHANNEL_MAJOR)
         k_xmu = as_row(load_channel(coef_ptr + C, pid_k, C, BLOCK_K, CHANNEL_MAJOR),
@@ -140,7 +139,7 @@ def backward_sums(
         key, geo.grid,
         (dy, x, partials, tickets(x.device, geo.groups), grad_weight, grad_bias, coef,
          *norm.args(channels), count, *geo.args(), geo.split),
-        {"NEEDS_WEIGHT": need_weight, "NEEDS_BIAS": need_bias, "NEEDS_COEF": need_coef,
+        lambda: {"NEEDS_WEIGHT": need_weight, "NEEDS_BIAS": need_bias, "NEEDS_COEF": need_coef,
          **norm.meta(), **geo.meta()},
     )
     return grad_weight, grad_bias, coef
@@ -155,6 +154,6 @@ def backward_dx(
     dx = torch.empty_like(x)
     launch_dx(
         key, geo.grid, (dy, x, dx, coef, *norm.args(x.shape[1]), *geo.args()),
-        {"TRAINING": coef is not None, **norm.meta(), **geo.meta()},
+        lambda: {"TRAINING": coef is not None, **norm.meta(), **geo.meta()},
     )
     return dx

@@ -65,11 +65,11 @@ def fused_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, r
 
 @triton.jit
 def fused_backward_kernel(dy_ptr, x_ptr, dx_ptr, grad_weight_ptr, grad_bias_ptr,
-                          mean_ptr, invstd_ptr, weight_ptr, bias_ptr, C, eps, slope, count,
+                          stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope, count,
                           R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                           CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
-                          INVSTD_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                          STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                           HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                           NEEDS_INPUT: tl.constexpr, NEEDS_WEIGHT: tl.constexpr,
                           NEEDS_BIAS: tl.constexpr):
@@ -79,9 +79,8 @@ def fused_backward_kernel(dy_ptr, x_ptr, dx_ptr, grad_weight_ptr, grad_bias_ptr,
     pid_k = tl.program_id(0)
     offsets, mask = tile_offsets(pid_k, 0, R, K, KB, stride_r, stride_k, stride_c,
                                  BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
-    mean = load_channel(mean_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
-    invstd, a, b = channel_affine(invstd_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
-                                  CHANNEL_MAJOR, INVSTD_IS_VAR, HAS_WEIGHT, HAS_BIAS)
+    mean, invstd, a, b = channel_affine(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C,
+                                        BLOCK_K, CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     xmu = tl.where(mask, x - as_row(mean, CHANNEL_MAJOR), 0.0)
@@ -131,7 +130,7 @@ def fused_forward(
         key, geo.grid,
         (x, y, weight, bias, running_mean, running_var, save, channels, float(momentum),
          float(eps), float(slope), *geo.args()),
-        {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
+        lambda: {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
          "HAS_RUNNING": running_mean is not None, "ACTIVATION": activation, **geo.meta()},
     )
     return y, save
@@ -156,7 +155,7 @@ def fused_backward(
         key, geo.grid,
         (dy, x, dx, grad_weight, grad_bias, *norm.args(channels), float(x.numel() // channels),
          *geo.args()),
-        {"NEEDS_INPUT": need_input, "NEEDS_WEIGHT": need_weight, "NEEDS_BIAS": need_bias,
+        lambda: {"NEEDS_INPUT": need_input, "NEEDS_WEIGHT": need_weight, "NEEDS_BIAS": need_bias,
          **norm.meta(), **geo.meta()},
     )
     return dx, grad_weight, grad_bias

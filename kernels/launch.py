@@ -10,14 +10,14 @@ inductor's generated launchers do.
 
 The record key must determine everything the JIT specializes on. Callers build it from the
 layout key (shape, strides, dtypes, plan, flags: the integer arguments all derive from it) and
-``alignment_key`` of the tensors they pass, since Triton specializes pointers on 16-byte
+``tensors_key`` of the tensors they pass, since Triton specializes pointers on 16-byte
 alignment. Under the interpreter, with launch hooks installed (profilers), or on a Triton whose
 compiled kernels lack the launcher API, every launch takes the JIT path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from triton.runtime import driver
 
 from .runtime import interpreted
 
-__all__ = ["Launcher", "alignment_key", "launch_counts"]
+__all__ = ["Launcher", "launch_counts", "tensors_key"]
 
 # Records kept per kernel before the oldest are dropped (a model has a few dozen launch sites).
 MAX_RECORDS = 1024
@@ -40,13 +40,10 @@ def launch_counts() -> dict[str, int]:
     return dict(_counts)
 
 
-def alignment_key(*tensors: torch.Tensor | None) -> int:
-    """A bit per tensor: set when its data pointer is 16-byte aligned (None counts as aligned).
-    Triton compiles a kernel differently for aligned pointers, so launch records key on this."""
-    bits = 0
-    for tensor in tensors:
-        bits = (bits << 1) | (tensor is None or tensor.data_ptr() % 16 == 0)
-    return bits
+def tensors_key(*tensors: torch.Tensor | None) -> tuple[object, ...]:
+    """What Triton specializes a kernel on in these tensor arguments: each one's dtype and
+    whether its data pointer is 16-byte aligned (None for an absent tensor)."""
+    return tuple([None if t is None else (t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
 
 
 def _hooks_installed() -> bool:
@@ -71,8 +68,9 @@ class Launcher:
     """Launches one ``@triton.jit`` kernel whose constexpr parameters all follow its runtime ones.
 
     ``launcher(key, grid, args, meta)``: ``args`` are the runtime arguments in order, ``meta`` the
-    constexprs and launch options (``num_warps``); ``key`` identifies the launch site (see the
-    module docstring). Same arguments, same result as ``kernel[grid](*args, **meta)``.
+    constexprs and launch options (``num_warps``), or a function returning them (called only when
+    the JIT path runs); ``key`` identifies the launch site (see the module docstring). Same
+    arguments, same result as ``kernel[grid](*args, **meta)``.
     """
 
     def __init__(self, kernel: Any) -> None:
@@ -87,7 +85,7 @@ class Launcher:
             self.constexpr_names = tuple(p.name for p in params if p.is_constexpr)
 
     def __call__(self, key: Hashable, grid: Sequence[int], args: Sequence[object],
-                 meta: dict[str, object]) -> None:
+                 meta: dict[str, object] | Callable[[], dict[str, object]]) -> None:
         record = self.records.get(key)
         if record is not None and not _hooks_installed():
             device = driver.active.get_current_device()
@@ -97,6 +95,8 @@ class Launcher:
                        *args, *record.constants)
             _counts["record"] += 1
             return
+        if callable(meta):
+            meta = meta()
         compiled = self.kernel[tuple(grid)](*args, **meta)
         _counts["jit"] += 1
         if interpreted() or self.constexpr_names is None or not _has_launcher(compiled):

@@ -1,47 +1,58 @@
 """The per-channel map every kernel applies or differentiates, as kernel arguments:
-z = (x − mean)·invstd·weight + bias, then y = act(z). The forward and the backward kernels
-both take it.
+z = (x − mean)·a + b with a = invstd·γ and b = β, then y = act(z). The forward and the backward
+kernels both take it.
+
+Where the statistics come from (the kernels' ``STATS`` constexpr, read by
+``tiling.channel_affine``): ``RUNNING`` — the running mean and variance (eval; the kernel takes
+rsqrt(var + eps)); ``SAVED`` — the training forward's save, mean and invstd in rows 0 and 1;
+``FOLDED`` — the split forward's save, whose rows 2 and 3 already hold a and b. One tensor
+carries the saved rows, so a call builds no views of it.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+RUNNING = 0
+SAVED = 1
+FOLDED = 2
 
-@dataclass(frozen=True)
-class Normalization:
-    """The per-channel map a kernel applies or differentiates: z = (x − mean)·invstd·weight + bias,
-    then y = act(z). ``invstd`` holds the variance when ``invstd_is_var`` (eval: the kernel takes
-    rsqrt(var + eps)); ``activation`` is an ``activation_code``, ``slope`` leaky_relu's slope."""
 
-    mean: torch.Tensor
-    invstd: torch.Tensor
+class Normalization(NamedTuple):
+    """``stats`` (running mean, or a save), ``var`` (running variance, RUNNING only), the
+    parameters, the ``stats_source`` (RUNNING, SAVED or FOLDED), ``eps`` (RUNNING only), the
+    ``activation`` code and leaky_relu's ``slope``. A named tuple: one is built on every call."""
+
+    stats: torch.Tensor
+    var: torch.Tensor | None
     weight: torch.Tensor | None
     bias: torch.Tensor | None
-    invstd_is_var: bool = False
-    eps: float = 0.0
-    activation: int = 0
-    slope: float = 0.0
+    stats_source: int
+    eps: float
+    activation: int
+    slope: float
 
     def args(self, channels: int) -> tuple[object, ...]:
-        """(mean, invstd, weight, bias, C, eps, slope): the kernels' arguments in this order."""
-        return (self.mean, self.invstd, self.weight, self.bias, channels, float(self.eps),
+        """(stats, var, weight, bias, C, eps, slope): the kernels' arguments in this order."""
+        return (self.stats, self.var, self.weight, self.bias, channels, float(self.eps),
                 float(self.slope))
 
     def parameter_grads(self, x: torch.Tensor, need_weight: bool, need_bias: bool
                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Uninitialized (dγ, dβ) in the parameters' dtypes (float32 without one), or None."""
-        channels = x.shape[1]
 
         def grad_of(param: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
-            dtype = param.dtype if param is not None else torch.float32
-            return torch.empty(channels, device=x.device, dtype=dtype) if needed else None
+            if not needed:
+                return None
+            if param is not None:
+                return torch.empty_like(param, memory_format=torch.contiguous_format)
+            return torch.empty(x.shape[1], device=x.device, dtype=torch.float32)
 
         return grad_of(self.weight, need_weight), grad_of(self.bias, need_bias)
 
     def meta(self) -> dict[str, object]:
         return {
-            "INVSTD_IS_VAR": self.invstd_is_var,
+            "STATS": self.stats_source,
             "HAS_WEIGHT": self.weight is not None,
             "HAS_BIAS": self.bias is not None,
             "ACTIVATION": self.activation,

@@ -15,18 +15,18 @@ from .tiling import affine_rows, tile_offsets
 
 
 @triton.jit
-def normalize_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, C, eps, slope,
+def normalize_kernel(x_ptr, y_ptr, stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope,
                      R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                      CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
-                     INVSTD_IS_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                      ACTIVATION: tl.constexpr):
     # y = act((x − mean)·a + b) with per-channel a = invstd·γ and b = β, loaded once per program
     # and broadcast over its tiles.
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
-    mean, a, b = affine_rows(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
-                             CHANNEL_MAJOR, INVSTD_IS_VAR, HAS_WEIGHT, HAS_BIAS)
+    mean, a, b = affine_rows(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
+                             CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
     first = split * BLOCKS_PER_SPLIT
     for i in range(0, BLOCKS_PER_SPLIT):
         offsets, mask = tile_offsets(pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c,
@@ -44,5 +44,5 @@ def normalize(x: torch.Tensor, geo: Geometry, norm: Normalization, *, key: objec
     launch site."""
     y = torch.empty_like(x)
     launch_normalize(key, geo.grid, (x, y, *norm.args(x.shape[1]), *geo.args()),
-                     {**norm.meta(), **geo.meta()})
+                     lambda: {**norm.meta(), **geo.meta()})
     return y

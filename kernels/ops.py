@@ -19,18 +19,14 @@ import torch
 from .activation import activation_code
 from .backward import backward_dx, backward_sums
 from .fused_small import fused_backward, fused_forward
-from .launch import alignment_key
+from .launch import tensors_key
 from .layout import describe_strides
-from .normalization import Normalization
+from .normalization import FOLDED, RUNNING, SAVED, Normalization
 from .normalize import normalize
 from .plans import ELEMENTWISE_PROGRAMS_PER_SM, KERNEL_PLANS, Geometry, KernelPlan, geometry
 from .stats import batch_statistics
 
 __all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train", "saved_rows"]
-
-
-def _dtype(tensor: torch.Tensor | None) -> torch.dtype | None:
-    return None if tensor is None else tensor.dtype
 
 
 @functools.lru_cache(maxsize=4096)
@@ -90,15 +86,15 @@ def forward_train(
     kernel_plan = KERNEL_PLANS[plan]
     code = activation_code(activation)
     key, geo, out_geo = _site(
-        x, kernel_plan, sm_count, force_int64, "train", code, _dtype(weight), _dtype(bias),
-        _dtype(running_mean), alignment_key(x, weight, bias, running_mean, running_var),
+        x, kernel_plan, sm_count, force_int64, "train", code,
+        tensors_key(x, weight, bias, running_mean, running_var),
     )
     if kernel_plan.single_tile:
         return fused_forward(x, geo, weight, bias, running_mean, running_var, momentum, eps,
                              activation=code, slope=negative_slope, key=key)
     # save[2], save[3] = invstd·weight, bias: folded before the running statistics change.
     save = batch_statistics(x, geo, weight, bias, running_mean, running_var, momentum, eps, key=key)
-    folded = Normalization(save[0], save[2], None, save[3], activation=code, slope=negative_slope)
+    folded = Normalization(save, None, None, None, FOLDED, 0.0, code, negative_slope)
     return normalize(x, out_geo, folded, key=key), save
 
 
@@ -118,11 +114,10 @@ def forward_eval(
     """Eval forward in one launch: y = act((x − running_mean)/sqrt(running_var + eps)·γ + β)."""
     code = activation_code(activation)
     key, _, geo = _site(
-        x, KERNEL_PLANS["eval"], sm_count, force_int64, "eval", code, _dtype(weight),
-        _dtype(bias), _dtype(running_mean), alignment_key(x, weight, bias, running_mean, running_var),
+        x, KERNEL_PLANS["eval"], sm_count, force_int64, "eval", code,
+        tensors_key(x, weight, bias, running_mean, running_var),
     )
-    norm = Normalization(running_mean, running_var, weight, bias, invstd_is_var=True, eps=eps,
-                         activation=code, slope=negative_slope)
+    norm = Normalization(running_mean, running_var, weight, bias, RUNNING, eps, code, negative_slope)
     return normalize(x, geo, norm, key=key)
 
 
@@ -149,10 +144,10 @@ def backward_train(
     kernel_plan = KERNEL_PLANS[plan]
     code = activation_code(activation)
     key, geo, out_geo = _site(
-        x, kernel_plan, sm_count, force_int64, "backward", code, needs, _dtype(weight),
-        _dtype(bias), alignment_key(dy, x, weight, bias),
+        x, kernel_plan, sm_count, force_int64, "backward", code, needs,
+        tensors_key(dy, x, weight, bias),
     )
-    norm = Normalization(save[0], save[1], weight, bias, activation=code, slope=negative_slope)
+    norm = Normalization(save, None, weight, bias, SAVED, 0.0, code, negative_slope)
     if kernel_plan.single_tile:
         return fused_backward(dy, x, geo, norm, need_input, need_weight, need_bias, key=key)
     grad_weight, grad_bias, coef = backward_sums(
@@ -186,11 +181,9 @@ def backward_eval(
     code = activation_code(activation)
     key, geo, out_geo = _site(
         x, KERNEL_PLANS["eval"], sm_count, force_int64, "eval-backward", code, needs,
-        _dtype(weight), _dtype(bias), _dtype(running_mean),
-        alignment_key(dy, x, weight, bias, running_mean, running_var),
+        tensors_key(dy, x, weight, bias, running_mean, running_var),
     )
-    norm = Normalization(running_mean, running_var, weight, bias, invstd_is_var=True, eps=eps,
-                         activation=code, slope=negative_slope)
+    norm = Normalization(running_mean, running_var, weight, bias, RUNNING, eps, code, negative_slope)
     grad_weight = grad_bias = dx = None
     if need_weight or need_bias:
         grad_weight, grad_bias, _ = backward_sums(

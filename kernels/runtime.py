@@ -29,6 +29,37 @@ def interpreted() -> bool:
     return _INTERPRETED
 
 
+_driver_takes_cpu_tensors = False
+
+
+def launches_cpu_tensors() -> bool:
+    """Whether the kernels launch on CPU tensors: under the interpreter, or where Triton's active
+    driver is a stand-in on a machine without CUDA (``bench/standin_cuda.py``, which times the
+    host launch path; its outputs are garbage)."""
+    global _driver_takes_cpu_tensors
+    if _INTERPRETED or _driver_takes_cpu_tensors:
+        return True
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    try:
+        from triton.runtime import driver
+
+        driver.active.get_current_target()
+    except Exception:  # no active Triton driver: Triton raises RuntimeError, or its own errors
+        return False
+    _driver_takes_cpu_tensors = True
+    return True
+
+
+def stand_in_sm_count() -> int:
+    """Multiprocessors of the device the active Triton driver reports (the stand-in's)."""
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(0)["multiprocessor_count"]
+
+
 def _numpy_refuses_sized_scalars() -> bool:
     import numpy as np  # the interpreter's own dependency; compiled kernels never need it
 

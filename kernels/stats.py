@@ -113,7 +113,7 @@ def batch_statistics(
         key, geo.grid,
         (x, partials, tickets(x.device, geo.groups), weight, bias, running_mean, running_var,
          save, channels, float(momentum), float(eps), *geo.args(), geo.split),
-        {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
+        lambda: {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
          "HAS_RUNNING": running_mean is not None, **geo.meta()},
     )
     return save

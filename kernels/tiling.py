@@ -6,6 +6,8 @@ See ``plans.py`` for the two tilings.
 import triton
 import triton.language as tl
 
+from . import normalization
+
 
 @triton.jit
 def tile_offsets(pid_k, block, R, K, KB, stride_r, stride_k, stride_c,
@@ -58,32 +60,45 @@ def store_channel(ptr, value, pid_k, K, BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl
         tl.store(ptr + k, value.to(ptr.dtype.element_ty), mask=k < K)
 
 
+# Where a kernel finds a channel's statistics (the STATS constexpr, see normalization.py):
+# RUNNING — stats_ptr holds the running mean and var_ptr the running variance (eval);
+# SAVED — stats_ptr holds the training forward's save: mean in row 0, invstd in row 1;
+# FOLDED — the split forward's save: mean, invstd, scale = invstd·γ and shift = β in rows 0..3.
+RUNNING: tl.constexpr = tl.constexpr(normalization.RUNNING)
+FOLDED: tl.constexpr = tl.constexpr(normalization.FOLDED)
+
+
 @triton.jit
-def channel_affine(invstd_ptr, weight_ptr, bias_ptr, eps, pid_k, K,
-                   BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr, INVSTD_IS_VAR: tl.constexpr,
+def channel_affine(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, K,
+                   BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr, STATS: tl.constexpr,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # This program's per-channel invstd (rsqrt(var + eps) when given the variance), a = invstd·γ
-    # and b = β (0 without bias): the normalized, affine value is z = (x − mean)·a + b.
-    invstd = load_channel(invstd_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
-    if INVSTD_IS_VAR:
-        invstd = 1.0 / tl.sqrt(invstd + eps)
-    a = invstd
-    if HAS_WEIGHT:
-        a = a * load_channel(weight_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
-    b = tl.zeros_like(a)
-    if HAS_BIAS:
-        b = load_channel(bias_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
-    return invstd, a, b
+    # This program's per-channel mean, invstd (rsqrt(var + eps) from running statistics),
+    # a = invstd·γ and b = β (0 without bias): the normalized, affine value is z = (x − mean)·a + b.
+    mean = load_channel(stats_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
+    if STATS == RUNNING:
+        invstd = 1.0 / tl.sqrt(load_channel(var_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR) + eps)
+    else:
+        invstd = load_channel(stats_ptr + K, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
+    if STATS == FOLDED:
+        a = load_channel(stats_ptr + 2 * K, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
+        b = load_channel(stats_ptr + 3 * K, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
+    else:
+        a = invstd
+        if HAS_WEIGHT:
+            a = a * load_channel(weight_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
+        b = tl.zeros_like(a)
+        if HAS_BIAS:
+            b = load_channel(bias_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
+    return mean, invstd, a, b
 
 
 @triton.jit
-def affine_rows(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, eps, pid_k, K,
-                BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr, INVSTD_IS_VAR: tl.constexpr,
+def affine_rows(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, K,
+                BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr, STATS: tl.constexpr,
                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
     # mean, a and b of ``channel_affine``, broadcast against this program's tiles.
-    mean = load_channel(mean_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
-    _, a, b = channel_affine(invstd_ptr, weight_ptr, bias_ptr, eps, pid_k, K, BLOCK_K,
-                             CHANNEL_MAJOR, INVSTD_IS_VAR, HAS_WEIGHT, HAS_BIAS)
+    mean, _, a, b = channel_affine(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, K,
+                                   BLOCK_K, CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
     return as_row(mean, CHANNEL_MAJOR), as_row(a, CHANNEL_MAJOR), as_row(b, CHANNEL_MAJOR)
 
 

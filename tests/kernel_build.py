@@ -17,7 +17,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tritonbn.kernels import backward, fused_small, normalize, stats
+from tritonbn.kernels import backward, fused_small, normalization, normalize, stats
+from tritonbn.kernels.activation import ACTIVATIONS
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"eps", "slope", "momentum", "count"}
@@ -34,13 +35,15 @@ OPTIONAL_POINTERS = {
     "TRAINING": ("coef_ptr",),
 }
 BLOCKS = {"BLOCK_R": 16, "BLOCK_K": 64, "BLOCK_C": 128}
-ACTIVATION_CODES = range(6)
+# Constexprs with more than two values, and the values to build (code 0 is no activation).
+CHOICES = {
+    "ACTIVATION": range(len(ACTIVATIONS) + 1),
+    "STATS": (normalization.RUNNING, normalization.SAVED, normalization.FOLDED),
+}
 KERNELS = (
-    stats.stats_partial_kernel,
-    stats.stats_combine_kernel,
+    stats.stats_kernel,
     normalize.normalize_kernel,
-    backward.backward_partial_kernel,
-    backward.backward_combine_kernel,
+    backward.backward_sums_kernel,
     backward.backward_dx_kernel,
     fused_small.fused_forward_kernel,
     fused_small.fused_backward_kernel,
@@ -54,6 +57,8 @@ def build(kernel: triton.JITFunction, constexprs: dict[str, object], data_type: 
     compiler error."""
     absent = {ptr for flag, ptrs in OPTIONAL_POINTERS.items() if constexprs.get(flag) is False
               for ptr in ptrs}
+    if constexprs.get("STATS", normalization.RUNNING) != normalization.RUNNING:
+        absent.add("var_ptr")
     signature: dict[str, str] = {}
     values: dict[str, object] = {}
     for param in kernel.params:
@@ -81,17 +86,16 @@ def variants(kernel: triton.JITFunction) -> list[tuple[dict[str, object], str, t
     every activation, and half data types on the all-on base; each with general strides and with
     the unit stride along the tile's contiguous axis that real launches specialize."""
     flags = [p.name for p in kernel.params
-             if p.is_constexpr and p.name not in BLOCKS and p.name != "ACTIVATION"]
+             if p.is_constexpr and p.name not in BLOCKS and p.name not in CHOICES]
     blocks = {name: size for name, size in BLOCKS.items() if name in kernel.arg_names}
-    has_activation = "ACTIVATION" in kernel.arg_names
+    choices = {name: values for name, values in CHOICES.items() if name in kernel.arg_names}
     result = []
     for base_value in (True, False):
         base = dict(blocks, **dict.fromkeys(flags, base_value))
-        if has_activation:
-            base["ACTIVATION"] = 0
+        base.update({name: values[0] for name, values in choices.items()})
         cases = [base] + [dict(base, **{flag: not base_value}) for flag in flags]
-        if has_activation:
-            cases += [dict(base, ACTIVATION=code) for code in ACTIVATION_CODES if code]
+        cases += [dict(base, **{name: value}) for name, values in choices.items()
+                  for value in values[1:]]
         result += [(case, "fp32") for case in cases]
         if base_value:
             result += [(base, "fp16"), (base, "bf16")]

@@ -103,7 +103,8 @@ def test_explain_names_a_kernel_plan_for_triton():
     ((8192, 1024), False, True, "column-tiled", "2d"),
     ((32, 64, 56, 56), True, True, "column-tiled", "channels_last"),
     ((256, 6, 24, 24), False, False, "eval", "nchw"),
-    ((4096, 64, 1, 1), False, True, "column-tiled", "2d"),  # one spatial element: an (N, C) matrix
+    # One spatial element: an (N, C) matrix; small enough for one program per 4 channels.
+    ((4096, 64, 1, 1), False, True, "fused-small", "2d"),
 ], ids=["lenet-conv1", "lenet-conv2", "lenet-fc1", "large-2d", "channels-last", "eval", "spatial-1"])
 def test_plan_for_shape(shape, channels_last, training, kernel, layout):
     # An unfilled tensor: the dispatcher reads shapes and strides, never values.
@@ -115,7 +116,7 @@ def test_plan_for_shape(shape, channels_last, training, kernel, layout):
 
 
 def test_explain_reports_a_triton_plan_that_cannot_run_here(monkeypatch):
-    monkeypatch.setattr(tritonbn.dispatch, "interpreted", lambda: False)
+    monkeypatch.setattr(tritonbn.dispatch, "launches_cpu_tensors", lambda: False)
     plan = tritonbn.explain(cpu_input(8, 6, 5, 7), backend="triton")
     assert plan.backend == "triton" and plan.kernel in tritonbn.PLANS
     assert str(plan.facts["runnable here"]).startswith("no (backend 'triton' got a cpu tensor")

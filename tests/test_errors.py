@@ -369,7 +369,7 @@ def test_forced_plan_that_does_not_fit_mutates_nothing():
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    monkeypatch.setattr(tritonbn.dispatch, "interpreted", lambda: False)
+    monkeypatch.setattr(tritonbn.dispatch, "launches_cpu_tensors", lambda: False)
     args = base_args()
     before = snapshot(args["running_mean"], args["running_var"])
     with tritonbn.backend("triton"), pytest.raises(RuntimeError, match=r"backend 'triton' got a cpu tensor.*"

@@ -4,8 +4,8 @@ interpreter (tests/conftest.py); with a GPU, compiled on CUDA."""
 
 from __future__ import annotations
 
-import re
 import math
+import re
 from pathlib import Path
 
 import pytest

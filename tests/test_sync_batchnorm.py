@@ -401,7 +401,7 @@ def test_without_a_process_group_it_is_plain_batch_norm():
 
 
 def test_a_refused_dispatch_leaves_the_batch_count_alone(monkeypatch):
-    monkeypatch.setattr(tritonbn.dispatch, "interpreted", lambda: False)
+    monkeypatch.setattr(tritonbn.dispatch, "launches_cpu_tensors", lambda: False)
     bn = SyncBatchNorm(3)
     with tritonbn.backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         bn(torch.randn(4, 3))

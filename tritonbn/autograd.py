@@ -133,7 +133,7 @@ def _(grad_output, x, weight, bias, save, running_mean, running_var, eps, plan, 
 def _eager() -> bool:
     """Whether to call the kernels directly: not when torch.compile or torch.jit.trace records
     the call (they see the custom ops, whose eager dispatch costs 6–15 µs a call)."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    return torch._C._get_tracing_state() is None and not torch.compiler.is_compiling()
 
 
 def _device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:

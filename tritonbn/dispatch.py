@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from tritonbn.kernels.layout import Layout, contiguous_strides, describe_strides
 from tritonbn.kernels.plans import KERNEL_PLANS, PLANS, KernelPlan, fused_tile_elements
-from tritonbn.kernels.runtime import interpreted
+from tritonbn.kernels.runtime import interpreted, launches_cpu_tensors, stand_in_sm_count
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -88,19 +89,28 @@ def _requested(device_type: str) -> tuple[str, str | None, str]:
     return name, plan, "TRITONBN_BACKEND" if name != "auto" else "default"
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+_sm_counts: dict[torch.device, int] = {}
 
 
 def sm_count(device: torch.device) -> int:
-    """Multiprocessors of ``device``; a small fixed number under the interpreter or on CPU.
+    """Multiprocessors of ``device``; under a stand-in CUDA driver, the stand-in's; a small fixed
+    number under the interpreter or on CPU. Looked up once a device.
 
     Four keeps the interpreter's tests splitting every channel across programs.
     """
-    if device.type == "cuda" and not interpreted():
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
+    count = _sm_counts.get(device)
+    if count is None:
+        if interpreted():
+            count = 4
+        elif device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            count = torch.cuda.get_device_properties(index).multi_processor_count
+        elif launches_cpu_tensors():
+            count = stand_in_sm_count()
+        else:
+            count = 4
+        _sm_counts[device] = count
+    return count
 
 
 @dataclass(frozen=True)
@@ -182,6 +192,10 @@ def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: tor
 _OFF_GPU = Plan(
     "torch", None, "not a CUDA tensor: PyTorch's own batch_norm is the fastest correct path there"
 )
+_FUNCTORCH = Plan(
+    "torch", None, "inside a torch.func transform (vmap, grad, ...): PyTorch's own batch_norm, "
+    "which those transforms support as they document"
+)
 
 
 def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -> Plan:
@@ -195,17 +209,28 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
     if requested == "auto" and not for_explain and x.device.type != "cuda":
         # The hot path of every CPU training step: no layout facts are needed to run torch.
         return _OFF_GPU
-    # Under torch.compile the decision is traced once per graph: the uncached function traces
-    # cleanly, while dynamo warns on every lru_cache it meets.
-    decide = _decide.__wrapped__ if torch.compiler.is_compiling() else _decide
-    return decide(x.device, x.dtype, tuple(x.shape), tuple(x.stride()), bool(training),
-                   requested, forced, source, for_explain, interpreted())
+    kernels_run_here = x.device.type == "cuda" or (requested == "triton" and launches_cpu_tensors())
+    shape, strides = x.shape, x.stride()
+    if torch.compiler.is_compiling():
+        # Traced once per graph: the uncached function traces cleanly, while dynamo warns on
+        # every lru_cache it meets.
+        decide = _decide.__wrapped__
+    else:
+        if is_functorch_wrapped_tensor(x):
+            return _FUNCTORCH
+        if torch._C._get_tracing_state() is not None:
+            # torch.jit.trace hands out sizes as tensors: the decision needs numbers.
+            shape, strides = tuple(map(int, shape)), tuple(map(int, strides))
+        decide = _decide
+    return decide(x.device, x.dtype, shape, strides, bool(training), requested, forced, source,
+                  for_explain, kernels_run_here)
 
 
 @functools.lru_cache(maxsize=4096)
 def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
             strides: tuple[int, ...], training: bool, requested: str, forced: str | None,
-            source: str, for_explain: bool, interpreter: bool) -> Plan:
+            source: str, for_explain: bool, kernels_run_here: bool) -> Plan:
+    shape, strides = tuple(shape), tuple(strides)
     layout = describe_strides(shape, strides)
     facts = _facts(device, dtype, shape, layout, training)
     empty = math.prod(shape) == 0
@@ -223,7 +248,7 @@ def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
         if empty:
             return Plan("torch", None, "empty batch: nothing to compute", facts)
     else:  # "triton"
-        if device.type != "cuda" and not interpreter:
+        if not kernels_run_here:
             problem = (
                 f"backend 'triton' got a {device.type} tensor: the Triton kernels need a CUDA "
                 "device, or TRITON_INTERPRET=1 set before triton is imported to run them through "

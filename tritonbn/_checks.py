@@ -92,6 +92,15 @@ def check_batch_norm_args(
             "batch_norm: 'running_mean' and 'running_var' must both be tensors or both be None, "
             f"got {type(running_mean).__name__} and {type(running_var).__name__}"
         )
+    check_hyperparameters(training, momentum, eps)
+    if training and input.numel() > 0 and input.numel() // channels <= 1:
+        raise _one_value_per_channel(input)
+
+
+def check_hyperparameters(training: bool, momentum: float, eps: float) -> None:
+    """The checks of ``momentum`` (a real in [0, 1]) and ``eps`` (finite and > 0; 0 too in eval
+    where this torch allows it): the part of ``check_batch_norm_args`` that torch itself does not
+    make, so that the torch fallback, which leaves the tensor checks to torch, still makes it."""
     if not _is_real(momentum):
         if isinstance(momentum, torch.Tensor):
             raise TypeError(
@@ -107,8 +116,6 @@ def check_batch_norm_args(
     if not math.isfinite(float(eps)) or eps < 0 or (eps == 0 and not zero_allowed):
         expected = "a finite number >= 0" if zero_allowed else "a finite number > 0"
         raise ValueError(f"batch_norm: 'eps' must be {expected}, got {eps}")
-    if training and input.numel() > 0 and input.numel() // channels <= 1:
-        raise _one_value_per_channel(input)
 
 
 def check_input(input: object, owner: str = "batch_norm") -> None:

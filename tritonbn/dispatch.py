@@ -205,11 +205,12 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
     the plan says so in its facts. Decisions are cached by shape, strides, dtype, device and
     request, so a training loop pays for each layer's decision once.
     """
-    requested, forced, source = _requested(x.device.type)
-    if requested == "auto" and not for_explain and x.device.type != "cuda":
+    device_type = x.device.type
+    requested, forced, source = _requested(device_type)
+    if requested == "auto" and device_type != "cuda" and not for_explain:
         # The hot path of every CPU training step: no layout facts are needed to run torch.
         return _OFF_GPU
-    kernels_run_here = x.device.type == "cuda" or (requested == "triton" and launches_cpu_tensors())
+    kernels_run_here = device_type == "cuda" or (requested == "triton" and launches_cpu_tensors())
     shape, strides = x.shape, x.stride()
     if torch.compiler.is_compiling():
         # Traced once per graph: the uncached function traces cleanly, while dynamo warns on

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._checks import check_activation, check_batch_norm_args, momentum_value
+from ._checks import (
+    check_activation,
+    check_batch_norm_args,
+    check_hyperparameters,
+    check_input,
+    momentum_value,
+)
 from .autograd import triton_batch_norm
 from .dispatch import Plan, select_plan
 
@@ -44,12 +50,50 @@ def batch_norm(
     """
     if isinstance(momentum, torch.Tensor):
         momentum = momentum_value(momentum)
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_input(input)
     check_activation(activation, negative_slope)
+    plan = select_plan(input, training)
+    if plan.backend == "torch":
+        return torch_fallback(input, running_mean, running_var, weight, bias, training, momentum,
+                              eps, activation, negative_slope)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return run_checked(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
-        activation=activation, negative_slope=negative_slope,
+        activation=activation, negative_slope=negative_slope, plan=plan,
     )
+
+
+def torch_fallback(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+) -> torch.Tensor:
+    """PyTorch's batch_norm (then the activation), the path of every CPU call: torch checks the
+    tensors' shapes and dtypes itself, before it changes anything, so tritonbn adds only the checks
+    torch does not make (hyperparameters; devices, which torch compares only after it has
+    updated the running mean). When torch refuses a call, tritonbn's own checks run to raise the
+    clearer error."""
+    check_hyperparameters(training, momentum, eps)
+    device = input.device
+    suspect = (running_mean is None) != (running_var is None)
+    for tensor in (running_mean, running_var, weight, bias):
+        if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.device != device):
+            suspect = True
+    if suspect:
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    try:
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        raise
+    return torch_activation(y, activation, negative_slope)
 
 
 def torch_activation(y: torch.Tensor, activation: str | None, negative_slope: float) -> torch.Tensor:

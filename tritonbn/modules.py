@@ -18,7 +18,7 @@ from ._checks import (
 )
 from ._compat import BATCHNORM_HAS_BIAS_ARG, batchnorm_bias_kwargs
 from .dispatch import select_plan
-from .functional import run_checked
+from .functional import run_checked, torch_fallback
 
 __all__ = [
     "BatchNorm",
@@ -98,27 +98,34 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         # Parameters and buffers are read once: each read goes through Module.__getattr__.
         weight, bias = self.weight, self.bias
         running_mean, running_var = self.running_mean, self.running_var
-        training, activation = self.training, self.activation
+        training, activation, eps = self.training, self.activation, self.eps
         bn_training = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
-        momentum = 0.0 if self.momentum is None else self.momentum
-        check_batch_norm_args(
-            input, running_mean, running_var, weight, bias, bn_training, momentum, self.eps
-        )
+        counter = self.num_batches_tracked
+        counts = training and self.track_running_stats and counter is not None
+        momentum = self.momentum
+        if momentum is None:  # a cumulative average: the factor of the batch about to be counted
+            momentum = 1.0 / (float(counter) + 1.0) if counts else 0.0
         if activation is not None:
             check_activation(activation, self.negative_slope)
-        # The dispatcher may refuse the call too: ask it before counting the batch.
+        # The dispatcher may refuse the call too: ask it before anything changes.
         plan = select_plan(input, bn_training)
-        counter = self.num_batches_tracked
-        if training and self.track_running_stats and counter is not None:
+        if plan.backend == "torch":
+            y = torch_fallback(input, running_mean, running_var, weight, bias, bn_training,
+                               momentum, eps, activation, self.negative_slope)
+        else:
+            check_batch_norm_args(
+                input, running_mean, running_var, weight, bias, bn_training, momentum, eps
+            )
+            y = run_checked(
+                input, running_mean, running_var, weight, bias, bn_training, momentum, eps,
+                activation=activation, negative_slope=self.negative_slope, plan=plan,
+            )
+        # Counted once the call has succeeded: a refused call leaves the module as it was.
+        if counts:
             counter.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(counter)
-        return run_checked(
-            input, running_mean, running_var, weight, bias, bn_training, momentum, self.eps,
-            activation=activation, negative_slope=self.negative_slope, plan=plan,
-        )
+        return y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + activation_repr(self.activation, self.negative_slope)

@@ -22,8 +22,17 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _is_real(value: object) -> bool:
-    """A real number that is not a bool (the float test first: it is the hot path of every call)."""
-    return type(value) is float or (not isinstance(value, bool) and isinstance(value, Real))
+    """A real number that is not a bool (the float test first: it is the hot path of every call),
+    symbolic ones included (torch.compile with dynamic=True traces floats as SymFloat)."""
+    return type(value) is float or (
+        not isinstance(value, bool) and isinstance(value, Real | torch.SymFloat | torch.SymInt)
+    )
+
+
+def _finite(value: float) -> bool:
+    """Whether ``value`` is finite, by comparisons only (NaN fails both), so that a symbolic value
+    under torch.compile traces too."""
+    return -math.inf < value < math.inf
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -108,12 +117,12 @@ def check_hyperparameters(training: bool, momentum: float, eps: float) -> None:
                 f"{momentum.dim()}-D {_dtype_name(momentum.dtype)} tensor of shape {tuple(momentum.shape)}"
             )
         raise TypeError(f"batch_norm: 'momentum' must be a float, got {type(momentum).__name__}")
-    if not 0.0 <= float(momentum) <= 1.0:
+    if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"batch_norm: 'momentum' must be in [0, 1], got {momentum}")
     if not _is_real(eps):
         raise TypeError(f"batch_norm: 'eps' must be a float, got {type(eps).__name__}")
     zero_allowed = not training and EVAL_ACCEPTS_ZERO_EPS
-    if not math.isfinite(float(eps)) or eps < 0 or (eps == 0 and not zero_allowed):
+    if not _finite(eps) or eps < 0 or (eps == 0 and not zero_allowed):
         expected = "a finite number >= 0" if zero_allowed else "a finite number > 0"
         raise ValueError(f"batch_norm: 'eps' must be {expected}, got {eps}")
 
@@ -178,7 +187,7 @@ def check_module_options(num_features: object, eps: object, momentum: object, *,
         raise ValueError(f"'num_features' must be {expected}, got {num_features!r}")
     if not _is_real(eps):
         raise TypeError(f"'eps' must be a float, got {type(eps).__name__}")
-    if not math.isfinite(float(eps)) or eps < 0:
+    if not _finite(eps) or eps < 0:
         raise ValueError(f"'eps' must be a finite number >= 0, got {eps}")
     if momentum is not None:
         if not _is_real(momentum):
@@ -196,7 +205,7 @@ def check_activation(activation: str | None, negative_slope: float) -> None:
         raise ValueError(f"'activation' must be None or one of {valid}, got {activation!r}")
     if not _is_real(negative_slope):
         raise TypeError(f"'negative_slope' must be a float, got {type(negative_slope).__name__}")
-    if not math.isfinite(float(negative_slope)):
+    if not _finite(negative_slope):
         raise ValueError(f"'negative_slope' must be a finite number, got {negative_slope}")
 
 

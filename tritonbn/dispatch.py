@@ -192,6 +192,16 @@ def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: tor
 _OFF_GPU = Plan(
     "torch", None, "not a CUDA tensor: PyTorch's own batch_norm is the fastest correct path there"
 )
+# The plans of a forced torch or reference backend under torch.compile, built ahead: dynamo
+# cannot build a Plan (its facts are a MappingProxyType).
+_TRACED_REQUESTS = {
+    (name, source): Plan(name, None, f"backend {name!r} requested by {source}")
+    for name in ("torch", "reference") for source in ("tritonbn.backend()", "TRITONBN_BACKEND")
+}
+_JIT_TRACED = Plan(
+    "torch", None, "under torch.jit.trace: the traced graph records PyTorch's own batch_norm, "
+    "which TorchScript and ONNX consumers can run"
+)
 _FUNCTORCH = Plan(
     "torch", None, "inside a torch.func transform (vmap, grad, ...): PyTorch's own batch_norm, "
     "which those transforms support as they document"
@@ -213,15 +223,17 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
     kernels_run_here = device_type == "cuda" or (requested == "triton" and launches_cpu_tensors())
     shape, strides = x.shape, x.stride()
     if torch.compiler.is_compiling():
+        if requested in ("torch", "reference"):
+            # No layout facts needed, and none computed: with dynamic=True they are symbolic.
+            return _TRACED_REQUESTS[requested, source]
         # Traced once per graph: the uncached function traces cleanly, while dynamo warns on
         # every lru_cache it meets.
         decide = _decide.__wrapped__
     else:
         if is_functorch_wrapped_tensor(x):
             return _FUNCTORCH
-        if torch._C._get_tracing_state() is not None:
-            # torch.jit.trace hands out sizes as tensors: the decision needs numbers.
-            shape, strides = tuple(map(int, shape)), tuple(map(int, strides))
+        if torch._C._get_tracing_state() is not None and requested != "reference":
+            return _JIT_TRACED
         decide = _decide
     return decide(x.device, x.dtype, shape, strides, bool(training), requested, forced, source,
                   for_explain, kernels_run_here)

@@ -1,0 +1,142 @@
+"""The paths of torch's BatchNorm users beyond forward and backward: double backward (gradient
+penalties, MAML), torch.func transforms, torch.jit.trace and torch.compile with dynamic shapes.
+Each is compared with torch.nn.BatchNorm on every backend (the Triton kernels through the
+interpreter on CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tritonbn
+
+from .helpers import BACKENDS
+
+
+def _pair(activation: str | None = None, channels: int = 3) -> tuple[nn.Module, nn.Module]:
+    """A tritonbn BatchNorm2d and torch's (then the same activation), with equal random state."""
+    ours = tritonbn.BatchNorm2d(channels, activation=activation)
+    theirs = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+        theirs.running_mean.uniform_(-0.5, 0.5)
+        theirs.running_var.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+    torch_act = {None: nn.Identity(), "relu": nn.ReLU(), "silu": nn.SiLU()}[activation]
+    return ours, nn.Sequential(theirs, torch_act)
+
+
+def _dtype(backend: str) -> torch.dtype:
+    # float64 never reaches the kernels (the dispatcher gives it to torch): the Triton backend is
+    # checked in float32.
+    return torch.float32 if backend == "triton" else torch.float64
+
+
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-9}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_gradient_penalty_matches_torch(backend, training, activation):
+    # loss = Σ y² + ‖∂(Σ y²)/∂x‖²: differentiating the penalty needs the backward's own backward.
+    dtype = _dtype(backend)
+    ours, theirs = _pair(activation)
+    ours, theirs = ours.to(dtype).train(training), theirs.to(dtype).train(training)
+    x = torch.randn(5, 3, 4, 3, dtype=dtype)
+    grads = {}
+    for name, module in (("ours", ours), ("theirs", theirs)):
+        inp = x.clone().requires_grad_()
+        with tritonbn.backend(backend):
+            y = module(inp)
+            (g,) = torch.autograd.grad(y.square().sum(), inp, create_graph=True)
+            (y.square().sum() + g.square().sum()).backward()
+        params = dict(module.named_parameters())
+        weight = params.get("weight", params.get("0.weight"))
+        grads[name] = (inp.grad, weight.grad)
+    for got, want in zip(grads["ours"], grads["theirs"], strict=True):
+        torch.testing.assert_close(got, want, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_func_grad_and_vmap_in_eval_match_torch(backend):
+    dtype = _dtype(backend)
+    ours, theirs = _pair()
+    ours, theirs = ours.to(dtype).eval(), theirs.to(dtype).eval()
+    x = torch.randn(4, 5, 3, 4, 3, dtype=dtype)
+    with tritonbn.backend(backend):
+        got_vmap = torch.func.vmap(ours)(x)
+        got_grad = torch.func.grad(lambda inp: ours(inp).square().sum())(x[0])
+    torch.testing.assert_close(got_vmap, torch.func.vmap(theirs)(x), **_tolerance(dtype))
+    want_grad = torch.func.grad(lambda inp: theirs(inp).square().sum())(x[0])
+    torch.testing.assert_close(got_grad, want_grad, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_call_matches_torch(backend):
+    dtype = _dtype(backend)
+    ours, theirs = _pair()
+    ours, theirs = ours.to(dtype), theirs[0].to(dtype)
+    state = {name: tensor.clone() for name, tensor in theirs.state_dict().items()}
+    x = torch.randn(6, 3, 4, 4, dtype=dtype)
+    with tritonbn.backend(backend):
+        got = torch.func.functional_call(ours, dict(state), (x,))
+    want = torch.func.functional_call(theirs, {k: v.clone() for k, v in state.items()}, (x,))
+    torch.testing.assert_close(got, want, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_in_training_does_what_torch_does(backend):
+    # torch refuses to update running statistics per vmapped sample (a documented limit);
+    # tritonbn, which hands torch.func calls to torch, behaves the same way, error or result.
+    ours, theirs = _pair()
+    x = torch.randn(2, 4, 3, 4, 3)
+    try:
+        want = torch.func.vmap(theirs)(x)
+    except Exception as error:  # whatever torch raises, tritonbn must raise the same type
+        with tritonbn.backend(backend), pytest.raises(type(error)):
+            torch.func.vmap(ours)(x)
+    else:
+        with tritonbn.backend(backend):
+            torch.testing.assert_close(torch.func.vmap(ours)(x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_jit_trace_matches_eager(backend, training):
+    ours, _ = _pair("relu")
+    ours.train(training)
+    eager = copy.deepcopy(ours)
+    x = torch.randn(6, 3, 5, 5)
+    with tritonbn.backend(backend):
+        traced = torch.jit.trace(ours, x, check_trace=False)  # runs the module once
+        eager(x)
+        got, want = traced(x), eager(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, eager.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, eager.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_compile_dynamic_fullgraph_matches_eager(backend):
+    # One graph for every batch size: dynamic shapes, no graph break (fullgraph raises on one).
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), tritonbn.BatchNorm2d(4, activation="relu"),
+                          nn.Flatten(), nn.Linear(4 * 6 * 6, 5), tritonbn.BatchNorm1d(5))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
+    with tritonbn.backend(backend):
+        for batch in (4, 5, 7):
+            x = torch.randn(batch, 1, 8, 8)
+            got, want = compiled(x), eager(x)
+            got.square().sum().backward()
+            want.square().sum().backward()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch._dynamo.reset()

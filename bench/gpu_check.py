@@ -1,33 +1,43 @@
-"""One command for a GPU machine: install, test, train and benchmark tritonbn, and write the results.
+"""One command for a GPU machine: check versions, test, sanitize, time, tune and train tritonbn.
 
-    python bench/gpu_check.py OUTDIR [--data-dir DIR] [--quick]
+    python bench/gpu_check.py OUTDIR [--data-dir DIR] [--quick] [--dry-run]
 
 Run from anywhere on a checkout; needs no network. The data travels with the checkout: before the
 device call, ``mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz
-data/fashion-mnist/`` here (``data/`` is gitignored, so name it in the call's ``carry``). The steps,
-each with a time budget (a step that fails or runs out of time is recorded and the next one runs),
-all inside about six minutes:
+data/fashion-mnist/`` here (``data/`` is gitignored, so name it in the call's ``carry``). Each
+step has a time budget; a step that fails or runs out of time is recorded and the next one runs,
+all inside about seven minutes:
 
-1. ``pip install --no-deps --no-build-isolation -e .`` (the machine's torch and triton stay);
-2. ``pytest -q --maxfail=10 tests`` on CUDA, its output in OUTDIR/tests.log;
-3. the seed's LeNet training on the GPU with ``--bn tritonbn`` and ``--bn torch`` (Fashion-MNIST
-   from --data-dir, by default the checkout's data/fashion-mnist) into OUTDIR/train-tritonbn and
-   OUTDIR/train-torch (metrics.json and curves.png; the checkpoint is dropped);
-4. the benchmark suites (``pytest bench --benchmark-json``), given whatever time is left.
+1. versions and device: python, torch, triton, torchvision, driver, GPU, SMs, a copy bandwidth;
+   a warning when torch and Triton are not a pair CI tests (``noxfile.py``'s VERSION_PAIRS);
+2. ``pip install --no-deps --no-build-isolation -e .`` (the machine's torch and triton stay);
+3. ``pytest -q --maxfail=10 tests`` on CUDA, its output in OUTDIR/tests.log;
+4. ``compute-sanitizer --tool memcheck`` over a small selection of kernel tests (every plan,
+   ragged shapes, the int64 path), recorded as unavailable where the tool is missing;
+5. the host time per layer (``bench/host_overhead.py``), wall clock on the GPU;
+6. the benchmark suites (``pytest bench --benchmark-json``);
+7. the tuner's sweep (``tritonbn.tune``, where installed) into OUTDIR/tuning-table.json;
+8. the seed's LeNet training, 5 epochs, with ``--bn tritonbn``, ``--bn torch`` and
+   ``--bn tritonbn --compile`` (Fashion-MNIST from --data-dir) into OUTDIR/train-*/metrics.json.
 
 OUTDIR then holds results.json (bench/results/README.md describes it; copy it to
 bench/results/<gpu>-<date>.json and run bench/render_benchmarks.py), summary.md, tests.log,
-run.log (the other steps' output) and the two training folders: eight files. ``--quick`` trains
-one epoch and times only float32 forward+backward.
+run.log (the other steps' output), tuning-table.json and three training metrics.json: eight
+files, the most a device call brings back. ``--quick`` trains one epoch and times only float32
+forward+backward. ``--dry-run`` rehearses every step on a machine without a GPU: the CPU, a few
+tests, the host-overhead benchmark under the stand-in CUDA driver, one training epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
+import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -37,20 +47,26 @@ import threading
 import time
 from pathlib import Path
 
+import host_overhead
 import report
 
 ROOT = Path(__file__).resolve().parent.parent
 # Seconds for the whole check, and the most each step may take (normal, --quick). The benchmarks
 # get what is left before the deadline, less the time kept to collect, write and report.
-DEADLINE = 345
-BUDGETS = {"install": (60, 60), "tests": (150, 150), "train": (60, 40)}
+DEADLINE = 420
+BUDGETS = {"install": (60, 60), "tests": (120, 120), "sanitizer": (40, 30), "host": (30, 25),
+           "tune": (45, 30), "train": (40, 25), "train-compile": (70, 60)}
 BENCH_RESERVE = 10
 BENCH_WIND_DOWN = 40
 MIN_STEP = 20
 # Seconds to wait for the last output of a step once its process has ended.
 COPY_GRACE = 10
-TRAINED_WITH = ("tritonbn", "torch")
-KEPT_TRAIN_FILES = ("metrics.json", "curves.png")
+# (folder name, trainer arguments) of the LeNet runs.
+TRAININGS = {"tritonbn": ["--bn", "tritonbn"], "torch": ["--bn", "torch"],
+             "tritonbn-compile": ["--bn", "tritonbn", "--compile"]}
+KEPT_TRAIN_FILES = ("metrics.json",)
+# Kernel tests run under compute-sanitizer: every plan, ragged shapes, the int64 path.
+SANITIZED_TESTS = ["tests/test_kernels.py", "-k", "matches_reference or int64_offsets_forced"]
 
 
 def _copy_lines(source, sinks) -> None:
@@ -138,9 +154,60 @@ def summary_markdown(results: dict) -> str:
         + (f"{copy:.0f} GB/s" if copy else "not measured") + (" (--quick)" if results["quick"] else ""),
         "## Steps\n\n" + steps,
         "## Targets\n\n" + report.targets_table(report.targets(results)),
+        "## Host time per layer\n\n" + (host_overhead.report(results["host_overhead"])
+                                         if results["host_overhead"] else "not measured"),
         "## LeNet training\n\n" + report.training_table(results["training"]),
         "## forward+backward, float32\n\n" + report.headline_table(results["records"]),
     ]) + "\n"
+
+
+def _train_budget(name: str) -> str:
+    """The BUDGETS key of training run ``name``: compiling takes its own time first."""
+    return "train-compile" if "compile" in name else "train"
+
+
+def tested_pairs() -> dict[str, tuple[str, str, str]]:
+    """noxfile.py's VERSION_PAIRS, read without importing nox (the GPU machine has none)."""
+    tree = ast.parse((ROOT / "noxfile.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "VERSION_PAIRS" for target in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise RuntimeError("noxfile.py has no VERSION_PAIRS")
+
+
+def versions_step() -> dict[str, object]:
+    """Step 1: what this machine runs, checked against the pairs CI tests, and printed first."""
+    import torch
+
+    from tritonbn.train import environment
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = environment(device)
+    release = {name: str(info.get(name) or "").split("+")[0] for name in ("torch", "triton")}
+    tested = [pair for pair, (torch_v, triton_v, _) in tested_pairs().items()
+              if (release["torch"], release["triton"]) == (torch_v, triton_v)]
+    info["tested_pair"] = tested[0] if tested else None
+    if device.type == "cuda":
+        buffer = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+        target = torch.empty_like(buffer)
+        target.copy_(buffer)
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            target.copy_(buffer)
+        stop.record()
+        torch.cuda.synchronize()
+        info["copy_gbps"] = 2 * buffer.numel() * 10 / (start.elapsed_time(stop) / 1e3) / 1e9
+    lines = [f"{key}: {value}" for key, value in info.items()]
+    print("== versions and device\n" + "\n".join(lines), flush=True)
+    if not tested:
+        print(f"warning: torch {release['torch']} with triton {release['triton']} is not a pair CI "
+              f"tests ({tested_pairs()}): failures may be version trouble", flush=True)
+    status = "ok" if tested else "ok (untested version pair)"
+    return {"name": "versions", "command": "", "budget_s": 0, "status": status, "returncode": 0,
+            "seconds": 0.0, "environment": info}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,55 +218,94 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "fashion-mnist",
                         help="folder with the Fashion-MNIST .gz files (default: data/fashion-mnist)")
     parser.add_argument("--quick", action="store_true", help="one training epoch, float32 forward+backward")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="rehearse every step without a GPU (CPU, few tests, stand-in driver)")
     args = parser.parse_args(argv)
     outdir = args.outdir.resolve()
     if outdir.exists() and any(outdir.iterdir()):
         parser.error(f"{outdir} is not empty")
     outdir.mkdir(parents=True, exist_ok=True)
     data_dir = args.data_dir.resolve()
-    pick = 1 if args.quick else 0
+    pick = 1 if args.quick or args.dry_run else 0
+    device = "cpu" if args.dry_run else "cuda"
     started = time.monotonic()
 
     def left() -> float:
         return DEADLINE - (time.monotonic() - started)
 
+    def budget(step: str) -> float:
+        return min(BUDGETS[step][pick], left())
+
     log = outdir / "run.log"
     python = sys.executable
-
-    steps = [run_step("install", [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-                                  "-e", "."], min(BUDGETS["install"][pick], left()), log)]
+    steps = [versions_step()]
+    steps.append(run_step("install", [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                                      "-e", "."], budget("install"), log))
+    tests = ["tests/test_compat.py"] if args.dry_run else ["tests"]
     steps.append(run_step("tests", [python, "-m", "pytest", "-q", "--maxfail=10", "-p", "no:cacheprovider",
-                                    "tests"],
-                          min(BUDGETS["tests"][pick], left()), outdir / "tests.log"))
+                                    *tests], budget("tests"), outdir / "tests.log"))
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None or args.dry_run:
+        steps.append({"name": "sanitizer", "command": "compute-sanitizer --tool memcheck", "budget_s": 0,
+                      "seconds": 0.0, "returncode": None,
+                      "status": "skipped: " + ("dry run" if args.dry_run else "compute-sanitizer not found")})
+    else:
+        steps.append(run_step("sanitizer", [sanitizer, "--tool", "memcheck", "--error-exitcode", "3",
+                                            python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                            *SANITIZED_TESTS], budget("sanitizer"), log))
+    with tempfile.TemporaryDirectory() as scratch:
+        host_json = Path(scratch) / "host.json"
+        host_command = [python, "bench/host_overhead.py", "--json", str(host_json)]
+        steps.append(run_step("host overhead", host_command + (["--repeats", "3", "--steps", "10"]
+                                                               if pick else []), budget("host"), log))
+        host = json.loads(host_json.read_text()) if host_json.is_file() else {}
+
+        bench_json = Path(scratch) / "bench.json"
+        later = budget("tune") + sum(budget(_train_budget(name)) for name in TRAININGS)
+        bench_budget = left() - BENCH_RESERVE - later
+        command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark-quiet",
+                   f"--benchmark-json={bench_json}",
+                   f"--bench-budget={max(bench_budget - BENCH_WIND_DOWN, 1):.0f}"]
+        if args.dry_run:
+            command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark-disable"]
+        steps.append(run_step("bench", command + (["--bench-quick"] if args.quick else []),
+                              bench_budget, log))
+        bench = json.loads(bench_json.read_text()) if bench_json.is_file() else {}
+
+    tune_budget = budget("tune")
+    table = outdir / "tuning-table.json"
+    tune_command = [python, "-m", "tritonbn.tune", "--budget-s", f"{max(tune_budget - 15, 5):.0f}",
+                    "--out", str(table)]
+    if importlib.util.find_spec("tritonbn.tune") is None or args.dry_run:
+        steps.append({"name": "tune", "command": shlex.join(tune_command), "budget_s": 0, "seconds": 0.0,
+                      "returncode": None, "status": "skipped: " + ("dry run (needs CUDA)" if args.dry_run
+                                                                   else "tritonbn.tune not installed")})
+    else:
+        steps.append(run_step("tune", tune_command, tune_budget, log))
+
     training: dict[str, dict[str, object]] = {}
-    for bn in TRAINED_WITH:
-        run_dir = outdir / f"train-{bn}"
-        command = [python, "-m", "tritonbn.train", "--bn", bn, "--device", "cuda", "--out", str(run_dir),
-                   "--quiet", "--data-dir", str(data_dir), *(["--epochs", "1"] if args.quick else [])]
+    for name, options in TRAININGS.items():
+        run_dir = outdir / f"train-{name}"
+        command = [python, "-m", "tritonbn.train", *options, "--device", device, "--out", str(run_dir),
+                   "--quiet", "--data-dir", str(data_dir), *(["--epochs", "1"] if pick else [])]
         if not data_dir.is_dir():
-            step = {"name": f"train {bn}", "command": shlex.join(command), "budget_s": 0, "seconds": 0.0,
+            step = {"name": f"train {name}", "command": shlex.join(command), "budget_s": 0, "seconds": 0.0,
                     "status": f"skipped: no Fashion-MNIST folder {data_dir}", "returncode": None}
         else:
-            step = run_step(f"train {bn}", command, min(BUDGETS["train"][pick], left()), log)
+            step = run_step(f"train {name}", command, budget(_train_budget(name)), log)
         steps.append(step)
-        training[bn] = training_summary(step, run_dir)
-
-    with tempfile.TemporaryDirectory() as scratch:
-        bench_json = Path(scratch) / "bench.json"
-        budget = left() - BENCH_RESERVE
-        command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark-quiet",
-                   f"--benchmark-json={bench_json}", f"--bench-budget={max(budget - BENCH_WIND_DOWN, 1):.0f}"]
-        steps.append(run_step("bench", command + (["--bench-quick"] if args.quick else []), budget, log))
-        bench = json.loads(bench_json.read_text()) if bench_json.is_file() else {}
+        training[name] = training_summary(step, run_dir)
 
     results = report.with_records({
         "schema": report.SCHEMA,
-        "kind": "gpu-check",
+        "kind": "gpu-check" if not args.dry_run else "gpu-check-dry-run",
         "quick": args.quick,
-        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "datetime": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine_info": bench.get("machine_info") or fallback_machine_info(),
         "commit_info": bench.get("commit_info", {}),
+        "environment": steps[0]["environment"],
         "steps": steps,
+        "host_overhead": host,
         "training": training,
         "benchmarks": bench.get("benchmarks", []),
     })
@@ -208,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summary_markdown(results)
     (outdir / "summary.md").write_text(summary)
     print("\n" + summary, flush=True)
-    return 0 if all(step["status"] == "ok" for step in steps) else 1
+    return 0 if all(step["status"].startswith(("ok", "skipped")) for step in steps) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,219 @@
+"""Host time per BatchNorm layer: what a user waits for in eager mode when the GPU work is short.
+
+    python bench/host_overhead.py [--json OUT] [--repeats 9] [--steps 40]
+
+For each LeNet BatchNorm layer (and conv2 in channels_last), a chain of 8 layers is run forward
+and backward; the host time per layer is the best of ``--repeats`` timings of ``--steps`` steps,
+divided by 8. tritonbn runs its Triton path (``tritonbn.backend("triton")``), torch its own
+``nn.BatchNorm``.
+
+* On a CUDA machine: real tensors of the layer's shape, wall-clock over the loop, synchronized
+  once at its end (so the GPU time of a layer is hidden whenever the host is slower).
+* Without CUDA: the script re-runs itself with a stand-in CUDA driver (``standin_cuda.py``), so
+  Triton compiles the kernels for sm_90 and goes through its real launch path on CPU tensors of
+  the layer's shape; nothing executes. torch's layer runs its CPU kernel on a tiny tensor of the
+  same rank and channels, which is its host time plus a few microseconds of arithmetic. A real
+  driver adds about 2 µs a launch to tritonbn's figures.
+
+It also counts the kernel launches of each pass and splits one forward into its parts. The
+results go to stdout and, with ``--json``, into a file that ``bench/render_benchmarks.py`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import standin_cuda  # noqa: E402  (the bench folder is not a package)
+
+# name: (module class name, shape, channels_last)
+LAYERS = {
+    "conv1 (256,6,24,24)": ("BatchNorm2d", (256, 6, 24, 24), False),
+    "conv2 (256,16,8,8)": ("BatchNorm2d", (256, 16, 8, 8), False),
+    "conv2 channels_last": ("BatchNorm2d", (256, 16, 8, 8), True),
+    "fc1 (256,120)": ("BatchNorm1d", (256, 120), False),
+    "fc2 (256,84)": ("BatchNorm1d", (256, 84), False),
+}
+CHAIN = 8
+STAND_IN_FLAG = "TRITONBN_HOST_OVERHEAD_STAND_IN"
+
+
+def _chain(module_class: type[torch.nn.Module], channels: int, device: torch.device
+           ) -> torch.nn.Sequential:
+    return torch.nn.Sequential(*(module_class(channels) for _ in range(CHAIN))).to(device)
+
+
+def _input(shape: tuple[int, ...], channels_last: bool, device: torch.device) -> torch.Tensor:
+    x = torch.randn(shape, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def _step(chain: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    # The input's gradient is handed over, not added to (under the stand-in driver it holds
+    # whatever the allocator gave, and adding denormals would time the CPU's arithmetic).
+    x.grad = None
+    chain(x).backward(grad)
+
+
+def _best_seconds(run: Callable[[], None], *, repeats: int, steps: int, sync: Callable[[], None]
+                  ) -> float:
+    """Best of ``repeats`` timings of ``steps`` calls of ``run`` (seconds a call)."""
+    for _ in range(3):
+        run()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        sync()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best
+
+
+def _launches(stand_in: bool) -> Callable[[], int]:
+    if stand_in:
+        return standin_cuda.launches
+    from tritonbn.kernels.launch import launch_counts
+
+    return lambda: sum(launch_counts().values())
+
+
+def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
+    """Time every layer of LAYERS; returns the results as plain data."""
+    import torch.nn as nn
+
+    import tritonbn
+
+    device = torch.device("cpu" if stand_in else "cuda")
+    if stand_in:
+        torch.set_num_threads(1)  # torch's CPU layer: its host time, not a thread pool's wake-ups
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    launches = _launches(stand_in)
+    rows = []
+    for name, (class_name, shape, channels_last) in LAYERS.items():
+        channels = shape[1]
+        torch_shape = (2, channels, *([2] * (len(shape) - 2))) if stand_in else shape
+        ours = _chain(getattr(tritonbn, class_name), channels, device)
+        theirs = _chain(getattr(nn, class_name), channels, device)
+        x, x_torch = _input(shape, channels_last, device), _input(torch_shape, channels_last, device)
+        grad, grad_torch = torch.ones_like(x), torch.ones_like(x_torch)
+        with tritonbn.backend("triton"):
+            plan = tritonbn.explain(x.detach()).kernel
+            ours_s = _best_seconds(functools.partial(_step, ours, x, grad), repeats=repeats,
+                                   steps=steps, sync=sync)
+            before = launches()
+            y = ours[0](x)
+            forward_launches = launches() - before
+            y.backward(torch.ones_like(y))
+            backward_launches = launches() - before - forward_launches
+            breakdown = _forward_breakdown(ours[0], x.detach(), repeats, steps, sync)
+        torch_s = _best_seconds(functools.partial(_step, theirs, x_torch, grad_torch),
+                                repeats=repeats, steps=steps, sync=sync)
+        rows.append({
+            "layer": name, "shape": list(shape), "channels_last": channels_last, "plan": plan,
+            "launches_forward": forward_launches, "launches_backward": backward_launches,
+            "tritonbn_us": ours_s / CHAIN * 1e6, "torch_us": torch_s / CHAIN * 1e6,
+            "ratio": ours_s / torch_s, "forward_breakdown_us": breakdown,
+        })
+    return {
+        "what": "host time per BatchNorm layer, forward+backward, chain of 8, best of "
+                f"{repeats} x {steps} steps",
+        "driver": "stand-in CUDA driver (nothing executes)" if stand_in else "CUDA",
+        "torch_input": "tiny tensor of the layer's rank and channels on the CPU" if stand_in
+                       else "the layer's shape",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "layers": rows,
+    }
+
+
+def _forward_breakdown(module: torch.nn.Module, x: torch.Tensor, repeats: int, steps: int,
+                       sync: Callable[[], None]) -> dict[str, float]:
+    """µs of one no-grad forward, whole and by part: the module's checks and plan, and the
+    kernels layer (geometry lookup, allocation, launches) called directly."""
+    from tritonbn import kernels
+    from tritonbn._checks import check_batch_norm_args
+    from tritonbn.dispatch import select_plan, sm_count
+
+    running_mean, running_var = module.running_mean.clone(), module.running_var.clone()
+    weight, bias = module.weight.detach(), module.bias.detach()
+    plan = select_plan(x, True).kernel
+    sms = sm_count(x.device)
+
+    def checks_and_plan() -> None:
+        check_batch_norm_args(x, running_mean, running_var, weight, bias, True, 0.1, 1e-5)
+        select_plan(x, True)
+
+    def kernels_layer() -> None:
+        kernels.forward_train(x, weight, bias, running_mean, running_var, 0.1, 1e-5, plan=plan,
+                              sm_count=sms)
+
+    def whole() -> None:
+        with torch.no_grad():
+            module(x)
+
+    return {
+        name: _best_seconds(part, repeats=repeats, steps=steps * 4, sync=sync) * 1e6
+        for name, part in (("checks and plan", checks_and_plan), ("kernels layer", kernels_layer),
+                           ("module forward", whole))
+    }
+
+
+def report(results: dict[str, object]) -> str:
+    """The results as a Markdown table."""
+    lines = [
+        f"{results['what']}; tritonbn on the {results['driver']}, torch on {results['torch_input']}.",
+        "",
+        "| layer | plan | launches fwd/bwd | tritonbn µs | torch µs | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["layers"]:
+        lines.append(
+            f"| {row['layer']} | {row['plan']} | {row['launches_forward']}/{row['launches_backward']} "
+            f"| {row['tritonbn_us']:.1f} | {row['torch_us']:.1f} | {row['ratio']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--repeats", type=int, default=9, help="timings per layer (best is kept)")
+    parser.add_argument("--steps", type=int, default=40, help="steps per timing")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.steps < 1:
+        parser.error("--repeats and --steps must be at least 1")
+    if os.environ.get(STAND_IN_FLAG):
+        standin_cuda.install()
+        results = measure(args.repeats, args.steps, stand_in=True)
+    elif torch.cuda.is_available():
+        results = measure(args.repeats, args.steps, stand_in=False)
+    else:
+        # No CUDA: rerun in a child process that loads the stand-in driver at start-up.
+        folder = standin_cuda.build(Path(tempfile.gettempdir()) / "tritonbn-standin-cuda")
+        env = standin_cuda.environment(folder) | {STAND_IN_FLAG: "1"}
+        return subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:])], env=env).returncode
+    print(report(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""A stand-in CUDA driver for timing tritonbn's host launch path on a machine without a GPU.
+
+``standin_cuda/standin_cuda.c`` is a ``libcuda.so.1`` whose every call succeeds at once; built
+with gcc against the ``cuda.h`` that ships with Triton, and found first on ``LD_LIBRARY_PATH``
+(read when the process starts, so :func:`environment` is for a child process), it lets Triton
+compile every kernel for sm_90 for real and go through its whole launch path — argument binding,
+specialization, cache lookup, the compiled launcher, ``cuLaunchKernelEx`` — on CPU tensors.
+Nothing runs: outputs are garbage, so use it to time host work and count launches, never to
+check a result. A real driver adds about 2 µs a launch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+SOURCE = Path(__file__).resolve().parent / "standin_cuda" / "standin_cuda.c"
+LIBRARY = "libcuda.so.1"
+
+_library: ctypes.CDLL | None = None
+
+
+def _triton_cuda_include() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "include"
+
+
+def build(folder: Path) -> Path:
+    """Compile the stand-in into ``folder`` (if its source is newer) and return ``folder``."""
+    if shutil.which("gcc") is None:
+        raise RuntimeError("building the stand-in CUDA driver needs gcc")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / LIBRARY
+    if not target.exists() or target.stat().st_mtime < SOURCE.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", f"-I{_triton_cuda_include()}",
+                        str(SOURCE), "-o", str(target)], check=True)
+    link = folder / "libcuda.so"
+    if not link.exists():
+        link.symlink_to(LIBRARY)
+    return folder
+
+
+def environment(folder: Path) -> dict[str, str]:
+    """The environment of a child process that loads the stand-in built in ``folder``."""
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(folder), env.get("LD_LIBRARY_PATH")]))
+    env["TRITON_LIBCUDA_PATH"] = str(folder)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def install() -> None:
+    """Make the stand-in Triton's active driver; call before the first launch, in a process
+    started with :func:`environment`."""
+    global _library
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia import driver as nvidia
+
+    folder = os.environ.get("TRITON_LIBCUDA_PATH", "")
+    library = ctypes.CDLL(os.path.join(folder, LIBRARY))
+    if not hasattr(library, "standin_launch_count"):
+        raise RuntimeError(f"{folder}/{LIBRARY} is not the stand-in driver")
+    library.standin_launch_count.restype = ctypes.c_long
+    _library = library
+
+    class StandInDriver(nvidia.CudaDriver):
+        """Triton's CUDA driver, asking nothing of torch.cuda (there is no CUDA here)."""
+
+        def __init__(self) -> None:
+            self.utils = nvidia.CudaUtils()
+            self.launcher_cls = nvidia.CudaLauncher
+            self.get_device_capability = lambda device=0: (9, 0)
+            self.get_current_device = lambda: 0
+            self.get_current_stream = lambda device=None: 0
+            self.set_current_device = lambda device: None
+
+        def get_current_target(self) -> GPUTarget:
+            return GPUTarget("cuda", 90, 32)
+
+        @staticmethod
+        def is_active() -> bool:
+            return True
+
+    triton.runtime.driver.set_active(StandInDriver())
+
+
+def launches() -> int:
+    """Kernel launches that reached the stand-in since the process started."""
+    if _library is None:
+        raise RuntimeError("install() the stand-in driver first")
+    return int(_library.standin_launch_count())

@@ -8,6 +8,10 @@ asked for — so a training loop computes each layer's geometry once and, after 
 launches through ``launch.Launcher``'s records. ``activation`` (None or a name of
 ``activation.ACTIVATIONS``, with leaky_relu's ``negative_slope``) is applied to the normalized
 output in the forward and differentiated, from the saved input, in the backward.
+
+``plan`` is a plan name of ``KERNEL_PLANS`` or a ``plans.plan_token`` (the name with tunables from a
+tuning table, ``"split-welford@tile=8192"``); the eval entry points take one too (``"eval"`` by
+default). The tunables are part of every launch-site key.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .launch import tensors_key
 from .layout import describe_strides
 from .normalization import FOLDED, RUNNING, SAVED, Normalization
 from .normalize import normalize
-from .plans import ELEMENTWISE_PROGRAMS_PER_SM, KERNEL_PLANS, Geometry, KernelPlan, geometry
+from .plans import DEFAULT_TUNABLES, KERNEL_PLANS, Geometry, KernelPlan, Tunables, geometry, parse_plan
 from .stats import batch_statistics
 
 __all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train", "saved_rows"]
@@ -31,36 +35,39 @@ __all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train", "
 
 @functools.lru_cache(maxsize=4096)
 def _geometries(plan: KernelPlan, shape: tuple[int, ...], strides: tuple[int, ...], sm_count: int,
-                force_int64: bool) -> tuple[Geometry, Geometry]:
-    """(reduction geometry, elementwise geometry) of ``plan`` on a tensor of this shape."""
+                force_int64: bool, tunables: Tunables = DEFAULT_TUNABLES) -> tuple[Geometry, Geometry]:
+    """(reduction geometry, elementwise geometry) of ``plan`` with ``tunables`` on a tensor of
+    this shape."""
     layout = describe_strides(shape, strides)
     if layout.name == "strided":
         raise ValueError("the kernels need a dense input whose spatial dims collapse; copy it first")
     channel_major = plan.channel_major(layout)
     if plan.single_tile:
         geo = geometry(layout, channel_major=channel_major, sm_count=sm_count, single_tile=True,
-                       force_int64=force_int64)
+                       force_int64=force_int64, tunables=tunables)
         return geo, geo
     reduction = geometry(layout, channel_major=channel_major, sm_count=sm_count,
-                         force_int64=force_int64)
+                         force_int64=force_int64, tunables=tunables)
     elementwise = geometry(layout, channel_major=channel_major, sm_count=sm_count,
-                           programs_per_sm=ELEMENTWISE_PROGRAMS_PER_SM, force_int64=force_int64)
+                           programs_per_sm=tunables.elementwise_programs_per_sm,
+                           force_int64=force_int64, tunables=tunables)
     return reduction, elementwise
 
 
-def _site(x: torch.Tensor, plan: KernelPlan, sm_count: int, force_int64: bool, *flags: object
-          ) -> tuple[tuple[object, ...], Geometry, Geometry]:
-    """(launch-site key, reduction geometry, elementwise geometry) of a call on ``x``."""
+def _site(x: torch.Tensor, plan: KernelPlan, sm_count: int, force_int64: bool, *flags: object,
+          tunables: Tunables = DEFAULT_TUNABLES) -> tuple[tuple[object, ...], Geometry, Geometry]:
+    """(launch-site key, reduction geometry, elementwise geometry) of a call on ``x``; the key
+    holds the tunables, which change block sizes and warps."""
     shape, strides = tuple(x.shape), x.stride()
-    reduction, elementwise = _geometries(plan, shape, strides, sm_count, force_int64)
-    key = (plan.name, x.device, x.dtype, shape, strides, force_int64, *flags)
+    reduction, elementwise = _geometries(plan, shape, strides, sm_count, force_int64, tunables)
+    key = (plan.name, tunables, x.device, x.dtype, shape, strides, force_int64, *flags)
     return key, reduction, elementwise
 
 
 def saved_rows(plan: str) -> int:
     """Rows of the per-channel fp32 ``save`` that ``forward_train`` returns for ``plan``: mean and
     invstd, plus the folded scale and shift on the split plans."""
-    return KERNEL_PLANS[plan].saved_rows
+    return parse_plan(plan)[0].saved_rows
 
 
 def forward_train(
@@ -83,11 +90,11 @@ def forward_train(
     y = act((x − mean)·invstd·weight + bias) with the batch statistics; then updates the running
     statistics in place.
     """
-    kernel_plan = KERNEL_PLANS[plan]
+    kernel_plan, tunables = parse_plan(plan)
     code = activation_code(activation)
     key, geo, out_geo = _site(
         x, kernel_plan, sm_count, force_int64, "train", code,
-        tensors_key(x, weight, bias, running_mean, running_var),
+        tensors_key(x, weight, bias, running_mean, running_var), tunables=tunables,
     )
     if kernel_plan.single_tile:
         return fused_forward(x, geo, weight, bias, running_mean, running_var, momentum, eps,
@@ -110,12 +117,15 @@ def forward_eval(
     force_int64: bool = False,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    plan: str = "eval",
 ) -> torch.Tensor:
-    """Eval forward in one launch: y = act((x − running_mean)/sqrt(running_var + eps)·γ + β)."""
+    """Eval forward in one launch: y = act((x − running_mean)/sqrt(running_var + eps)·γ + β).
+    ``plan`` is ``"eval"`` or an eval token with tunables."""
     code = activation_code(activation)
+    _, tunables = parse_plan(plan)  # eval always runs the eval plan, with the token's tunables
     key, _, geo = _site(
         x, KERNEL_PLANS["eval"], sm_count, force_int64, "eval", code,
-        tensors_key(x, weight, bias, running_mean, running_var),
+        tensors_key(x, weight, bias, running_mean, running_var), tunables=tunables,
     )
     norm = Normalization(running_mean, running_var, weight, bias, RUNNING, eps, code, negative_slope)
     return normalize(x, geo, norm, key=key)
@@ -141,11 +151,11 @@ def backward_train(
     activation, ``bias`` must be the forward's: the backward recomputes its input z from ``x``.
     """
     need_input, need_weight, need_bias = needs
-    kernel_plan = KERNEL_PLANS[plan]
+    kernel_plan, tunables = parse_plan(plan)
     code = activation_code(activation)
     key, geo, out_geo = _site(
         x, kernel_plan, sm_count, force_int64, "backward", code, needs,
-        tensors_key(dy, x, weight, bias),
+        tensors_key(dy, x, weight, bias), tunables=tunables,
     )
     norm = Normalization(save, None, weight, bias, SAVED, 0.0, code, negative_slope)
     if kernel_plan.single_tile:
@@ -172,16 +182,19 @@ def backward_eval(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    plan: str = "eval",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Eval backward with the running statistics held constant: with dz = dy·act'(z) (z
     recomputed from ``x``; dz = dy without activation), dx = dz·γ/sqrt(running_var + eps),
-    dγ = Σ dz·(x − running_mean)/sqrt(running_var + eps), dβ = Σ dz.
+    dγ = Σ dz·(x − running_mean)/sqrt(running_var + eps), dβ = Σ dz. ``plan`` is ``"eval"`` or
+    an eval token with tunables.
     """
     need_input, need_weight, need_bias = needs
     code = activation_code(activation)
+    _, tunables = parse_plan(plan)
     key, geo, out_geo = _site(
         x, KERNEL_PLANS["eval"], sm_count, force_int64, "eval-backward", code, needs,
-        tensors_key(dy, x, weight, bias, running_mean, running_var),
+        tensors_key(dy, x, weight, bias, running_mean, running_var), tunables=tunables,
     )
     norm = Normalization(running_mean, running_var, weight, bias, RUNNING, eps, code, negative_slope)
     grad_weight = grad_bias = dx = None

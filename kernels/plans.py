@@ -10,8 +10,10 @@ Two tilings cover every layout (see ``layout.py``):
 Along grid axis 1 a channel's tiles are split into ``split`` contiguous ranges of
 ``blocks_per_split`` tiles each, so that C × split programs fill the GPU.
 
-``KERNEL_PLANS`` is the dispatcher's vocabulary: one entry a plan. This module is plain Python on
-shapes; it imports no Triton.
+``KERNEL_PLANS`` is the dispatcher's vocabulary: one entry a plan. ``Tunables`` holds the
+thresholds below (their defaults); a tuning table may give a plan other values for a shape, and
+``plan_token`` / ``parse_plan`` carry a plan with its tunables as one string (what the dispatcher
+hands the kernels). This module is plain Python on shapes; it imports no Triton.
 """
 
 from __future__ import annotations
@@ -52,6 +54,63 @@ ELEMENTWISE_PROGRAMS_PER_SM = 8
 MAX_GRID_Y = 65535
 
 
+@dataclass(frozen=True)
+class Tunables:
+    """The thresholds a plan's geometry reads; the defaults are the module constants above.
+
+    A tuning table (``tritonbn.tuning``) may give other values for a shape bucket; without one
+    every launch uses ``DEFAULT_TUNABLES`` and behaves as these constants say. ``num_warps`` None
+    means "by tile size" (4 up to 1,024 elements, 8 up to 4,096, else 16).
+    """
+
+    fused_max_tile: int = FUSED_MAX_TILE
+    tile: int = TILE
+    max_spatial_block: int = MAX_SPATIAL_BLOCK
+    max_column_block: int = MAX_COLUMN_BLOCK
+    reduction_programs_per_sm: int = REDUCTION_PROGRAMS_PER_SM
+    elementwise_programs_per_sm: int = ELEMENTWISE_PROGRAMS_PER_SM
+    num_warps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in TUNABLE_FIELDS:
+            value = getattr(self, name)
+            if name == "num_warps" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"tunable {name} must be a positive int, got {value!r}")
+        for name in ("fused_max_tile", "tile", "max_spatial_block", "max_column_block", "num_warps"):
+            value = getattr(self, name)
+            if value is not None and value & (value - 1):
+                raise ValueError(f"tunable {name} must be a power of two, got {value}")
+
+    def changes(self) -> dict[str, int]:
+        """The fields that differ from the defaults, in field order."""
+        return {name: getattr(self, name) for name in TUNABLE_FIELDS
+                if getattr(self, name) != getattr(DEFAULT_TUNABLES, name)}
+
+    def encode(self) -> str:
+        """``"tile=8192,num_warps=4"``: the non-default fields ("" for the defaults)."""
+        return ",".join(f"{name}={value}" for name, value in self.changes().items())
+
+    @staticmethod
+    def decode(text: str) -> Tunables:
+        """The inverse of :meth:`encode`. Raises ValueError on an unknown field or a bad value."""
+        values: dict[str, int] = {}
+        for item in filter(None, text.split(",")):
+            name, sep, value = item.partition("=")
+            if not sep or name not in TUNABLE_FIELDS:
+                raise ValueError(f"unknown tunable {item!r}; known: {', '.join(TUNABLE_FIELDS)}")
+            values[name] = int(value)
+        return Tunables(**values)
+
+
+TUNABLE_FIELDS = (
+    "fused_max_tile", "tile", "max_spatial_block", "max_column_block",
+    "reduction_programs_per_sm", "elementwise_programs_per_sm", "num_warps",
+)
+DEFAULT_TUNABLES = Tunables()
+
+
 def column_tiling(layout: Layout) -> bool:
     """Whether the automatic plans tile ``layout`` by columns (channels contiguous)."""
     return layout.name in ("channels_last", "2d")
@@ -67,7 +126,7 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _spatial_block(s: int, n: int) -> int:
+def _spatial_block(s: int, n: int, tile: int = TILE, max_block: int = MAX_SPATIAL_BLOCK) -> int:
     """Power-of-two spatial block for S elements a row and N rows (channel-major tiling).
 
     Minimizes the padded elements loaded plus a fixed cost a tile (TILE_OVERHEAD elements' worth),
@@ -76,8 +135,8 @@ def _spatial_block(s: int, n: int) -> int:
     """
     best, best_cost = 1, None
     block = 1
-    while block <= min(MAX_SPATIAL_BLOCK, _pow2(s)):
-        block_r = max(1, min(_pow2(n), TILE // block))
+    while block <= min(max_block, _pow2(s)):
+        block_r = max(1, min(_pow2(n), tile // block))
         tiles = cdiv(n, block_r) * cdiv(s, block)
         cost = tiles * (block_r * block + TILE_OVERHEAD)
         if best_cost is None or cost <= best_cost:
@@ -86,7 +145,9 @@ def _spatial_block(s: int, n: int) -> int:
     return best
 
 
-def _num_warps(tile: int) -> int:
+def _num_warps(tile: int, override: int | None = None) -> int:
+    if override is not None:
+        return override
     if tile <= 1024:
         return 4
     if tile <= 4096:
@@ -139,15 +200,23 @@ def geometry(
     *,
     channel_major: bool,
     sm_count: int,
-    programs_per_sm: int = REDUCTION_PROGRAMS_PER_SM,
+    programs_per_sm: int | None = None,
     single_tile: bool = False,
     force_int64: bool = False,
+    tunables: Tunables = DEFAULT_TUNABLES,
 ) -> Geometry:
     """The tiling of ``layout``; ``single_tile`` makes one tile hold a whole channel group.
-    Cached: a training loop computes each layer's geometry once."""
+
+    ``programs_per_sm`` defaults to ``tunables.reduction_programs_per_sm``; ``tunables`` gives
+    the tile, block and warp thresholds. Cached: a training loop computes each layer's geometry
+    once."""
+    if programs_per_sm is None:
+        programs_per_sm = tunables.reduction_programs_per_sm
+    tile = tunables.tile
     if channel_major:
-        block_k = _pow2(layout.s) if single_tile else _spatial_block(layout.s, layout.n)
-        block_r = _pow2(layout.n) if single_tile else max(1, min(_pow2(layout.n), TILE // block_k))
+        block_k = (_pow2(layout.s) if single_tile
+                   else _spatial_block(layout.s, layout.n, tile, tunables.max_spatial_block))
+        block_r = _pow2(layout.n) if single_tile else max(1, min(_pow2(layout.n), tile // block_k))
         rows, keys = layout.n, layout.s
         stride_r, stride_k = layout.stride_n, layout.stride_s
         key_blocks = cdiv(keys, block_k)
@@ -158,10 +227,10 @@ def geometry(
         rows, keys = layout.rows, layout.c
         stride_r, stride_k = layout.row_stride, layout.stride_c
         if single_tile:
-            block_r, block_k = _fused_column_block(rows, keys)
+            block_r, block_k = _fused_column_block(rows, keys, tunables.fused_max_tile)
         else:
-            block_k = min(_pow2(keys), MAX_COLUMN_BLOCK)
-            block_r = max(1, min(_pow2(rows), TILE // block_k))
+            block_k = min(_pow2(keys), tunables.max_column_block)
+            block_r = max(1, min(_pow2(rows), tile // block_k))
         key_blocks = 1
         groups = cdiv(keys, block_k)
     blocks = cdiv(rows, block_r) * key_blocks
@@ -176,26 +245,26 @@ def geometry(
         stride_r=stride_r, stride_k=stride_k, stride_c=layout.stride_c,
         block_r=block_r, block_k=block_k, groups=groups, split=split,
         blocks_per_split=per_split, int64=force_int64 or layout.needs_int64,
-        num_warps=_num_warps(block_r * block_k),
+        num_warps=_num_warps(block_r * block_k, tunables.num_warps),
     )
 
 
-def _fused_column_block(rows: int, channels: int) -> tuple[int, int]:
+def _fused_column_block(rows: int, channels: int, max_tile: int = FUSED_MAX_TILE) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_K) of the fused-small plan's column tile: every row, and as many channels
     as FUSED_COLUMN_TILE suggests (at least FUSED_MIN_COLUMNS, fewer on a small layer whose slab
-    would not fit FUSED_MAX_TILE otherwise)."""
+    would not fit ``max_tile`` otherwise)."""
     block_r = _pow2(rows)
     block_k = min(_pow2(channels), max(FUSED_MIN_COLUMNS, FUSED_COLUMN_TILE // block_r))
-    if block_r * block_k > FUSED_MAX_TILE and rows * channels <= FUSED_NARROW_LAYER:
-        block_k = max(1, FUSED_MAX_TILE // block_r)
+    if block_r * block_k > max_tile and rows * channels <= FUSED_NARROW_LAYER:
+        block_k = max(1, max_tile // block_r)
     return block_r, block_k
 
 
-def fused_tile_elements(layout: Layout) -> int:
+def fused_tile_elements(layout: Layout, tunables: Tunables = DEFAULT_TUNABLES) -> int:
     """Elements of the single tile the fused-small plan loads for ``layout`` (the geometry that
-    runs: ``geometry(..., single_tile=True)`` builds the same tile)."""
+    runs: ``geometry(..., single_tile=True, tunables=tunables)`` builds the same tile)."""
     if column_tiling(layout):
-        block_r, block_k = _fused_column_block(layout.rows, layout.c)
+        block_r, block_k = _fused_column_block(layout.rows, layout.c, tunables.fused_max_tile)
         return block_r * block_k
     return _pow2(layout.n) * _pow2(layout.s)
 
@@ -209,7 +278,8 @@ class KernelPlan:
     contiguous channels, channel-major otherwise); ``single_tile`` plans hold a channel group's
     whole slab in one program (one launch each way), the others split it across programs (a
     statistics or gradient-sums launch whose last program combines, then an elementwise one).
-    ``refusal(layout, training)`` says why the plan cannot run an input (None: it can);
+    ``refusal(layout, training, tunables=DEFAULT_TUNABLES)`` says why the plan cannot run an
+    input with those tunables (None: it can);
     ``preferred(layout, training)`` whether the automatic dispatcher takes it when it can, in
     table order.
     """
@@ -221,7 +291,7 @@ class KernelPlan:
     forward_launches: int
     backward_launches: int
     saved_rows: int
-    refusal: Callable[[Layout, bool], str | None]
+    refusal: Callable[..., str | None]
     preferred: Callable[[Layout, bool], bool]
 
     def channel_major(self, layout: Layout) -> bool:
@@ -231,24 +301,29 @@ class KernelPlan:
         return self.tiling == "channel-major"
 
 
-def _refuse_unless_training(layout: Layout, training: bool) -> str | None:
+def _refuse_unless_training(layout: Layout, training: bool,
+                            tunables: Tunables = DEFAULT_TUNABLES) -> str | None:
     return None if training else "eval mode always runs the 'eval' plan"
 
 
-def _refuse_large_slab(layout: Layout, training: bool) -> str | None:
-    tile = fused_tile_elements(layout)
-    if tile > FUSED_MAX_TILE:
-        return f"needs a per-program tile of at most {FUSED_MAX_TILE} elements, this input needs {tile}"
+def _refuse_large_slab(layout: Layout, training: bool,
+                       tunables: Tunables = DEFAULT_TUNABLES) -> str | None:
+    tile = fused_tile_elements(layout, tunables)
+    if tile > tunables.fused_max_tile:
+        return (f"needs a per-program tile of at most {tunables.fused_max_tile} elements, "
+                f"this input needs {tile}")
     return _refuse_unless_training(layout, training)
 
 
-def _refuse_scattered_rows(layout: Layout, training: bool) -> str | None:
+def _refuse_scattered_rows(layout: Layout, training: bool,
+                           tunables: Tunables = DEFAULT_TUNABLES) -> str | None:
     if not layout.rows_collapse:
         return f"needs rows at one stride apart (2-D or channels_last input), got layout {layout.name!r}"
     return _refuse_unless_training(layout, training)
 
 
-def _refuse_training(layout: Layout, training: bool) -> str | None:
+def _refuse_training(layout: Layout, training: bool,
+                     tunables: Tunables = DEFAULT_TUNABLES) -> str | None:
     return "normalizes with running statistics: training must be False" if training else None
 
 
@@ -284,3 +359,40 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
     )
 }
 PLANS = tuple(KERNEL_PLANS)
+
+
+class PlanName(str):
+    """A plan's name (it compares, hashes and prints as the bare name, so ``plan.kernel in PLANS``
+    holds) that also carries the token of the plan with its tunables, ``token``. The dispatcher
+    hands it out in eager mode; the kernels read the token."""
+
+    __slots__ = ("token",)
+    token: str
+
+    def __new__(cls, name: str, token: str) -> PlanName:
+        self = super().__new__(cls, name)
+        self.token = token
+        return self
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (PlanName, (str(self), self.token))
+
+
+def plan_token(name: str, tunables: Tunables = DEFAULT_TUNABLES) -> str:
+    """One string for plan ``name`` with ``tunables``: the bare name for the defaults, else
+    ``"name@field=value,..."``. :func:`parse_plan` reads it back."""
+    encoded = tunables.encode()
+    return f"{name}@{encoded}" if encoded else str(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(token: str) -> tuple[KernelPlan, Tunables]:
+    name, _, encoded = token.partition("@")
+    if name not in KERNEL_PLANS:
+        raise ValueError(f"unknown kernel plan {name!r}; known: {', '.join(KERNEL_PLANS)}")
+    return KERNEL_PLANS[name], Tunables.decode(encoded)
+
+
+def parse_plan(plan: str) -> tuple[KernelPlan, Tunables]:
+    """(kernel plan, tunables) of a plan name, a :func:`plan_token` or a :class:`PlanName`."""
+    return _parse(getattr(plan, "token", None) or str(plan))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tritonbn import kernels
 
 from .dispatch import sm_count
+from .kernels.plans import PlanName
 
 __all__ = ["TritonBatchNorm", "triton_batch_norm"]
 
@@ -72,15 +73,16 @@ def _forward_eval(
     eps: float,
     activation: str | None,
     negative_slope: float,
+    plan: str = "eval",
 ) -> torch.Tensor:
     return kernels.forward_eval(
         x, weight, bias, running_mean, running_var, eps, sm_count=sm_count(x.device),
-        activation=activation, negative_slope=negative_slope,
+        activation=activation, negative_slope=negative_slope, plan=plan,
     )
 
 
 @_forward_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, eps, activation, negative_slope):
+def _(x, weight, bias, running_mean, running_var, eps, activation, negative_slope, plan="eval"):
     return torch.empty_like(x)
 
 
@@ -113,7 +115,7 @@ def _backward(
     else:
         grads = kernels.backward_eval(
             dy, x, weight, running_mean, running_var, eps, needs, sm_count=sm_count(x.device),
-            **act,
+            plan=plan, **act,
         )
     return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
 
@@ -196,14 +198,14 @@ class TritonBatchNorm(torch.autograd.Function):
                     y = kernels.forward_eval(
                         x, weight, bias, running_mean, running_var, eps,
                         sm_count=sm_count(x.device), activation=activation,
-                        negative_slope=negative_slope,
+                        negative_slope=negative_slope, plan=plan,
                     )
         elif training:
             y, save = _forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
                                      plan, activation, negative_slope)
         else:
             y = _forward_eval(x, weight, bias, running_mean, running_var, eps, activation,
-                              negative_slope)
+                              negative_slope, plan)
         if training:
             ctx.save_for_backward(x, weight, bias, save)
         else:
@@ -239,7 +241,7 @@ class TritonBatchNorm(torch.autograd.Function):
                 else:
                     dx, dw, db = kernels.backward_eval(
                         dy, x, weight, running_mean, running_var, ctx.eps, needs,
-                        sm_count=sm_count(x.device), **act,
+                        sm_count=sm_count(x.device), plan=ctx.plan, **act,
                     )
         else:
             dx, dw, db = _backward(
@@ -264,7 +266,11 @@ def triton_batch_norm(
     negative_slope: float = 0.01,
 ) -> torch.Tensor:
     """y = act(batch_norm(x)) on the Triton kernels with kernel ``plan``; differentiable in
-    ``x``, ``weight`` and ``bias``. Arguments must already be validated."""
+    ``x``, ``weight`` and ``bias``. Arguments must already be validated. ``plan`` is a plan name,
+    a plan token with tunables, or the dispatcher's ``PlanName`` (whose token is used: the custom
+    ops see a plain string)."""
+    if isinstance(plan, PlanName):
+        plan = plan.token
     return TritonBatchNorm.apply(x, weight, bias, running_mean, running_var, bool(training),
                                  float(momentum), float(eps), plan, activation,
                                  float(negative_slope))

@@ -23,8 +23,10 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from tritonbn.kernels.layout import Layout, contiguous_strides, describe_strides
-from tritonbn.kernels.plans import KERNEL_PLANS, PLANS, KernelPlan, fused_tile_elements
+from tritonbn.kernels.plans import KERNEL_PLANS, PLANS, KernelPlan, PlanName, fused_tile_elements
 from tritonbn.kernels.runtime import interpreted, launches_cpu_tensors, stand_in_sm_count
+
+from . import tuning as _tuning
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -115,13 +117,23 @@ def sm_count(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """A dispatch decision: ``backend`` runs it, ``kernel`` names the Triton plan (or None)."""
+    """A dispatch decision: ``backend`` runs it, ``kernel`` names the Triton plan (or None).
+
+    ``tuning`` says where the choice came from: a tuning table's file and entry with the
+    measured time against torch's, or ``"heuristics (...)"``; empty where no table was asked
+    (a backend forced to torch or the reference, the CPU fallback). ``tunables`` are the
+    thresholds the kernels run with that differ from the defaults, encoded as in
+    ``Tunables.encode`` (``"tile=8192,num_warps=4"``; empty: the defaults); ``kernel`` then also
+    carries them as its ``token``.
+    """
 
     backend: str
     kernel: str | None
     reason: str
     facts: Mapping[str, object] = field(default_factory=dict)
     copies_input: bool = False
+    tuning: str = ""
+    tunables: str = ""
 
     def __post_init__(self) -> None:
         # Plans are cached and shared between calls: their facts are read-only.
@@ -133,6 +145,10 @@ class Plan:
             head += f", kernel={self.kernel}"
         lines = [head, f"  reason: {self.reason}"]
         lines += [f"  {key}: {value}" for key, value in self.facts.items()]
+        if self.tuning:
+            lines.append(f"  tuning: {self.tuning}")
+        if self.tunables:
+            lines.append(f"  tunables: {self.tunables}")
         if self.copies_input:
             lines.append("  note: the input is copied once into a contiguous layout first")
         return "\n".join(lines)
@@ -153,10 +169,21 @@ def _facts(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], lay
     }
 
 
-def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: torch.device
-                 ) -> tuple[KernelPlan, str]:
-    """(plan, reason) for the Triton backend: the forced plan, or the first plan of
-    ``KERNEL_PLANS`` that can run ``layout`` and prefers it."""
+def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: torch.device,
+                 tuned: str = "") -> tuple[KernelPlan, str, str]:
+    """(plan, reason, encoded tunables) for the Triton backend: the tuning table's choice
+    ``tuned`` (a plan token that ``tuning.choice`` checked can run this input), else the forced
+    plan, or the first plan of ``KERNEL_PLANS`` that can run ``layout`` and prefers it, with the
+    default tunables ("")."""
+    if tuned:
+        name, _, tunables = tuned.partition("@")
+        return KERNEL_PLANS[name], "a tuning table measured this plan fastest here (see tuning)", tunables
+    plan, reason = _heuristic_plan(layout, training, forced, device)
+    return plan, reason, ""
+
+
+def _heuristic_plan(layout: Layout, training: bool, forced: str | None, device: torch.device
+                    ) -> tuple[KernelPlan, str]:
     if forced is not None:
         plan = KERNEL_PLANS[forced]
         if not training and forced != "eval":
@@ -277,10 +304,29 @@ def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
     copies = layout.name == "strided"
     if copies:
         layout = describe_strides(shape, contiguous_strides(shape))
-    kernel, reason = _kernel_plan(layout, training, forced, device)
+    # A tuning table's label for this case: "" (heuristics), "torch" or a plan token. Looked up
+    # inside this cached function, so a table costs nothing after a shape's first call; under
+    # torch.compile it is a constant of the graph, like the rest of this decision.
+    label, tuning = _tuning.choice(device, dtype, shape,
+                                   contiguous_strides(shape) if copies else strides, training,
+                                   forced if training else None, requested == "auto")
+    if label == "torch":
+        return Plan("torch", None, "a tuning table measured PyTorch's own batch_norm fastest here "
+                    "(see tuning)", facts, tuning=tuning)
+    kernel, reason, tunables = _kernel_plan(layout, training, forced, device, label)
     facts["launches"] = (f"{kernel.forward_launches} forward, {kernel.backward_launches} backward"
                          if training else f"{kernel.forward_launches} forward")
-    return Plan("triton", kernel.name, reason, facts, copies_input=copies)
+    token = f"{kernel.name}@{tunables}" if tunables else kernel.name
+    if token == kernel.name:
+        name: str = kernel.name
+    elif torch.compiler.is_compiling():
+        # dynamo cannot build a str subclass: the traced graph carries the plain token, which is
+        # what the kernels read anyway.
+        name = token
+    else:
+        name = PlanName(kernel.name, token)
+    return Plan("triton", name, reason, facts, copies_input=copies, tuning=tuning,
+                tunables=tunables)
 
 
 def explain(input: torch.Tensor, training: bool = True, **options: object) -> Plan:

@@ -4,30 +4,23 @@ The forward kernels apply ``activate`` to z before the store; the backward kerne
 from the saved input and turn dy into dz = dy·act'(z) with ``activation_grad`` (no activation
 tensor is saved). A kernel selects the activation with the constexpr ``ACTIVATION`` code, so
 code 0 (none) compiles to exactly the plain batch-norm kernel; leaky_relu's slope is a runtime
-float.
+float. The names and codes live in ``activation_table.py``; the math of each code lives here.
 """
 
 import triton
 import triton.language as tl
 
-# Names the kernels accept, in code order: code i + 1 is ACTIVATIONS[i], code 0 is no activation.
-ACTIVATIONS = ("relu", "sigmoid", "leaky_relu", "silu", "tanh")
+from .activation_table import ACTIVATIONS, BY_NAME, activation_code
 
+__all__ = ["ACTIVATIONS", "activate", "activation_code", "activation_grad"]
+
+# The activations' codes come from the table (activation_table.py); code 0 is no activation.
 NONE: tl.constexpr = tl.constexpr(0)
-RELU: tl.constexpr = tl.constexpr(1)
-SIGMOID: tl.constexpr = tl.constexpr(2)
-LEAKY_RELU: tl.constexpr = tl.constexpr(3)
-SILU: tl.constexpr = tl.constexpr(4)
-TANH: tl.constexpr = tl.constexpr(5)
-
-
-def activation_code(name: str | None) -> int:
-    """The ``ACTIVATION`` constexpr of activation ``name`` (None: 0); ValueError for others."""
-    if name is None:
-        return 0
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS.index(name) + 1
+RELU: tl.constexpr = tl.constexpr(BY_NAME["relu"].code)
+SIGMOID: tl.constexpr = tl.constexpr(BY_NAME["sigmoid"].code)
+LEAKY_RELU: tl.constexpr = tl.constexpr(BY_NAME["leaky_relu"].code)
+SILU: tl.constexpr = tl.constexpr(BY_NAME["silu"].code)
+TANH: tl.constexpr = tl.constexpr(BY_NAME["tanh"].code)
 
 
 @triton.jit

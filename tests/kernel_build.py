@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tritonbn.kernels import backward, fused_small, normalization, normalize, stats
-from tritonbn.kernels.activation import ACTIVATIONS
+from tritonbn.kernels.activation_table import ACTIVATIONS
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"eps", "slope", "momentum", "count"}

@@ -13,7 +13,7 @@ from numbers import Real
 
 import torch
 
-from tritonbn.kernels.activation import ACTIVATIONS
+from tritonbn.kernels.activation_table import ACTIVATIONS
 
 from ._compat import EVAL_ACCEPTS_ZERO_EPS
 

@@ -9,6 +9,7 @@ from itertools import pairwise
 
 from torch import nn
 
+from .kernels.activation_table import TABLE as ACTIVATION_TABLE
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -49,13 +50,7 @@ def _replacements() -> dict[type[nn.Module], type[nn.Module]]:
     return {**_REPLACEMENTS, frozen: FrozenBatchNorm2d}
 
 # Activation modules (exact classes: a subclass may change forward) and their fused names.
-_FUSABLE_ACTIVATIONS: dict[type[nn.Module], str] = {
-    nn.ReLU: "relu",
-    nn.Sigmoid: "sigmoid",
-    nn.LeakyReLU: "leaky_relu",
-    nn.SiLU: "silu",
-    nn.Tanh: "tanh",
-}
+_FUSABLE_ACTIVATIONS: dict[type[nn.Module], str] = {entry.module: entry.name for entry in ACTIVATION_TABLE}
 
 
 def _has_hooks(module: nn.Module) -> bool:

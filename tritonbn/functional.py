@@ -16,6 +16,7 @@ from ._checks import (
 )
 from .autograd import triton_batch_norm
 from .dispatch import Plan, select_plan
+from .kernels.activation_table import BY_NAME
 
 __all__ = ["batch_norm"]
 
@@ -100,10 +101,7 @@ def torch_activation(y: torch.Tensor, activation: str | None, negative_slope: fl
     """``activation`` applied to ``y`` with torch's own ops (out of place)."""
     if activation is None:
         return y
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, negative_slope)
-    torch_ops = {"relu": torch.relu, "sigmoid": torch.sigmoid, "silu": F.silu, "tanh": torch.tanh}
-    return torch_ops[activation](y)
+    return BY_NAME[activation].apply(y, negative_slope)
 
 
 def run_checked(

@@ -10,10 +10,15 @@ and launch geometry), ``layout`` (the (N, C, S) view), ``launch`` (launch record
 entry points).
 """
 
+import importlib
+
 from .layout import Layout, describe
-from .ops import backward_eval, backward_train, forward_eval, forward_train, saved_rows
 from .plans import FUSED_MAX_TILE, KERNEL_PLANS, PLANS, KernelPlan
 from .runtime import interpreted
+
+# The entry points import Triton: loaded at first use, so that ``import tritonbn`` works where
+# Triton is not installed (the CPU fallback and the reference need none of it).
+_TRITON_ENTRY_POINTS = ("backward_eval", "backward_train", "forward_eval", "forward_train", "saved_rows")
 
 __all__ = [
     "FUSED_MAX_TILE",
@@ -29,3 +34,9 @@ __all__ = [
     "interpreted",
     "saved_rows",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _TRITON_ENTRY_POINTS:
+        return getattr(importlib.import_module(".ops", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,6 @@
 """Facts about the Triton runtime the kernels were built for, and fixes for the Triton versions
-tritonbn supports.
+tritonbn supports. Importable without Triton: ``TRITON_MISSING`` then says why the kernels cannot
+run.
 
 ``interpreted()`` tells whether ``@triton.jit`` produced interpreter functions (TRITON_INTERPRET=1
 was set before the kernels were imported). ``patch_interpreter`` mends Triton 3.6's interpreter
@@ -11,17 +12,25 @@ from __future__ import annotations
 
 import inspect
 
-import triton
-import triton.language as tl
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # no Triton wheel for this platform: the CPU fallback serves
+    triton = None
+    TRITON_MISSING = f"Triton is not installed ({error})"
+else:
+    TRITON_MISSING = None
 
+if triton is not None:
 
-@triton.jit
-def _probe_kernel(x_ptr):
-    # Never launched: its type tells how @triton.jit built this module's kernels.
-    tl.store(x_ptr, 0)
+    @triton.jit
+    def _probe_kernel(x_ptr):
+        # Never launched: its type tells how @triton.jit built this package's kernels.
+        tl.store(x_ptr, 0)
 
-
-_INTERPRETED = type(_probe_kernel).__name__ == "InterpretedFunction"
+    _INTERPRETED = type(_probe_kernel).__name__ == "InterpretedFunction"
+else:
+    _INTERPRETED = False
 
 
 def interpreted() -> bool:
@@ -39,6 +48,8 @@ def launches_cpu_tensors() -> bool:
     global _driver_takes_cpu_tensors
     if _INTERPRETED or _driver_takes_cpu_tensors:
         return True
+    if triton is None:
+        return False
     import torch
 
     if torch.cuda.is_available():

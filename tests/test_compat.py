@@ -4,6 +4,11 @@ version pairs CI tests (see noxfile.py)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,3 +74,45 @@ def test_interpreter_runs_loops_over_kernel_arguments():
     with tritonbn.backend("triton", plan="split-welford"):
         y = tritonbn.batch_norm(x, None, None, training=True)
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True), rtol=1e-4, atol=1e-4)
+
+
+def _run_blocked(blocked: tuple[str, ...], code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter where importing any of ``blocked`` raises ImportError,
+    as on a platform without their wheels."""
+    prelude = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in blocked)
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_import_and_cpu_fallback_without_triton():
+    result = _run_blocked(("triton",), """
+        import torch, tritonbn
+        module = tritonbn.BatchNorm2d(3)
+        x = torch.randn(4, 3, 5, 5, requires_grad=True)
+        module(x).sum().backward()
+        assert x.grad is not None and module.num_batches_tracked.item() == 1
+        plan = tritonbn.explain(torch.randn(4, 3, 5, 5))
+        assert plan.backend == "torch" and "Triton is not installed" in plan.reason, plan
+        forced = tritonbn.explain(torch.randn(4, 3, 5, 5), backend="triton")
+        assert "Triton is not installed" in forced.facts["runnable here"], forced
+        try:
+            with tritonbn.backend("triton"):
+                tritonbn.batch_norm(x, None, None, training=True)
+        except RuntimeError as error:
+            assert "needs the Triton kernels" in str(error)
+        else:
+            raise AssertionError("backend 'triton' ran without Triton")
+        assert sys.modules["triton"] is None
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_trainer_names_its_missing_extra():
+    result = _run_blocked(("tqdm",), """
+        from tritonbn.train import main
+        raise SystemExit(main(["--epochs", "1"]))
+    """)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "missing here: tqdm" in result.stderr and "pip install 'tritonbn[train]'" in result.stderr

@@ -24,7 +24,12 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from tritonbn.kernels.layout import Layout, contiguous_strides, describe_strides
 from tritonbn.kernels.plans import KERNEL_PLANS, PLANS, KernelPlan, PlanName, fused_tile_elements
-from tritonbn.kernels.runtime import interpreted, launches_cpu_tensors, stand_in_sm_count
+from tritonbn.kernels.runtime import (
+    TRITON_MISSING,
+    interpreted,
+    launches_cpu_tensors,
+    stand_in_sm_count,
+)
 
 from . import tuning as _tuning
 
@@ -247,7 +252,9 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
     if requested == "auto" and device_type != "cuda" and not for_explain:
         # The hot path of every CPU training step: no layout facts are needed to run torch.
         return _OFF_GPU
-    kernels_run_here = device_type == "cuda" or (requested == "triton" and launches_cpu_tensors())
+    kernels_run_here = TRITON_MISSING is None and (
+        device_type == "cuda" or (requested == "triton" and launches_cpu_tensors())
+    )
     shape, strides = x.shape, x.stride()
     if torch.compiler.is_compiling():
         if requested in ("torch", "reference"):
@@ -277,6 +284,8 @@ def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
     if requested in ("torch", "reference"):
         return Plan(requested, None, f"backend {requested!r} requested by {source}", facts)
     if requested == "auto":
+        if TRITON_MISSING is not None:
+            return Plan("torch", None, f"{TRITON_MISSING}: PyTorch's own batch_norm runs", facts)
         if device.type != "cuda":
             return Plan(
                 "torch", None,
@@ -288,7 +297,12 @@ def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
         if empty:
             return Plan("torch", None, "empty batch: nothing to compute", facts)
     else:  # "triton"
-        if not kernels_run_here:
+        if TRITON_MISSING is not None:
+            problem = f"backend 'triton' needs the Triton kernels, but {TRITON_MISSING}"
+            if not for_explain:
+                raise RuntimeError(problem)
+            facts["runnable here"] = f"no ({problem})"
+        elif not kernels_run_here:
             problem = (
                 f"backend 'triton' got a {device.type} tensor: the Triton kernels need a CUDA "
                 "device, or TRITON_INTERPRET=1 set before triton is imported to run them through "

@@ -733,6 +733,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_EXTRAS = ("torchvision", "tqdm", "matplotlib")
+
+
+def _missing_extras() -> list[str]:
+    """The packages of the ``train`` extra that cannot be imported (the library needs none)."""
+    missing = []
+    for name in TRAIN_EXTRAS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tritonbn-train`` and ``python -m tritonbn.train``; returns the exit status
     (0 done, 1 an error explained on stderr, 2 bad options, 130 interrupted)."""
@@ -740,6 +754,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    missing = _missing_extras()
+    if missing:
+        print(f"{parser.prog}: error: the trainer needs tritonbn's train extra, missing here: "
+              f"{', '.join(missing)}; install it with: pip install 'tritonbn[train]'",
+              file=sys.stderr, flush=True)
+        return 1
     try:
         return run(args)
     except (TrainingError, FashionMNISTError) as exc:

@@ -22,6 +22,7 @@ results go to stdout and, with ``--json``, into a file that ``bench/render_bench
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import os
@@ -132,6 +133,8 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
             "ratio": ours_s / torch_s, "forward_breakdown_us": breakdown,
         })
     return {
+        "datetime": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(device),
         "what": "host time per BatchNorm layer, forward+backward, chain of 8, best of "
                 f"{repeats} x {steps} steps",
         "driver": "stand-in CUDA driver (nothing executes)" if stand_in else "CUDA",
@@ -141,6 +144,16 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
         "triton": __import__("triton").__version__,
         "layers": rows,
     }
+
+
+def _machine(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and its core count."""
+    from tritonbn.train import environment
+
+    info = environment(device)
+    if device.type == "cuda":
+        return str(info["device_name"])
+    return f"{info['device_name']}, {info['cpu_count']} cores"
 
 
 def _forward_breakdown(module: torch.nn.Module, x: torch.Tensor, repeats: int, steps: int,

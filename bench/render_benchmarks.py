@@ -9,9 +9,11 @@ and, while no GPU run is committed, says so instead of judging the GPU targets.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+import host_overhead
 import report
 from measure import PASS_TRAFFIC
 
@@ -28,6 +30,15 @@ REPRODUCE = """\
 - The CPU file here: `OMP_NUM_THREADS=1 pytest bench -p no:cacheprovider
   --benchmark-json=bench/results/cpu-<date>.json` (one torch thread: the 2-core machine was shared).
 - This page and its chart: `python bench/render_benchmarks.py`."""
+
+
+HOST_METHOD = """\
+What a user waits for in eager mode when a layer's GPU work is short: `bench/host_overhead.py` runs a chain
+of 8 BatchNorm layers forward and backward and reports the host time per layer (best of 9 timings of 40
+steps) and the kernel launches per pass. Without CUDA, tritonbn goes through Triton's real launch path under
+a stand-in CUDA driver (nothing executes; a real driver adds about 2 µs a launch) and torch runs its CPU
+layer on a tiny tensor, one thread. Reproduce: `python bench/host_overhead.py --json
+bench/results/host-overhead/<machine>-<date>.json`."""
 
 
 def method_section() -> str:
@@ -141,8 +152,22 @@ def run_section(run: dict, root: Path) -> str:
     return "\n\n".join(parts)
 
 
-def render(runs: list[dict], chart: Path, root: Path) -> str:
-    """The whole page for ``runs`` (GPU runs first), writing ``chart`` from the first run."""
+def host_section(host_runs: list[tuple[Path, dict]], root: Path) -> str:
+    """The host time per layer of each bench/host_overhead.py results file, newest first."""
+    if not host_runs:
+        return "No host-overhead results file is committed yet (`bench/results/host-overhead/`)."
+    parts = []
+    for path, run in host_runs:
+        parts.append(f"From `{shown_path(path, root)}` ({run.get('datetime', '?')}, "
+                     f"{run.get('machine', '?')}, torch {run['torch']}, triton {run['triton']}):\n\n"
+                     + host_overhead.report(run))
+    return "\n\n".join(parts)
+
+
+def render(runs: list[dict], chart: Path, root: Path,
+           host_runs: list[tuple[Path, dict]] | None = None) -> str:
+    """The whole page for ``runs`` (GPU runs first), writing ``chart`` from the first run, with
+    the host time per layer of ``host_runs``."""
     gpu = [run for run in runs if report.is_gpu(run)]
     if gpu:
         status = (f"{len(gpu)} GPU run(s) committed; the newest is judged first. CPU runs, if any, "
@@ -164,6 +189,7 @@ def render(runs: list[dict], chart: Path, root: Path) -> str:
     parts.append(method_section())
     parts.append("## Results\n\n" + ("\n\n".join(run_section(run, root) for run in runs)
                                      if runs else "No results file is committed yet."))
+    parts.append("## Host time per layer\n\n" + HOST_METHOD + "\n\n" + host_section(host_runs or [], root))
     parts.append("## How to reproduce\n\n" + REPRODUCE)
     return "\n\n".join(parts) + "\n"
 
@@ -175,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     runs = report.load_all(args.results)
+    host_runs = [(path, json.loads(path.read_text()))
+                 for path in sorted((args.results / "host-overhead").glob("*.json"), reverse=True)]
     chart = args.out.with_name(args.out.stem + "-speedup.png")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(runs, chart, ROOT))
+    args.out.write_text(render(runs, chart, ROOT, host_runs))
     print(f"wrote {args.out} from {len(runs)} results file(s)")
     return 0
 

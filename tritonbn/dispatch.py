@@ -56,10 +56,27 @@ def _check_plan(name: str | None, source: str) -> str | None:
 
 @contextlib.contextmanager
 def backend(name: str, plan: str | None = None) -> Iterator[None]:
-    """Run the calls inside the ``with`` block on backend ``name`` (and kernel ``plan``).
+    """Run the batch-norm calls inside the ``with`` block on backend ``name`` (and kernel ``plan``).
 
-    ``name`` is one of ``"auto"``, ``"triton"``, ``"torch"``, ``"reference"``; ``plan`` (only with
-    ``"triton"``) one of :data:`PLANS`. Takes precedence over ``TRITONBN_BACKEND``/``TRITONBN_PLAN``.
+    Takes precedence over the ``TRITONBN_BACKEND`` and ``TRITONBN_PLAN`` environment variables;
+    blocks nest, the innermost wins. Under ``torch.compile`` the choice is read once, when a graph
+    is traced.
+
+    Args:
+        name (str): ``"auto"`` (the dispatcher chooses: the Triton kernels for CUDA tensors,
+            PyTorch's own batch_norm elsewhere), ``"triton"``, ``"torch"`` or ``"reference"``.
+        plan (str, optional): a kernel plan of :data:`PLANS` to force, only with ``"triton"``.
+
+    Raises:
+        ValueError: an unknown ``name`` or ``plan``, or a ``plan`` with another backend.
+
+    Examples::
+
+        >>> x = torch.randn(8, 6, 24, 24)
+        >>> with tritonbn.backend("reference"):
+        ...     y = tritonbn.batch_norm(x, None, None, training=True)
+        >>> with tritonbn.backend("triton", plan="split-welford"):  # a GPU, or TRITON_INTERPRET=1
+        ...     y = tritonbn.BatchNorm2d(6).cuda()(x.cuda())
     """
     _check_backend(name, "backend name")
     _check_plan(plan, "plan")
@@ -344,16 +361,33 @@ def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
 
 
 def explain(input: torch.Tensor, training: bool = True, **options: object) -> Plan:
-    """The dispatcher's decision for ``tritonbn.batch_norm(input, training=training, ...)``.
+    """The dispatcher's decision for ``tritonbn.batch_norm(input, training=training, ...)``:
+    which backend and kernel plan would run it, and why. Decided from shapes, strides, dtype,
+    device and the GPU, never values; nothing runs.
 
-    ``options`` may carry ``backend`` and ``plan`` to explain a forced choice, also one that
-    cannot run on this machine (a CPU tensor on ``"triton"`` without the interpreter: the report
-    says so). The returned :class:`Plan` prints as a short report: backend, kernel plan, reason
-    and the facts used.
+    Args:
+        input (Tensor): the input of the call, ``(N, C, *)``; only its metadata is read, so
+            ``torch.empty(..., device="meta")`` will do.
+        training (bool): explain a training call (default) or an eval call.
+        backend (str, optional): explain this backend instead of the current one, also one that
+            cannot run here (a CPU tensor on ``"triton"`` without a GPU: the report says so).
+        plan (str, optional): explain this forced kernel plan (implies ``backend="triton"``).
 
-    An ``input`` that ``batch_norm`` rejects (not a tensor, fewer than 2 dimensions, a dtype other
-    than float16/bfloat16/float32/float64, one value per channel in training) raises the error
-    ``batch_norm`` would raise, on every backend: no plan is named for a call that cannot run.
+    Returns:
+        Plan: prints as a short report — backend, kernel plan, reason, launches, where the
+        choice came from (tuning table or heuristics) and the facts used.
+
+    Raises:
+        TypeError, ValueError, NotImplementedError: an ``input`` that ``batch_norm`` rejects
+            (not a tensor, fewer than 2 dimensions, a dtype other than float16, bfloat16,
+            float32 or float64, one value per channel in training) raises what ``batch_norm``
+            would: no plan is named for a call that cannot run.
+
+    Examples::
+
+        >>> print(tritonbn.explain(torch.empty(256, 6, 24, 24), backend="triton"))
+        tritonbn plan: backend=triton, kernel=split-welford
+          reason: ...
     """
     # batch_norm's own input checks, so explain and batch_norm cannot disagree.
     from ._checks import check_input, check_training_input

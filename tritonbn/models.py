@@ -19,9 +19,22 @@ class LeNet(nn.Sequential):
     """LeNet-5 with batch normalization after every convolution and hidden linear layer, for
     1x28x28 images and 10 classes, layer for layer the seed notebook's ``net``.
 
-    ``batch_norm`` picks the BatchNorm classes: ``"tritonbn"`` (``tritonbn.BatchNorm2d/1d``) or
-    ``"torch"`` (``torch.nn.BatchNorm2d/1d``). The layers sit at the notebook's indices, so
-    ``net[1]`` is the first BatchNorm and ``net[15]`` the classifier.
+    The layers sit at the notebook's indices, so ``net[1]`` is the first BatchNorm and
+    ``net[15]`` the classifier.
+
+    Args:
+        batch_norm (str): the BatchNorm classes, ``"tritonbn"`` (``tritonbn.BatchNorm2d/1d``,
+            default) or ``"torch"`` (``torch.nn.BatchNorm2d/1d``).
+
+    Shape:
+        - Input: :math:`(N, 1, 28, 28)`
+        - Output: :math:`(N, 10)`, the class logits
+
+    Examples::
+
+        >>> net = tritonbn.LeNet()
+        >>> net(torch.randn(256, 1, 28, 28)).shape
+        torch.Size([256, 10])
     """
 
     def __init__(self, batch_norm: str = "tritonbn") -> None:

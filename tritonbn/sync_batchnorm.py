@@ -191,6 +191,30 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     ``activation`` (as on ``tritonbn.BatchNorm2d``) follows the normalization in both paths.
     Otherwise (eval, one rank, no process group) it is ``tritonbn.batch_norm``. Bad input raises on
     the calling rank before any state changes.
+
+    Args:
+        num_features (int): C, the channels of the input.
+        eps (float): added to the variance for numerical stability. Default: 1e-5.
+        momentum (float, optional): the running statistics' update factor; None for a cumulative
+            average. Default: 0.1.
+        affine (bool): learnable weight and bias. Default: True.
+        track_running_stats (bool): keep running statistics (used in eval). Default: True.
+        process_group (optional): the group whose ranks share statistics; None for the world.
+        device, dtype: of the parameters and buffers.
+        bias (bool): a learnable bias (keyword; only where the installed torch has the argument).
+        activation (str, optional): ``"relu"``, ``"sigmoid"``, ``"leaky_relu"``, ``"silu"`` or
+            ``"tanh"`` applied after the normalization (keyword).
+        negative_slope (float): leaky_relu's slope (keyword). Default: 0.01.
+
+    Shape:
+        - Input: :math:`(N, C)`, :math:`(N, C, L)`, :math:`(N, C, H, W)` or :math:`(N, C, D, H, W)`
+        - Output: same shape as input
+
+    Examples::
+
+        >>> # in each process of a torchrun job, after torch.distributed.init_process_group("gloo")
+        >>> model = tritonbn.convert_sync_batchnorm(tritonbn.LeNet())
+        >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
 
     def __init__(
@@ -343,6 +367,18 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
     its buffers, eps, momentum, fused activation and train/eval mode, so device and dtype are
     unchanged. (torch's own ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` cannot keep a fused
     activation: on a model with one it raises a ValueError pointing here.)
+
+    Args:
+        module (nn.Module): the model, or a BatchNorm layer.
+        process_group (optional): the group whose ranks share statistics; None for the world.
+
+    Returns:
+        nn.Module: ``module`` with its BatchNorm layers replaced (a new SyncBatchNorm when
+        ``module`` is one).
+
+    Examples::
+
+        >>> model = tritonbn.convert_sync_batchnorm(torchvision.models.resnet18())
     """
     if not isinstance(module, nn.Module):
         raise TypeError(

@@ -96,6 +96,37 @@ def time_step(benchmark: Any, step: Callable[[], object], device: torch.device) 
     return quartiles(times)
 
 
+# Calls in the loop of the wall-clock timing.
+WALL_CALLS = 100
+
+
+def user_timings_ms(step: Callable[[], object], device: torch.device) -> dict[str, float | None]:
+    """The times a user would recognize, besides the device time of ``time_step`` (CUDA only):
+    ``wall_ms``, the wall-clock time per call of a loop of calls without cache flushes,
+    synchronized once (a small layer's host time shows here), and ``cudagraph_ms``, the time per
+    call replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: no host time at all;
+    None where the step cannot be captured)."""
+    if device.type != "cuda":
+        return {}
+    import time
+
+    import triton.testing
+
+    torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(WALL_CALLS):
+            step()
+        torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / WALL_CALLS * 1e3)
+    try:
+        graphed = float(triton.testing.do_bench_cudagraph(step, rep=REPEAT_MS))
+    except Exception:  # a step that cannot be captured (host synchronization, say): no graph time
+        graphed = None
+    return {"wall_ms": best, "cudagraph_ms": graphed}
+
+
 def copy_gbps(device: torch.device) -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read plus bytes written), timed like the
     benchmarks."""

@@ -23,17 +23,21 @@ CPU_OVERHEAD_TARGET_PCT = 10.0
 
 
 def add_speedups(benchmarks: list[dict]) -> None:
-    """Set ``extra_info["speedup_vs_torch"]`` of every timed benchmark: torch's median time in the
-    same group divided by its own (None where the group has no timed torch entry)."""
-    torch_ms = {
-        bench["group"]: bench["extra_info"]["ms"]
-        for bench in benchmarks
-        if bench["extra_info"].get("backend") == "torch" and bench["extra_info"].get("ms")
-    }
-    for bench in benchmarks:
-        info = bench["extra_info"]
-        base = torch_ms.get(bench["group"])
-        info["speedup_vs_torch"] = base / info["ms"] if base and info.get("ms") else None
+    """Set ``extra_info["speedup_vs_torch"]`` of every timed benchmark: torch's median device time
+    in the same group divided by its own (None where the group has no timed torch entry); and
+    likewise ``wall_speedup_vs_torch`` and ``cudagraph_speedup_vs_torch`` from the wall-clock and
+    CUDA-graph times where they were measured (CUDA)."""
+    for field, speedup in (("ms", "speedup_vs_torch"), ("wall_ms", "wall_speedup_vs_torch"),
+                           ("cudagraph_ms", "cudagraph_speedup_vs_torch")):
+        torch_ms = {
+            bench["group"]: bench["extra_info"][field]
+            for bench in benchmarks
+            if bench["extra_info"].get("backend") == "torch" and bench["extra_info"].get(field)
+        }
+        for bench in benchmarks:
+            info = bench["extra_info"]
+            base = torch_ms.get(bench["group"])
+            info[speedup] = base / info[field] if base and info.get(field) else None
 
 
 def with_records(data: dict) -> dict:
@@ -215,12 +219,21 @@ def headline_table(records: list[dict]) -> str:
             str(auto["plan"]) if auto else "—",
             f"{auto['ms']:.4g}" if auto else "—",
             f"{native['ms']:.4g}" if native else "—",
-            f"{auto['speedup_vs_torch']:.2f}x" if auto and auto.get("speedup_vs_torch") else "—",
-            f"{compiled['speedup_vs_torch']:.2f}x" if compiled and compiled.get("speedup_vs_torch") else "—",
+            _times(auto, "speedup_vs_torch"),
+            _times(auto, "wall_speedup_vs_torch"),
+            _times(auto, "cudagraph_speedup_vs_torch"),
+            _times(compiled, "speedup_vs_torch"),
             f"{auto['pct_of_copy']:.0f}%" if auto and auto.get("pct_of_copy") is not None else "—",
         ])
-    return markdown_table(["case", "tritonbn plan", "tritonbn ms", "torch ms", "tritonbn speedup",
-                           "torch.compile speedup", "tritonbn % of copy"], rows)
+    return markdown_table(["case", "tritonbn plan", "tritonbn ms", "torch ms", "tritonbn speedup (device)",
+                           "(wall clock)", "(CUDA graph)", "torch.compile speedup",
+                           "tritonbn % of copy"], rows)
+
+
+def _times(record: dict | None, field: str) -> str:
+    """A speedup cell: ``1.23x``, or ``—`` where it was not measured."""
+    value = record.get(field) if record else None
+    return f"{value:.2f}x" if value else "—"
 
 
 def activation_table(records: list[dict]) -> str:

@@ -7,7 +7,11 @@ dtypes, which optional tensors are present, their pointer alignment, activation,
 asked for — so a training loop computes each layer's geometry once and, after the first call,
 launches through ``launch.Launcher``'s records. ``activation`` (None or a name of
 ``activation.ACTIVATIONS``, with leaky_relu's ``negative_slope``) is applied to the normalized
-output in the forward and differentiated, from the saved input, in the backward.
+output in the forward and differentiated, from the saved input, in the backward. An optional
+``residual`` (x's shape and strides) is added before the activation, y = act(z + residual); the
+backward then returns its gradient too when ``need_residual``. ``from_output`` selects the
+memory-efficient backward, which reads the forward's output y instead of x (invertible
+activations only, the weight kept away from zero by the caller).
 
 ``plan`` is a plan name of ``KERNEL_PLANS`` or a ``plans.plan_token`` (the name with tunables from a
 tuning table, ``"split-welford@tile=8192"``); the eval entry points take one too (``"eval"`` by
@@ -59,8 +63,12 @@ def _site(x: torch.Tensor, plan: KernelPlan, sm_count: int, force_int64: bool, *
     """(launch-site key, reduction geometry, elementwise geometry) of a call on ``x``; the key
     holds the tunables, which change block sizes and warps."""
     shape, strides = tuple(x.shape), x.stride()
-    reduction, elementwise = _geometries(plan, shape, strides, sm_count, force_int64, tunables)
-    key = (plan.name, tunables, x.device, x.dtype, shape, strides, force_int64, *flags)
+    if tunables is DEFAULT_TUNABLES:  # the common case pays no hash of the tunables
+        reduction, elementwise = _geometries(plan, shape, strides, sm_count, force_int64)
+        key = (plan.name, x.device, x.dtype, shape, strides, force_int64, *flags)
+    else:
+        reduction, elementwise = _geometries(plan, shape, strides, sm_count, force_int64, tunables)
+        key = (plan.name, tunables, x.device, x.dtype, shape, strides, force_int64, *flags)
     return key, reduction, elementwise
 
 
@@ -84,25 +92,26 @@ def forward_train(
     force_int64: bool = False,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training forward: (y, save) with save[0] = mean and save[1] = invstd (fp32, per channel).
 
-    y = act((x − mean)·invstd·weight + bias) with the batch statistics; then updates the running
-    statistics in place.
+    y = act((x − mean)·invstd·weight + bias [+ residual]) with the batch statistics; then updates
+    the running statistics in place. ``residual`` must have x's shape and strides.
     """
     kernel_plan, tunables = parse_plan(plan)
     code = activation_code(activation)
     key, geo, out_geo = _site(
         x, kernel_plan, sm_count, force_int64, "train", code,
-        tensors_key(x, weight, bias, running_mean, running_var), tunables=tunables,
+        tensors_key(x, weight, bias, running_mean, running_var, residual), tunables=tunables,
     )
     if kernel_plan.single_tile:
         return fused_forward(x, geo, weight, bias, running_mean, running_var, momentum, eps,
-                             activation=code, slope=negative_slope, key=key)
+                             activation=code, slope=negative_slope, key=key, residual=residual)
     # save[2], save[3] = invstd·weight, bias: folded before the running statistics change.
     save = batch_statistics(x, geo, weight, bias, running_mean, running_var, momentum, eps, key=key)
     folded = Normalization(save, None, None, None, FOLDED, 0.0, code, negative_slope)
-    return normalize(x, out_geo, folded, key=key), save
+    return normalize(x, out_geo, folded, key=key, residual=residual), save
 
 
 def forward_eval(
@@ -118,17 +127,18 @@ def forward_eval(
     activation: str | None = None,
     negative_slope: float = 0.01,
     plan: str = "eval",
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eval forward in one launch: y = act((x − running_mean)/sqrt(running_var + eps)·γ + β).
-    ``plan`` is ``"eval"`` or an eval token with tunables."""
+    """Eval forward in one launch: y = act((x − running_mean)/sqrt(running_var + eps)·γ + β
+    [+ residual]). ``plan`` is ``"eval"`` or an eval token with tunables."""
     code = activation_code(activation)
     _, tunables = parse_plan(plan)  # eval always runs the eval plan, with the token's tunables
     key, _, geo = _site(
         x, KERNEL_PLANS["eval"], sm_count, force_int64, "eval", code,
-        tensors_key(x, weight, bias, running_mean, running_var), tunables=tunables,
+        tensors_key(x, weight, bias, running_mean, running_var, residual), tunables=tunables,
     )
     norm = Normalization(running_mean, running_var, weight, bias, RUNNING, eps, code, negative_slope)
-    return normalize(x, geo, norm, key=key)
+    return normalize(x, geo, norm, key=key, residual=residual)
 
 
 def backward_train(
@@ -144,28 +154,40 @@ def backward_train(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     negative_slope: float = 0.01,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Training backward: (dx, dγ, dβ) for the entries of ``needs`` that are True.
+    residual: torch.Tensor | None = None,
+    need_residual: bool = False,
+    from_output: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """Training backward: (dx, dγ, dβ) for the entries of ``needs`` that are True, and a fourth
+    entry, the residual's gradient dy·act'(z + residual), when ``need_residual``.
 
     ``dy`` must have ``x``'s strides; ``save`` is what ``forward_train`` returned. With an
-    activation, ``bias`` must be the forward's: the backward recomputes its input z from ``x``.
+    activation, ``bias`` and ``residual`` must be the forward's: the backward recomputes the
+    activation's input from ``x``. With ``from_output``, ``x`` is the forward's output y (no
+    residual; activation None or leaky_relu with a positive slope; no zero in ``weight``).
     """
     need_input, need_weight, need_bias = needs
     kernel_plan, tunables = parse_plan(plan)
     code = activation_code(activation)
     key, geo, out_geo = _site(
-        x, kernel_plan, sm_count, force_int64, "backward", code, needs,
-        tensors_key(dy, x, weight, bias), tunables=tunables,
+        x, kernel_plan, sm_count, force_int64, "backward", code, needs, need_residual, from_output,
+        tensors_key(dy, x, weight, bias, residual), tunables=tunables,
     )
     norm = Normalization(save, None, weight, bias, SAVED, 0.0, code, negative_slope)
+    fused = {"residual": residual, "from_output": from_output}
     if kernel_plan.single_tile:
-        return fused_backward(dy, x, geo, norm, need_input, need_weight, need_bias, key=key)
+        *grads, dres = fused_backward(dy, x, geo, norm, need_input, need_weight, need_bias, key=key,
+                                      need_residual=need_residual, **fused)
+        return (*grads, dres) if need_residual else tuple(grads)
     grad_weight, grad_bias, coef = backward_sums(
         dy, x, geo, norm, need_weight=need_weight, need_bias=need_bias, need_coef=need_input,
-        key=key,
+        key=key, **fused,
     )
-    dx = backward_dx(dy, x, out_geo, norm, coef, key=key) if need_input else None
-    return dx, grad_weight, grad_bias
+    dx = dres = None
+    if need_input or need_residual:
+        dx, dres = backward_dx(dy, x, out_geo, norm, coef, key=key, need_input=need_input,
+                               need_residual=need_residual, **fused)
+    return (dx, grad_weight, grad_bias, dres) if need_residual else (dx, grad_weight, grad_bias)
 
 
 def backward_eval(
@@ -183,26 +205,33 @@ def backward_eval(
     activation: str | None = None,
     negative_slope: float = 0.01,
     plan: str = "eval",
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    residual: torch.Tensor | None = None,
+    need_residual: bool = False,
+    from_output: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
     """Eval backward with the running statistics held constant: with dz = dy·act'(z) (z
     recomputed from ``x``; dz = dy without activation), dx = dz·γ/sqrt(running_var + eps),
     dγ = Σ dz·(x − running_mean)/sqrt(running_var + eps), dβ = Σ dz. ``plan`` is ``"eval"`` or
-    an eval token with tunables.
+    an eval token with tunables. ``residual``, ``need_residual`` and ``from_output`` as in
+    ``backward_train`` (a fourth entry, dz, when ``need_residual``).
     """
     need_input, need_weight, need_bias = needs
     code = activation_code(activation)
     _, tunables = parse_plan(plan)
     key, geo, out_geo = _site(
         x, KERNEL_PLANS["eval"], sm_count, force_int64, "eval-backward", code, needs,
-        tensors_key(dy, x, weight, bias, running_mean, running_var), tunables=tunables,
+        need_residual, from_output,
+        tensors_key(dy, x, weight, bias, running_mean, running_var, residual), tunables=tunables,
     )
     norm = Normalization(running_mean, running_var, weight, bias, RUNNING, eps, code, negative_slope)
-    grad_weight = grad_bias = dx = None
+    fused = {"residual": residual, "from_output": from_output}
+    grad_weight = grad_bias = dx = dres = None
     if need_weight or need_bias:
         grad_weight, grad_bias, _ = backward_sums(
             dy, x, geo, norm, need_weight=need_weight, need_bias=need_bias, need_coef=False,
-            key=key,
+            key=key, **fused,
         )
-    if need_input:
-        dx = backward_dx(dy, x, out_geo, norm, None, key=key)
-    return dx, grad_weight, grad_bias
+    if need_input or need_residual:
+        dx, dres = backward_dx(dy, x, out_geo, norm, None, key=key, need_input=need_input,
+                               need_residual=need_residual, **fused)
+    return (dx, grad_weight, grad_bias, dres) if need_residual else (dx, grad_weight, grad_bias)

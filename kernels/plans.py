@@ -82,6 +82,11 @@ class Tunables:
             value = getattr(self, name)
             if value is not None and value & (value - 1):
                 raise ValueError(f"tunable {name} must be a power of two, got {value}")
+        # Launch-site keys hold the tunables and are hashed on every launch: hash once.
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, name) for name in TUNABLE_FIELDS)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def changes(self) -> dict[str, int]:
         """The fields that differ from the defaults, in field order."""
@@ -101,7 +106,7 @@ class Tunables:
             if not sep or name not in TUNABLE_FIELDS:
                 raise ValueError(f"unknown tunable {item!r}; known: {', '.join(TUNABLE_FIELDS)}")
             values[name] = int(value)
-        return Tunables(**values)
+        return Tunables(**values) if values else DEFAULT_TUNABLES
 
 
 TUNABLE_FIELDS = (
@@ -393,6 +398,17 @@ def _parse(token: str) -> tuple[KernelPlan, Tunables]:
     return KERNEL_PLANS[name], Tunables.decode(encoded)
 
 
+_parsed: dict[str, tuple[KernelPlan, Tunables]] = {}
+
+
 def parse_plan(plan: str) -> tuple[KernelPlan, Tunables]:
-    """(kernel plan, tunables) of a plan name, a :func:`plan_token` or a :class:`PlanName`."""
-    return _parse(getattr(plan, "token", None) or str(plan))
+    """(kernel plan, tunables) of a plan name, a :func:`plan_token` or a :class:`PlanName`.
+    On the launch path: a plain string costs one dict lookup."""
+    if type(plan) is not str:  # a PlanName compares equal to its bare name: read its token
+        plan = getattr(plan, "token", None) or str(plan)
+    found = _parsed.get(plan)
+    if found is None:
+        found = _parse(plan)
+        if len(_parsed) < 1024:
+            _parsed[plan] = found
+    return found

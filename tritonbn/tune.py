@@ -316,6 +316,19 @@ def kernel_resources(compiled: Any) -> dict[str, int]:
     """Registers, spill bytes (stack and local memory) and shared memory of a compiled kernel,
     read from its cubin with Triton's ``cuobjdump``; without it, from the loaded kernel's
     ``n_regs``/``n_spills`` (a real driver's numbers)."""
+    key = getattr(compiled, "hash", None)
+    if key is not None and key in _resources:
+        return _resources[key]
+    usage = _read_resources(compiled)
+    if key is not None:
+        _resources[key] = usage
+    return usage
+
+
+_resources: dict[str, dict[str, int]] = {}
+
+
+def _read_resources(compiled: Any) -> dict[str, int]:
     shared = int(getattr(compiled.metadata, "shared", 0))
     tool = _cuobjdump()
     cubin = compiled.asm.get("cubin") if hasattr(compiled, "asm") else None

@@ -5,6 +5,8 @@ from the saved input and turn dy into dz = dy·act'(z) with ``activation_grad`` 
 tensor is saved). A kernel selects the activation with the constexpr ``ACTIVATION`` code, so
 code 0 (none) compiles to exactly the plain batch-norm kernel; leaky_relu's slope is a runtime
 float. The names and codes live in ``activation_table.py``; the math of each code lives here.
+``activation_inverse`` undoes an invertible activation (none; leaky_relu with a positive slope):
+the memory-efficient backward recovers z from the saved output y = act(z).
 """
 
 import triton
@@ -12,7 +14,7 @@ import triton.language as tl
 
 from .activation_table import ACTIVATIONS, BY_NAME, activation_code
 
-__all__ = ["ACTIVATIONS", "activate", "activation_code", "activation_grad"]
+__all__ = ["ACTIVATIONS", "activate", "activation_code", "activation_grad", "activation_inverse"]
 
 # The activations' codes come from the table (activation_table.py); code 0 is no activation.
 NONE: tl.constexpr = tl.constexpr(0)
@@ -66,3 +68,13 @@ def activation_grad(dy, z, ACTIVATION: tl.constexpr, slope):
         t = _tanh(z)
         dz = dy * (1.0 - t * t)
     return dz
+
+
+@triton.jit
+def activation_inverse(y, ACTIVATION: tl.constexpr, slope):
+    # z = act⁻¹(y): leaky_relu⁻¹(y) = y if y > 0 else y/slope (slope > 0, so sign(z) = sign(y));
+    # code 0 returns y. Launched only with invertible codes (tritonbn.functional checks).
+    z = y
+    if ACTIVATION == LEAKY_RELU:
+        z = tl.where(y > 0.0, y, y / slope)
+    return z

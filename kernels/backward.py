@@ -8,13 +8,18 @@ in training; in eval the running statistics are constants and dx = γ·invstd·d
 fp32 partial sums per program, merged in split order by the last program of each channel group
 (dγ, dβ and the dx coefficients; see ``workspace.py``), then the elementwise dx. No float
 atomics: deterministic.
+
+With a residual r the forward computed y = act(z + r): the kernels recompute u = z + r, use
+dz = dy·act'(u), and the dx kernel writes the residual's gradient dr = dz. The memory-efficient
+backward (``FROM_OUTPUT``) reads the output y = act(z) in place of x and recovers
+z = act⁻¹(y) and x − mean = (z − β)/(invstd·γ) (γ is kept away from 0 by the caller).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .activation import NONE, activation_grad
+from .activation import NONE, activation_grad, activation_inverse
 from .launch import Launcher
 from .normalization import Normalization
 from .plans import Geometry
@@ -23,19 +28,40 @@ from .workspace import tickets
 
 
 @triton.jit
-def backward_sums_kernel(dy_ptr, x_ptr, partial_ptr, ticket_ptr, grad_weight_ptr, grad_bias_ptr,
-                         coef_ptr, stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope,
+def _recompute(x_ptr, residual_ptr, offsets, mask, mean, a, b, slope, ACTIVATION: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr):
+    # (x − mean, u): from the saved input, x − mean and u = (x − mean)·a + b [+ r]; from the
+    # saved output (FROM_OUTPUT), z = act⁻¹(y), x − mean = (z − b)/a and u = z. Masked lanes
+    # give x − mean = 0.
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if FROM_OUTPUT:
+        u = activation_inverse(x, ACTIVATION, slope)
+        # Padded channels of a column tile have a = 0: divide by 1 there (their lanes are masked).
+        xmu = tl.where(mask, (u - b) / tl.where(a == 0.0, 1.0, a), 0.0)
+    else:
+        xmu = tl.where(mask, x - mean, 0.0)
+        u = xmu * a + b
+    if HAS_RESIDUAL:
+        u = u + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return xmu, u
+
+
+@triton.jit
+def backward_sums_kernel(dy_ptr, x_ptr, residual_ptr, partial_ptr, ticket_ptr, grad_weight_ptr,
+                         grad_bias_ptr, coef_ptr, stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope,
                          count, R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT, SPLIT,
                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                          CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
                          STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                          HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                          NEEDS_WEIGHT: tl.constexpr, NEEDS_BIAS: tl.constexpr,
-                         NEEDS_COEF: tl.constexpr):
+                         NEEDS_COEF: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         FROM_OUTPUT: tl.constexpr):
     # Program (g, s): fp32 Σ dz and Σ dz·(x − mean) over its tiles, with dz = dy·act'(z) and
     # z = (x − mean)·a + b (a = invstd·γ, b = β), into row s of partials[2, SPLIT, C]. The last
     # program of group g sums rows 0..SPLIT-1 in order: dβ = Σdz, dγ = Σdz·(x − mean)·invstd and
-    # the dx coefficients coef[2, C] = (Σdz/n, invstd²·Σdz·(x − mean)/n).
+    # the dx coefficients coef[2, C] = (Σdz/n, invstd²·Σdz·(x − mean)/n). With a residual,
+    # dz = dy·act'(z + r); FROM_OUTPUT recovers x − mean from y (see ``_recompute``).
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     mean, a, b = affine_rows(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
@@ -47,9 +73,9 @@ def backward_sums_kernel(dy_ptr, x_ptr, partial_ptr, ticket_ptr, grad_weight_ptr
         offsets, mask = tile_offsets(pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c,
                                      BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        xmu = tl.where(mask, x - mean, 0.0)
-        dz = activation_grad(dy, xmu * a + b, ACTIVATION, slope)
+        xmu, u = _recompute(x_ptr, residual_ptr, offsets, mask, mean, a, b, slope, ACTIVATION,
+                            HAS_RESIDUAL, FROM_OUTPUT)
+        dz = activation_grad(dy, u, ACTIVATION, slope)
         acc_dz += tl.sum(dz, axis=0)
         acc_dz_xmu += tl.sum(dz * xmu, axis=0)
     if CHANNEL_MAJOR:
@@ -81,15 +107,18 @@ def backward_sums_kernel(dy_ptr, x_ptr, partial_ptr, ticket_ptr, grad_weight_ptr
 
 
 @triton.jit
-def backward_dx_kernel(dy_ptr, x_ptr, dx_ptr, coef_ptr,
+def backward_dx_kernel(dy_ptr, x_ptr, residual_ptr, dx_ptr, dres_ptr, coef_ptr,
                        stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope,
                        R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                        CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
                        STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, TRAINING: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, TRAINING: tl.constexpr,
+                       NEEDS_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                       NEEDS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr):
     # Training: dx = a·(dz − mean_dz − (x − mean)·k_xmu) with the combine's coefficients;
-    # eval: dx = a·dz. a = invstd·γ and dz = dy·act'(z); eval without activation never reads x.
+    # eval: dx = a·dz. a = invstd·γ and dz = dy·act'(u), u = z [+ r]; the residual's gradient is
+    # dr = dz. Eval without activation never reads x.
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     mean, a, b = affine_rows(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
@@ -104,13 +133,17 @@ def backward_dx_kernel(dy_ptr, x_ptr, dx_ptr, coef_ptr,
                                      BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
         dz = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if TRAINING or ACTIVATION != NONE:
-            xmu = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - mean
-            dz = activation_grad(dz, xmu * a + b, ACTIVATION, slope)
+            xmu, u = _recompute(x_ptr, residual_ptr, offsets, mask, mean, a, b, slope, ACTIVATION,
+                                HAS_RESIDUAL, FROM_OUTPUT)
+            dz = activation_grad(dz, u, ACTIVATION, slope)
+            if NEEDS_RESIDUAL:
+                tl.store(dres_ptr + offsets, dz.to(dres_ptr.dtype.element_ty), mask=mask)
             if TRAINING:
                 dz = dz - mean_dz - xmu * k_xmu
-        tl.store(dx_ptr + offsets, (a * dz).to(dx_ptr.dtype.element_ty), mask=mask)
-
-
+        elif NEEDS_RESIDUAL:
+            tl.store(dres_ptr + offsets, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+        if NEEDS_INPUT:
+            tl.store(dx_ptr + offsets, (a * dz).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 launch_sums = Launcher(backward_sums_kernel)
@@ -127,8 +160,11 @@ def backward_sums(
     need_bias: bool,
     need_coef: bool,
     key: object,
+    residual: torch.Tensor | None = None,
+    from_output: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """One launch: (grad_weight, grad_bias, coef[2, C]), each None unless asked for. ``key``
+    """One launch: (grad_weight, grad_bias, coef[2, C]), each None unless asked for. ``x`` is the
+    forward's input, or its output when ``from_output``; ``residual`` the forward's. ``key``
     names the launch site."""
     channels = x.shape[1]
     count = float(x.numel() // channels)
@@ -137,23 +173,30 @@ def backward_sums(
     coef = torch.empty((2, channels), device=x.device, dtype=torch.float32) if need_coef else None
     launch_sums(
         key, geo.grid,
-        (dy, x, partials, tickets(x.device, geo.groups), grad_weight, grad_bias, coef,
+        (dy, x, residual, partials, tickets(x.device, geo.groups), grad_weight, grad_bias, coef,
          *norm.args(channels), count, *geo.args(), geo.split),
         lambda: {"NEEDS_WEIGHT": need_weight, "NEEDS_BIAS": need_bias, "NEEDS_COEF": need_coef,
-         **norm.meta(), **geo.meta()},
+         "HAS_RESIDUAL": residual is not None, "FROM_OUTPUT": from_output, **norm.meta(),
+         **geo.meta()},
     )
     return grad_weight, grad_bias, coef
 
 
 def backward_dx(
     dy: torch.Tensor, x: torch.Tensor, geo: Geometry, norm: Normalization,
-    coef: torch.Tensor | None, *, key: object,
-) -> torch.Tensor:
-    """dx in ``x``'s dtype and strides: the training formula with ``coef`` from ``backward_sums``,
-    the eval one (statistics held constant) when ``coef`` is None."""
-    dx = torch.empty_like(x)
+    coef: torch.Tensor | None, *, key: object, residual: torch.Tensor | None = None,
+    need_input: bool = True, need_residual: bool = False, from_output: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx, d residual) in ``x``'s dtype and strides, each None unless asked for: dx by the
+    training formula with ``coef`` from ``backward_sums``, the eval one (statistics held
+    constant) when ``coef`` is None (pass None too when only the residual's gradient is asked
+    for). ``x`` is the forward's input, or its output when ``from_output``."""
+    dx = torch.empty_like(x) if need_input else None
+    dres = torch.empty_like(x) if need_residual else None
     launch_dx(
-        key, geo.grid, (dy, x, dx, coef, *norm.args(x.shape[1]), *geo.args()),
-        lambda: {"TRAINING": coef is not None, **norm.meta(), **geo.meta()},
+        key, geo.grid, (dy, x, residual, dx, dres, coef, *norm.args(x.shape[1]), *geo.args()),
+        lambda: {"TRAINING": coef is not None, "NEEDS_INPUT": need_input,
+                 "HAS_RESIDUAL": residual is not None, "NEEDS_RESIDUAL": need_residual,
+                 "FROM_OUTPUT": from_output, **norm.meta(), **geo.meta()},
     )
-    return dx
+    return dx, dres

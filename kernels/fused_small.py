@@ -1,14 +1,17 @@
 """The fused-small plan: when a channel's whole slab fits one program's registers, one launch does
 the training forward (exact two-pass mean and variance, normalize + affine + activation, running
 statistics) and one launch the backward (dz = dy·act'(z) with z recomputed, Σdz, Σdz·x̂, dγ, dβ
-and dx), each reading its inputs once.
+and dx), each reading its inputs once. An optional residual r is added before the activation,
+y = act(z + r), and its gradient dr = dy·act'(z + r) is written by the backward; the
+memory-efficient backward reads the output y instead of x (``FROM_OUTPUT``) and recovers
+x − mean = (act⁻¹(y) − β)/(invstd·γ).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .activation import activate, activation_grad
+from .activation import activate, activation_grad, activation_inverse
 from .launch import Launcher
 from .normalization import Normalization
 from .plans import Geometry
@@ -24,16 +27,17 @@ from .tiling import (
 
 
 @triton.jit
-def fused_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
+def fused_forward_kernel(x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
                          save_ptr, C, momentum, eps, slope,
                          R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                          CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_RUNNING: tl.constexpr, ACTIVATION: tl.constexpr):
+                         HAS_RUNNING: tl.constexpr, ACTIVATION: tl.constexpr,
+                         HAS_RESIDUAL: tl.constexpr):
     # mean = Σx/n, var = Σ(x − mean)²/n over the slab in registers,
-    # y = act((x − mean)·invstd·γ + β), save[2, C] = (mean, invstd); running statistics updated
-    # last with the unbiased variance.
+    # y = act((x − mean)·invstd·γ + β [+ r]), save[2, C] = (mean, invstd); running statistics
+    # updated last with the unbiased variance.
     pid_k = tl.program_id(0)
     offsets, mask = tile_offsets(pid_k, 0, R, K, KB, stride_r, stride_k, stride_c,
                                  BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
@@ -49,6 +53,8 @@ def fused_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, r
     y = (x - as_row(mean, CHANNEL_MAJOR)) * as_row(a, CHANNEL_MAJOR)
     if HAS_BIAS:
         y = y + as_row(load_channel(bias_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR), CHANNEL_MAJOR)
+    if HAS_RESIDUAL:
+        y = y + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     y = activate(y, ACTIVATION, slope)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
     store_channel(save_ptr, mean, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
@@ -64,7 +70,7 @@ def fused_forward_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, running_mean_ptr, r
 
 
 @triton.jit
-def fused_backward_kernel(dy_ptr, x_ptr, dx_ptr, grad_weight_ptr, grad_bias_ptr,
+def fused_backward_kernel(dy_ptr, x_ptr, residual_ptr, dx_ptr, dres_ptr, grad_weight_ptr, grad_bias_ptr,
                           stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope, count,
                           R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -72,10 +78,12 @@ def fused_backward_kernel(dy_ptr, x_ptr, dx_ptr, grad_weight_ptr, grad_bias_ptr,
                           STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                           HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                           NEEDS_INPUT: tl.constexpr, NEEDS_WEIGHT: tl.constexpr,
-                          NEEDS_BIAS: tl.constexpr):
-    # dz = dy·act'(z) with z = (x − mean)·a + b recomputed (a = invstd·γ, b = β); dβ = Σdz,
+                          NEEDS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                          NEEDS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr):
+    # dz = dy·act'(u) with u = (x − mean)·a + b [+ r] recomputed (a = invstd·γ, b = β); dβ = Σdz,
     # dγ = Σdz·(x − mean)·invstd, dx = a·(dz − Σdz/n − (x − mean)·invstd²·Σdz·(x − mean)/n),
-    # all from one read.
+    # dr = dz; all from one read. FROM_OUTPUT: x_ptr holds y = act(z) (no residual), so
+    # z = act⁻¹(y) and x − mean = (z − b)/a.
     pid_k = tl.program_id(0)
     offsets, mask = tile_offsets(pid_k, 0, R, K, KB, stride_r, stride_k, stride_c,
                                  BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
@@ -83,9 +91,18 @@ def fused_backward_kernel(dy_ptr, x_ptr, dx_ptr, grad_weight_ptr, grad_bias_ptr,
                                         BLOCK_K, CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    xmu = tl.where(mask, x - as_row(mean, CHANNEL_MAJOR), 0.0)
-    dz = activation_grad(dy, xmu * as_row(a, CHANNEL_MAJOR) + as_row(b, CHANNEL_MAJOR),
-                         ACTIVATION, slope)
+    if FROM_OUTPUT:
+        z = activation_inverse(x, ACTIVATION, slope)
+        a_safe = tl.where(a == 0.0, 1.0, a)  # padded channels of a column tile have a = 0
+        xmu = tl.where(mask, (z - as_row(b, CHANNEL_MAJOR)) / as_row(a_safe, CHANNEL_MAJOR), 0.0)
+    else:
+        xmu = tl.where(mask, x - as_row(mean, CHANNEL_MAJOR), 0.0)
+        z = xmu * as_row(a, CHANNEL_MAJOR) + as_row(b, CHANNEL_MAJOR)
+    if HAS_RESIDUAL:
+        z = z + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dz = activation_grad(dy, z, ACTIVATION, slope)
+    if NEEDS_RESIDUAL:
+        tl.store(dres_ptr + offsets, dz.to(dres_ptr.dtype.element_ty), mask=mask)
     sum_dz = tl.sum(dz, axis=0)
     sum_dz_xmu = tl.sum(dz * xmu, axis=0)
     if CHANNEL_MAJOR:
@@ -120,18 +137,21 @@ def fused_forward(
     activation: int = 0,
     slope: float = 0.0,
     key: object,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch: returns (y in x's dtype and strides, save[2, C] fp32 = (mean, invstd)).
-    ``key`` names the launch site."""
+    ``residual`` (x's shape and strides) is added before the activation. ``key`` names the
+    launch site."""
     channels = x.shape[1]
     y = torch.empty_like(x)
     save = torch.empty((2, channels), device=x.device, dtype=torch.float32)
     launch_forward(
         key, geo.grid,
-        (x, y, weight, bias, running_mean, running_var, save, channels, float(momentum),
+        (x, y, residual, weight, bias, running_mean, running_var, save, channels, float(momentum),
          float(eps), float(slope), *geo.args()),
         lambda: {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
-         "HAS_RUNNING": running_mean is not None, "ACTIVATION": activation, **geo.meta()},
+         "HAS_RUNNING": running_mean is not None, "ACTIVATION": activation,
+         "HAS_RESIDUAL": residual is not None, **geo.meta()},
     )
     return y, save
 
@@ -146,16 +166,23 @@ def fused_backward(
     need_bias: bool,
     *,
     key: object,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """One launch: (dx, dγ, dβ), each None unless asked for. ``key`` names the launch site."""
+    residual: torch.Tensor | None = None,
+    need_residual: bool = False,
+    from_output: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One launch: (dx, dγ, dβ, d residual), each None unless asked for. ``x`` is the forward's
+    input, or its output y when ``from_output``; ``residual`` is the forward's (needed with an
+    activation). ``key`` names the launch site."""
     channels = x.shape[1]
     dx = torch.empty_like(x) if need_input else None
+    dres = torch.empty_like(x) if need_residual else None
     grad_weight, grad_bias = norm.parameter_grads(x, need_weight, need_bias)
     launch_backward(
         key, geo.grid,
-        (dy, x, dx, grad_weight, grad_bias, *norm.args(channels), float(x.numel() // channels),
-         *geo.args()),
+        (dy, x, residual, dx, dres, grad_weight, grad_bias, *norm.args(channels),
+         float(x.numel() // channels), *geo.args()),
         lambda: {"NEEDS_INPUT": need_input, "NEEDS_WEIGHT": need_weight, "NEEDS_BIAS": need_bias,
-         **norm.meta(), **geo.meta()},
+         "HAS_RESIDUAL": residual is not None, "NEEDS_RESIDUAL": need_residual,
+         "FROM_OUTPUT": from_output, **norm.meta(), **geo.meta()},
     )
-    return dx, grad_weight, grad_bias
+    return dx, grad_weight, grad_bias, dres

@@ -1,6 +1,7 @@
 """The elementwise forward pass: y = act((x − mean)·invstd·γ + β) per channel, with invstd saved
 by ``stats`` (training normalize of the split plans) or rsqrt(running_var + eps) folded in-kernel
-(the one-launch eval forward); ``act`` is the fused activation (none by default).
+(the one-launch eval forward); ``act`` is the fused activation (none by default), applied after
+an optional residual r: y = act((x − mean)·invstd·γ + β + r).
 """
 
 import torch
@@ -15,14 +16,14 @@ from .tiling import affine_rows, tile_offsets
 
 
 @triton.jit
-def normalize_kernel(x_ptr, y_ptr, stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope,
+def normalize_kernel(x_ptr, y_ptr, residual_ptr, stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope,
                      R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                      CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
                      STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     ACTIVATION: tl.constexpr):
-    # y = act((x − mean)·a + b) with per-channel a = invstd·γ and b = β, loaded once per program
-    # and broadcast over its tiles.
+                     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    # y = act((x − mean)·a + b [+ r]) with per-channel a = invstd·γ and b = β, loaded once per
+    # program and broadcast over its tiles; r is the optional residual, read like x.
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     mean, a, b = affine_rows(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
@@ -32,17 +33,21 @@ def normalize_kernel(x_ptr, y_ptr, stats_ptr, var_ptr, weight_ptr, bias_ptr, C, 
         offsets, mask = tile_offsets(pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c,
                                      BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        y = activate((x - mean) * a + b, ACTIVATION, slope)
+        z = (x - mean) * a + b
+        if HAS_RESIDUAL:
+            z = z + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = activate(z, ACTIVATION, slope)
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 launch_normalize = Launcher(normalize_kernel)
 
 
-def normalize(x: torch.Tensor, geo: Geometry, norm: Normalization, *, key: object) -> torch.Tensor:
-    """y = act((x − mean)·invstd·weight + bias) in ``x``'s dtype and strides; ``key`` names the
-    launch site."""
+def normalize(x: torch.Tensor, geo: Geometry, norm: Normalization, *, key: object,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y = act((x − mean)·invstd·weight + bias [+ residual]) in ``x``'s dtype and strides;
+    ``residual`` has x's shape and strides; ``key`` names the launch site."""
     y = torch.empty_like(x)
-    launch_normalize(key, geo.grid, (x, y, *norm.args(x.shape[1]), *geo.args()),
-                     lambda: {**norm.meta(), **geo.meta()})
+    launch_normalize(key, geo.grid, (x, y, residual, *norm.args(x.shape[1]), *geo.args()),
+                     lambda: {**norm.meta(), "HAS_RESIDUAL": residual is not None, **geo.meta()})
     return y

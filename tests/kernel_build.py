@@ -22,7 +22,7 @@ from tritonbn.kernels.activation_table import ACTIVATIONS
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"eps", "slope", "momentum", "count"}
-DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "residual_ptr", "dres_ptr"}
 # Which pointers a constexpr flag switches off (the launchers pass None for them).
 OPTIONAL_POINTERS = {
     "HAS_WEIGHT": ("weight_ptr",),
@@ -33,6 +33,8 @@ OPTIONAL_POINTERS = {
     "NEEDS_BIAS": ("grad_bias_ptr",),
     "NEEDS_COEF": ("coef_ptr",),
     "TRAINING": ("coef_ptr",),
+    "HAS_RESIDUAL": ("residual_ptr",),
+    "NEEDS_RESIDUAL": ("dres_ptr",),
 }
 BLOCKS = {"BLOCK_R": 16, "BLOCK_K": 64, "BLOCK_C": 128}
 # Constexprs with more than two values, and the values to build (code 0 is no activation).

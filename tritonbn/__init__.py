@@ -10,6 +10,7 @@ from . import reference
 from .convert import convert
 from .dispatch import BACKENDS, PLANS, Plan, backend, explain
 from .functional import batch_norm
+from .fuse import fuse
 from .models import LeNet
 from .modules import (
     BatchNorm,
@@ -45,5 +46,6 @@ __all__ = [
     "convert",
     "convert_sync_batchnorm",
     "explain",
+    "fuse",
     "reference",
 ]

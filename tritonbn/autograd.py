@@ -13,6 +13,12 @@ Training saves the fp32 per-channel mean and invstd for the backward; eval saves
 statistics, and its backward is dx = dz·γ/sqrt(running_var + eps), not the training formula.
 With an activation the backward recomputes z = batch_norm(x) from the saved input, weight and bias
 and uses dz = dy·act'(z); no activation tensor is saved.
+
+An optional ``residual`` r gives y = act(batch_norm(x) + r) in the same kernels; with an activation
+the residual is saved and the backward recomputes u = z + r, returning dr = dy·act'(u) (without
+one, dr = dy). ``memory_efficient`` saves the output y instead of x and the backward recovers
+x̂ from y (InPlace-ABN's trick; invertible activations only), with the weight's magnitude floored
+at ``reference.MIN_WEIGHT`` (``reference.floor_weight``) so that y can be inverted.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tritonbn import kernels
 
 from .dispatch import sm_count
 from .kernels.plans import PlanName
+from .reference import floor_weight
 
 __all__ = ["TritonBatchNorm", "triton_batch_norm"]
 
@@ -50,15 +57,18 @@ def _forward_train(
     plan: str,
     activation: str | None,
     negative_slope: float,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels.forward_train(
         x, weight, bias, running_mean, running_var, momentum, eps, plan=plan,
         sm_count=sm_count(x.device), activation=activation, negative_slope=negative_slope,
+        residual=residual,
     )
 
 
 @_forward_train.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps, plan, activation, negative_slope):
+def _(x, weight, bias, running_mean, running_var, momentum, eps, plan, activation, negative_slope,
+      residual=None):
     save = x.new_empty((kernels.saved_rows(plan), x.shape[1]), dtype=torch.float32)
     return torch.empty_like(x), save
 
@@ -74,15 +84,17 @@ def _forward_eval(
     activation: str | None,
     negative_slope: float,
     plan: str = "eval",
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return kernels.forward_eval(
         x, weight, bias, running_mean, running_var, eps, sm_count=sm_count(x.device),
-        activation=activation, negative_slope=negative_slope, plan=plan,
+        activation=activation, negative_slope=negative_slope, plan=plan, residual=residual,
     )
 
 
 @_forward_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, eps, activation, negative_slope, plan="eval"):
+def _(x, weight, bias, running_mean, running_var, eps, activation, negative_slope, plan="eval",
+      residual=None):
     return torch.empty_like(x)
 
 
@@ -102,12 +114,17 @@ def _backward(
     need_input: bool,
     need_weight: bool,
     need_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dγ, dβ); an input whose gradient was not asked for gets an empty tensor. ``save`` is
-    the training forward's (training backward), or None with the running statistics (eval)."""
+    residual: torch.Tensor | None = None,
+    need_residual: bool = False,
+    from_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dγ, dβ, d residual); an input whose gradient was not asked for gets an empty tensor.
+    ``save`` is the training forward's (training backward), or None with the running statistics
+    (eval); ``x`` is the forward's output when ``from_output`` (memory-efficient)."""
     dy = _like(grad_output, x)
     needs = (need_input, need_weight, need_bias)
-    act = {"bias": bias, "activation": activation, "negative_slope": negative_slope}
+    act = {"bias": bias, "activation": activation, "negative_slope": negative_slope,
+           "residual": residual, "need_residual": need_residual, "from_output": from_output}
     if save is not None:
         grads = kernels.backward_train(
             dy, x, weight, save, needs, plan=plan, sm_count=sm_count(x.device), **act
@@ -117,18 +134,22 @@ def _backward(
             dy, x, weight, running_mean, running_var, eps, needs, sm_count=sm_count(x.device),
             plan=plan, **act,
         )
+    if not need_residual:
+        grads = (*grads, None)
     return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
 
 
 @_backward.register_fake
 def _(grad_output, x, weight, bias, save, running_mean, running_var, eps, plan, activation,
-      negative_slope, need_input, need_weight, need_bias):
+      negative_slope, need_input, need_weight, need_bias, residual=None, need_residual=False,
+      from_output=False):
     param_dtype = weight.dtype if weight is not None else torch.float32
     channels = x.shape[1]
     return (
         torch.empty_like(x) if need_input else x.new_empty(0),
         x.new_empty(channels if need_weight else 0, dtype=param_dtype),
         x.new_empty(channels if need_bias else 0, dtype=param_dtype),
+        torch.empty_like(x) if need_residual else x.new_empty(0),
     )
 
 
@@ -146,22 +167,36 @@ def _device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def _differentiable_backward(ctx: Any, grad_output: torch.Tensor, inputs: tuple[torch.Tensor | None, ...]
-                             ) -> tuple[torch.Tensor | None, ...]:
+def _differentiable_backward(ctx: Any, grad_output: torch.Tensor, inputs: tuple[torch.Tensor | None, ...],
+                             residual: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
     """The backward as torch ops on the saved tensors, for ``create_graph=True`` (a gradient
-    penalty, MAML): the result is itself differentiable, twice and more, as torch's is."""
+    penalty, MAML): the result is itself differentiable, twice and more, as torch's is. Returns
+    (dx, dγ, dβ, d residual); ``residual`` is the saved one (saved only with an activation)."""
     from .functional import torch_activation
 
+    if ctx.memory_efficient:
+        raise RuntimeError(
+            "batch_norm: memory_efficient=True saves only the output, so its backward cannot be "
+            "differentiated again (create_graph=True); use memory_efficient=False"
+        )
     x, weight, bias = inputs
     if ctx.training:
         y = F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps)
     else:
         running_mean, running_var = ctx.saved_tensors[3:5]
         y = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, ctx.eps)
+    need_residual = ctx.needs_input_grad[11]
+    if residual is not None:
+        y = y + residual
     y = torch_activation(y, ctx.activation, ctx.negative_slope)
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True) if need]
-    grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True))
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
+    sources = (*inputs, residual)
+    needs = (*ctx.needs_input_grad[:3], need_residual and residual is not None)
+    wanted = [t for t, need in zip(sources, needs, strict=True) if need]
+    grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True) if wanted else ())
+    result = tuple(next(grads) if need else None for need in needs)
+    if need_residual and residual is None:  # no activation: d residual = dy
+        result = (*result[:3], grad_output)
+    return result
 
 
 class TritonBatchNorm(torch.autograd.Function):
@@ -185,31 +220,40 @@ class TritonBatchNorm(torch.autograd.Function):
         plan: str,
         activation: str | None,
         negative_slope: float,
+        residual: torch.Tensor | None = None,
+        memory_efficient: bool = False,
     ) -> torch.Tensor:
+        if memory_efficient and weight is not None:
+            weight = floor_weight(weight)  # dγ passes straight through the floor
         if _eager():
             with _device_of(x):
                 if training:
                     y, save = kernels.forward_train(
                         x, weight, bias, running_mean, running_var, momentum, eps, plan=plan,
                         sm_count=sm_count(x.device), activation=activation,
-                        negative_slope=negative_slope,
+                        negative_slope=negative_slope, residual=residual,
                     )
                 else:
                     y = kernels.forward_eval(
                         x, weight, bias, running_mean, running_var, eps,
                         sm_count=sm_count(x.device), activation=activation,
-                        negative_slope=negative_slope, plan=plan,
+                        negative_slope=negative_slope, plan=plan, residual=residual,
                     )
         elif training:
             y, save = _forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
-                                     plan, activation, negative_slope)
+                                     plan, activation, negative_slope, residual)
         else:
             y = _forward_eval(x, weight, bias, running_mean, running_var, eps, activation,
-                              negative_slope, plan)
+                              negative_slope, plan, residual)
+        # Memory-efficient: the output (which the next layer keeps anyway) instead of the input.
+        kept = y if memory_efficient else x
+        # The residual enters the backward only through act'(z + residual).
+        residual = residual if activation is not None else None
         if training:
-            ctx.save_for_backward(x, weight, bias, save)
+            ctx.save_for_backward(kept, weight, bias, save, residual)
         else:
-            ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+            ctx.save_for_backward(kept, weight, bias, running_mean, running_var, residual)
+        ctx.memory_efficient = memory_efficient
         ctx.training, ctx.eps, ctx.plan = training, eps, plan
         ctx.activation, ctx.negative_slope = activation, negative_slope
         return y
@@ -217,39 +261,51 @@ class TritonBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_residual = ctx.needs_input_grad[11]
         unused = (None,) * 8
-        if not (need_input or need_weight or need_bias):
-            return (None, None, None, *unused)
-        saved = ctx.saved_tensors
+        if not (need_input or need_weight or need_bias or need_residual):
+            return (None, None, None, *unused, None, None)
+        *saved, residual = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return (*_differentiable_backward(ctx, grad_output, saved[:3]), *unused)
+            *grads, dres = _differentiable_backward(ctx, grad_output, tuple(saved[:3]), residual)
+            return (*grads, *unused, dres, None)
+        if residual is None and need_residual and not (need_input or need_weight or need_bias):
+            return (None, None, None, *unused, grad_output, None)  # no activation: dr = dy
         if ctx.training:
             x, weight, bias, save = saved
             running_mean = running_var = None
         else:
             x, weight, bias, running_mean, running_var = saved
             save = None
+        # The kernels write d residual only when they need the residual (with an activation).
+        kernel_dres = need_residual and residual is not None
         if _eager():
             dy = _like(grad_output, x)
             needs = (need_input, need_weight, need_bias)
-            act = {"bias": bias, "activation": ctx.activation, "negative_slope": ctx.negative_slope}
+            act = {"bias": bias, "activation": ctx.activation, "negative_slope": ctx.negative_slope,
+                   "residual": residual, "need_residual": kernel_dres,
+                   "from_output": ctx.memory_efficient}
             with _device_of(x):
                 if save is not None:
-                    dx, dw, db = kernels.backward_train(
+                    dx, dw, db, *dres = kernels.backward_train(
                         dy, x, weight, save, needs, plan=ctx.plan, sm_count=sm_count(x.device), **act
                     )
                 else:
-                    dx, dw, db = kernels.backward_eval(
+                    dx, dw, db, *dres = kernels.backward_eval(
                         dy, x, weight, running_mean, running_var, ctx.eps, needs,
                         sm_count=sm_count(x.device), plan=ctx.plan, **act,
                     )
+            dres = dres[0] if dres else None
         else:
-            dx, dw, db = _backward(
+            dx, dw, db, dres = _backward(
                 grad_output, x, weight, bias, save, running_mean, running_var, ctx.eps, ctx.plan,
                 ctx.activation, ctx.negative_slope, need_input, need_weight, need_bias,
+                residual, kernel_dres, ctx.memory_efficient,
             )
+        if need_residual and residual is None:
+            dres = grad_output
         return (dx if need_input else None, dw if need_weight else None,
-                db if need_bias else None, *unused)
+                db if need_bias else None, *unused, dres if need_residual else None, None)
 
 
 def triton_batch_norm(
@@ -264,13 +320,17 @@ def triton_batch_norm(
     plan: str,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    residual: torch.Tensor | None = None,
+    memory_efficient: bool = False,
 ) -> torch.Tensor:
-    """y = act(batch_norm(x)) on the Triton kernels with kernel ``plan``; differentiable in
-    ``x``, ``weight`` and ``bias``. Arguments must already be validated. ``plan`` is a plan name,
+    """y = act(batch_norm(x) [+ residual]) on the Triton kernels with kernel ``plan``;
+    differentiable in ``x``, ``weight``, ``bias`` and ``residual`` (which must have ``x``'s shape
+    and strides). ``memory_efficient`` saves y instead of x (see the module docstring). Arguments
+    must already be validated. ``plan`` is a plan name,
     a plan token with tunables, or the dispatcher's ``PlanName`` (whose token is used: the custom
     ops see a plain string)."""
     if isinstance(plan, PlanName):
         plan = plan.token
     return TritonBatchNorm.apply(x, weight, bias, running_mean, running_var, bool(training),
                                  float(momentum), float(eps), plan, activation,
-                                 float(negative_slope))
+                                 float(negative_slope), residual, bool(memory_efficient))

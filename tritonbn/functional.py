@@ -1,5 +1,6 @@
 """``tritonbn.batch_norm``: torch.nn.functional.batch_norm's signature on tritonbn's dispatcher,
-with an optional activation fused after the normalization."""
+with an optional residual add and activation fused after the normalization, and a
+memory-efficient mode that saves the output instead of the input."""
 
 from __future__ import annotations
 
@@ -18,7 +19,65 @@ from .autograd import triton_batch_norm
 from .dispatch import Plan, select_plan
 from .kernels.activation_table import BY_NAME
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "check_fusion", "check_memory_efficient"]
+
+# Activations whose output determines their input (memory_efficient=True); None is one too.
+INVERTIBLE_ACTIVATIONS = ("leaky_relu",)
+
+
+def check_memory_efficient(memory_efficient: object, activation: str | None,
+                           negative_slope: float) -> None:
+    """``memory_efficient`` a bool (TypeError); when True, ``activation`` must be invertible:
+    None, or ``"leaky_relu"`` with a positive ``negative_slope`` (ValueError otherwise)."""
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(
+            f"'memory_efficient' must be a bool, got {type(memory_efficient).__name__}"
+        )
+    if not memory_efficient:
+        return
+    if activation is not None and activation not in INVERTIBLE_ACTIVATIONS:
+        raise ValueError(
+            "memory_efficient=True recovers the input from the output, so the activation must be "
+            f"invertible: None or 'leaky_relu' with negative_slope > 0, got activation={activation!r}"
+        )
+    if activation == "leaky_relu" and not negative_slope > 0:
+        raise ValueError(
+            "memory_efficient=True with activation='leaky_relu' needs negative_slope > 0 (an "
+            f"invertible activation), got negative_slope={negative_slope}"
+        )
+
+
+def check_fusion(input: torch.Tensor, residual: object, activation: str | None,
+                 negative_slope: float, memory_efficient: object) -> None:
+    """The checks of the fused residual and of the memory-efficient mode (``input`` already
+    checked to be a tensor): ``residual`` None or a tensor of ``input``'s shape, dtype and device;
+    ``memory_efficient`` as ``check_memory_efficient``, and not together with a residual."""
+    check_memory_efficient(memory_efficient, activation, negative_slope)
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(
+            f"batch_norm: 'residual' must be a torch.Tensor or None, got {type(residual).__name__}"
+        )
+    if residual.shape != input.shape:
+        raise ValueError(
+            f"batch_norm: 'residual' must have the input's shape {tuple(input.shape)}, got "
+            f"{tuple(residual.shape)}"
+        )
+    if residual.dtype != input.dtype:
+        raise TypeError(
+            f"batch_norm: 'residual' must have the input's dtype {input.dtype}, got {residual.dtype}"
+        )
+    if residual.device != input.device:
+        raise ValueError(
+            f"batch_norm: 'residual' must be on the input's device {input.device}, got "
+            f"{residual.device}"
+        )
+    if memory_efficient:
+        raise ValueError(
+            "batch_norm: memory_efficient=True does not combine with 'residual' (the backward "
+            "would need the residual as well as the output, saving nothing); pass one or the other"
+        )
 
 
 def batch_norm(
@@ -33,9 +92,12 @@ def batch_norm(
     *,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    residual: torch.Tensor | None = None,
+    memory_efficient: bool = False,
 ) -> torch.Tensor:
     """Batch normalization with the same signature and semantics as
-    ``torch.nn.functional.batch_norm``, differentiable in ``input``, ``weight`` and ``bias``.
+    ``torch.nn.functional.batch_norm``, differentiable in ``input``, ``weight``, ``bias`` (and
+    ``residual``).
 
     In training, the biased batch variance normalizes ``input`` and the running statistics (when
     given) are updated in place afterwards with the unbiased one:
@@ -48,19 +110,43 @@ def batch_norm(
     ``"silu"`` or ``"tanh"``) returns ``act(batch_norm(...))``: the Triton kernels apply it before
     storing the output and differentiate it in their backward from the saved input (no extra
     tensor is kept); the other backends apply the torch activation after their batch norm.
+
+    Args:
+        residual: a tensor of ``input``'s shape, dtype and device added before the activation:
+            the result is ``act(batch_norm(input) + residual)`` (ResNet's block tail), computed in
+            the same kernels, forward and backward; its gradient is ``dy·act'(...)``.
+        memory_efficient: save the output instead of the input for the backward and recover
+            x̂ = (act⁻¹(y) − β)/γ from it (InPlace-ABN's trick): one activation-sized tensor per
+            layer, shared with the next layer's saved input. Needs an invertible activation (None,
+            or ``"leaky_relu"`` with ``negative_slope > 0``) and no ``residual``; |γ| is floored
+            at ``tritonbn.reference.MIN_WEIGHT`` = 1e-5 (sign kept, 0 → +1e-5) and dγ passes
+            straight through the floor, so for |γ| ≥ 1e-5 the result and every gradient are those
+            of the plain call. The backward cannot be differentiated again (``create_graph``).
+
+    Shape:
+        - Input: (N, C) or (N, C, *); ``residual`` the same; output the same.
+
+    Examples:
+        >>> x, z = torch.randn(8, 6, 5, 5), torch.randn(8, 6, 5, 5)
+        >>> y = tritonbn.batch_norm(x, None, None, training=True, activation="relu", residual=z)
+        >>> y2 = tritonbn.batch_norm(x, None, None, training=True, activation="leaky_relu",
+        ...                          memory_efficient=True)
     """
     if isinstance(momentum, torch.Tensor):
         momentum = momentum_value(momentum)
     check_input(input)
     check_activation(activation, negative_slope)
+    check_fusion(input, residual, activation, negative_slope, memory_efficient)
     plan = select_plan(input, training)
     if plan.backend == "torch":
         return torch_fallback(input, running_mean, running_var, weight, bias, training, momentum,
-                              eps, activation, negative_slope)
+                              eps, activation, negative_slope, residual=residual,
+                              memory_efficient=memory_efficient)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return run_checked(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
-        activation=activation, negative_slope=negative_slope, plan=plan,
+        activation=activation, negative_slope=negative_slope, plan=plan, residual=residual,
+        memory_efficient=memory_efficient,
     )
 
 
@@ -75,8 +161,12 @@ def torch_fallback(
     eps: float,
     activation: str | None,
     negative_slope: float,
+    *,
+    residual: torch.Tensor | None = None,
+    memory_efficient: bool = False,
 ) -> torch.Tensor:
-    """PyTorch's batch_norm (then the activation), the path of every CPU call: torch checks the
+    """PyTorch's batch_norm (then the residual and the activation), the path of every CPU call
+    (the memory-efficient mode runs ``reference.memory_efficient_batch_norm``): torch checks the
     tensors' shapes and dtypes itself, before it changes anything, so tritonbn adds only the checks
     torch does not make (hyperparameters; devices, which torch compares only after it has
     updated the running mean). When torch refuses a call, tritonbn's own checks run to raise the
@@ -87,14 +177,19 @@ def torch_fallback(
     for tensor in (running_mean, running_var, weight, bias):
         if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.device != device):
             suspect = True
-    if suspect:
+    if suspect or memory_efficient:
         check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if memory_efficient:
+        return reference.memory_efficient_batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+            negative_slope,
+        )
     try:
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     except (RuntimeError, ValueError, TypeError, NotImplementedError):
         check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
         raise
-    return torch_activation(y, activation, negative_slope)
+    return torch_activation(y if residual is None else y + residual, activation, negative_slope)
 
 
 def torch_activation(y: torch.Tensor, activation: str | None, negative_slope: float) -> torch.Tensor:
@@ -117,20 +212,31 @@ def run_checked(
     activation: str | None = None,
     negative_slope: float = 0.01,
     plan: Plan | None = None,
+    residual: torch.Tensor | None = None,
+    memory_efficient: bool = False,
 ) -> torch.Tensor:
-    """``batch_norm`` for arguments that ``check_batch_norm_args`` (and ``check_activation``) have
-    already accepted; ``plan`` is ``select_plan(input, training)``, computed here when None."""
+    """``batch_norm`` for arguments that ``check_batch_norm_args`` (and ``check_activation``,
+    ``check_fusion``) have already accepted; ``plan`` is ``select_plan(input, training)``,
+    computed here when None."""
     if plan is None:
         plan = select_plan(input, training)
+    if plan.backend in ("torch", "reference") and memory_efficient:
+        return reference.memory_efficient_batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+            negative_slope,
+        )
     if plan.backend == "torch":
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return torch_activation(y, activation, negative_slope)
+        return torch_activation(y if residual is None else y + residual, activation, negative_slope)
     if plan.backend == "reference":
         y = reference.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )
-        return torch_activation(y, activation, negative_slope)
+        return torch_activation(y if residual is None else y + residual, activation, negative_slope)
     x = input.contiguous() if plan.copies_input else input
+    if residual is not None and residual.stride() != x.stride():
+        # The kernels address x and the residual with one set of strides (a differentiable copy).
+        residual = torch.empty_like(x).copy_(residual)
     # The kernels index per-channel tensors as dense vectors: strided ones go through a dense copy
     # (differentiable for the parameters; written back for the running statistics).
     weight = None if weight is None else weight.contiguous()
@@ -139,7 +245,7 @@ def run_checked(
     dense_var = None if running_var is None else running_var.contiguous()
     y = triton_batch_norm(
         x, weight, bias, dense_mean, dense_var, training, momentum, eps, plan.kernel,
-        activation, negative_slope,
+        activation, negative_slope, residual=residual, memory_efficient=memory_efficient,
     )
     for given, dense in ((running_mean, dense_mean), (running_var, dense_var)):
         if given is not None and dense is not given:

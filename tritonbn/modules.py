@@ -1,7 +1,9 @@
 """Drop-in modules: ``BatchNorm1d``/``BatchNorm2d``/``BatchNorm3d`` (and their ``Lazy`` forms)
 subclass torch's and run on tritonbn's dispatcher; ``FrozenBatchNorm2d`` is torchvision's
 eval-only BatchNorm; ``BatchNorm(num_features, num_dims)`` is the seed notebook's class API.
-Each takes an optional ``activation`` fused after the normalization (see ``tritonbn.batch_norm``).
+Each takes an optional ``activation`` fused after the normalization (see ``tritonbn.batch_norm``);
+``forward(input, residual=None)`` adds a residual before the activation, and the trainable ones
+take ``memory_efficient=True`` (save the output instead of the input).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ._checks import (
 )
 from ._compat import BATCHNORM_HAS_BIAS_ARG, batchnorm_bias_kwargs
 from .dispatch import select_plan
-from .functional import run_checked, torch_fallback
+from .functional import check_fusion, check_memory_efficient, run_checked, torch_fallback
 
 __all__ = [
     "BatchNorm",
@@ -50,7 +52,10 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     ``activation`` (None, ``"relu"``, ``"sigmoid"``, ``"leaky_relu"`` with ``negative_slope``,
     ``"silu"``, ``"tanh"``) makes the module return ``act(batch_norm(input))``; it is a plain
-    attribute, not state: the state_dict keeps torch's five keys.
+    attribute, not state: the state_dict keeps torch's five keys. ``module(input, residual=z)``
+    returns ``act(batch_norm(input) + z)`` in the same kernels. ``memory_efficient=True`` saves the
+    output instead of the input for the backward (invertible activations only: None or
+    leaky_relu with a positive slope; see ``tritonbn.batch_norm``).
     """
 
     _expected_dims: tuple[int, ...] = ()
@@ -58,6 +63,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
     # Class defaults: a torch module whose class ``convert`` swapped never ran __init__.
     activation: str | None = None
     negative_slope: float = 0.01
+    memory_efficient: bool = False
 
     def __init__(
         self,
@@ -72,18 +78,21 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         bias: bool = True,
         activation: str | None = None,
         negative_slope: float = 0.01,
+        memory_efficient: bool = False,
     ) -> None:
         # A Lazy module is built with num_features=0, set when its first input arrives.
         num_features = check_module_options(
             num_features, eps, momentum, lazy=isinstance(self, LazyModuleMixin)
         )
         check_activation(activation, negative_slope)
+        check_memory_efficient(memory_efficient, activation, negative_slope)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
             **batchnorm_bias_kwargs(type(self).__name__, bias),
         )
         self.activation = activation
         self.negative_slope = float(negative_slope)
+        self.memory_efficient = memory_efficient
 
     def __prepare_scriptable__(self) -> nn.Module:
         """torch.jit.script calls this on every submodule first: fail there with the way out."""
@@ -93,7 +102,9 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         check_module_input(self, input, self._expected_dims, self._expected_shape,
                            self.num_features)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(batch_norm(input) [+ residual])``; ``residual`` has ``input``'s shape, dtype and
+        device."""
         self._check_input_dim(input)
         # Parameters and buffers are read once: each read goes through Module.__getattr__.
         weight, bias = self.weight, self.bias
@@ -109,11 +120,15 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             momentum = 1.0 / (float(counter) + 1.0) if counts else 0.0
         if activation is not None:
             check_activation(activation, self.negative_slope)
+        memory_efficient = self.memory_efficient
+        if residual is not None or memory_efficient:
+            check_fusion(input, residual, activation, self.negative_slope, memory_efficient)
         # The dispatcher may refuse the call too: ask it before anything changes.
         plan = select_plan(input, bn_training)
         if plan.backend == "torch":
             y = torch_fallback(input, running_mean, running_var, weight, bias, bn_training,
-                               momentum, eps, activation, self.negative_slope)
+                               momentum, eps, activation, self.negative_slope, residual=residual,
+                               memory_efficient=memory_efficient)
         else:
             check_batch_norm_args(
                 input, running_mean, running_var, weight, bias, bn_training, momentum, eps
@@ -121,6 +136,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             y = run_checked(
                 input, running_mean, running_var, weight, bias, bn_training, momentum, eps,
                 activation=activation, negative_slope=self.negative_slope, plan=plan,
+                residual=residual, memory_efficient=memory_efficient,
             )
         # Counted once the call has succeeded: a refused call leaves the module as it was.
         if counts:
@@ -128,7 +144,8 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + activation_repr(self.activation, self.negative_slope)
+        text = super().extra_repr() + activation_repr(self.activation, self.negative_slope)
+        return text + (", memory_efficient=True" if self.memory_efficient else "")
 
 
 def activation_repr(activation: str | None, negative_slope: float) -> str:
@@ -186,9 +203,11 @@ class _TritonLazyBatchNorm:
         bias: bool = True,
         activation: str | None = None,
         negative_slope: float = 0.01,
+        memory_efficient: bool = False,
     ) -> None:
         check_module_options(0, eps, momentum, lazy=True)
         check_activation(activation, negative_slope)
+        check_memory_efficient(memory_efficient, activation, negative_slope)
         batchnorm_bias_kwargs(type(self).__name__, bias)  # refuses bias=False where torch lacks it
         kwargs = {"bias": bias} if BATCHNORM_HAS_BIAS_ARG else {}
         nn.modules.batchnorm._LazyNormBase.__init__(
@@ -196,6 +215,7 @@ class _TritonLazyBatchNorm:
         )
         self.activation = activation
         self.negative_slope = float(negative_slope)
+        self.memory_efficient = memory_efficient
 
     def initialize_parameters(self, input: torch.Tensor) -> None:
         """Materialize from ``input`` (torch's), and set ``num_features`` also where a loaded
@@ -276,7 +296,8 @@ class FrozenBatchNorm2d(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(frozen_batch_norm(input) [+ residual])``."""
         running_mean, running_var = self.running_mean, self.running_var
         check_module_input(self, input, self._expected_dims, self._expected_shape,
                            running_mean.shape[0])
@@ -285,9 +306,11 @@ class FrozenBatchNorm2d(nn.Module):
         activation = self.activation
         if activation is not None:
             check_activation(activation, self.negative_slope)
+        if residual is not None:
+            check_fusion(input, residual, activation, self.negative_slope, False)
         return run_checked(
             input, running_mean, running_var, weight, bias, False, 0.0, eps,
-            activation=activation, negative_slope=self.negative_slope,
+            activation=activation, negative_slope=self.negative_slope, residual=residual,
         )
 
     def __repr__(self) -> str:
@@ -319,12 +342,13 @@ class BatchNorm(_TritonBatchNorm):
         bias: bool = True,
         activation: str | None = None,
         negative_slope: float = 0.01,
+        memory_efficient: bool = False,
     ) -> None:
         if num_dims not in (2, 4):
             raise ValueError(f"'num_dims' must be 2 or 4, got {num_dims!r}")
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-            activation=activation, negative_slope=negative_slope,
+            activation=activation, negative_slope=negative_slope, memory_efficient=memory_efficient,
         )
         self.num_dims = num_dims
         self._expected_dims = (num_dims,)

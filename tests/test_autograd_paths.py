@@ -122,7 +122,7 @@ def test_jit_trace_matches_eager(backend, training):
     torch.testing.assert_close(ours.running_var, eager.running_var, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS + ("auto",))
 def test_compile_dynamic_fullgraph_matches_eager(backend):
     # One graph for every batch size: dynamic shapes, no graph break (fullgraph raises on one).
     torch._dynamo.reset()
@@ -136,7 +136,9 @@ def test_compile_dynamic_fullgraph_matches_eager(backend):
             got, want = compiled(x), eager(x)
             got.square().sum().backward()
             want.square().sum().backward()
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(model.named_parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=name)
+    for (name, a), b in zip(model.named_buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     torch._dynamo.reset()

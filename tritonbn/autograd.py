@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from tritonbn import kernels
 
-from .dispatch import sm_count
+from .dispatch import RUNTIME_PLAN, runtime_plan, sm_count
 from .kernels.plans import PlanName
 from .reference import floor_weight
 
@@ -59,17 +59,32 @@ def _forward_train(
     negative_slope: float,
     residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernels.forward_train(
-        x, weight, bias, running_mean, running_var, momentum, eps, plan=plan,
-        sm_count=sm_count(x.device), activation=activation, negative_slope=negative_slope,
-        residual=residual,
+    y, save = kernels.forward_train(
+        x, weight, bias, running_mean, running_var, momentum, eps,
+        plan=_resolved(plan, x, training=True), sm_count=sm_count(x.device), activation=activation,
+        negative_slope=negative_slope, residual=residual,
     )
+    if plan == RUNTIME_PLAN and save.shape[0] < RUNTIME_SAVED_ROWS:
+        # The fake could not know the plan: every run-time plan returns the same rows.
+        save = torch.cat([save, save.new_zeros((RUNTIME_SAVED_ROWS - save.shape[0], save.shape[1]))])
+    return y, save
+
+
+# Rows of the save a plan chosen at run time returns: the most any plan saves.
+RUNTIME_SAVED_ROWS = 4
+
+
+def _resolved(plan: str, x: torch.Tensor, training: bool) -> str:
+    """``plan``, or the plan the dispatcher picks for ``x`` where the graph left it to run time
+    (torch.compile with dynamic sizes): the same sizes always get the same plan."""
+    return runtime_plan(x, training) if plan == RUNTIME_PLAN else plan
 
 
 @_forward_train.register_fake
 def _(x, weight, bias, running_mean, running_var, momentum, eps, plan, activation, negative_slope,
       residual=None):
-    save = x.new_empty((kernels.saved_rows(plan), x.shape[1]), dtype=torch.float32)
+    rows = RUNTIME_SAVED_ROWS if plan == RUNTIME_PLAN else kernels.saved_rows(plan)
+    save = x.new_empty((rows, x.shape[1]), dtype=torch.float32)
     return torch.empty_like(x), save
 
 
@@ -88,7 +103,8 @@ def _forward_eval(
 ) -> torch.Tensor:
     return kernels.forward_eval(
         x, weight, bias, running_mean, running_var, eps, sm_count=sm_count(x.device),
-        activation=activation, negative_slope=negative_slope, plan=plan, residual=residual,
+        activation=activation, negative_slope=negative_slope,
+        plan=_resolved(plan, x, training=False), residual=residual,
     )
 
 
@@ -123,6 +139,7 @@ def _backward(
     (eval); ``x`` is the forward's output when ``from_output`` (memory-efficient)."""
     dy = _like(grad_output, x)
     needs = (need_input, need_weight, need_bias)
+    plan = _resolved(plan, x, training=save is not None)
     act = {"bias": bias, "activation": activation, "negative_slope": negative_slope,
            "residual": residual, "need_residual": need_residual, "from_output": from_output}
     if save is not None:

@@ -277,8 +277,10 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
         if requested in ("torch", "reference"):
             # No layout facts needed, and none computed: with dynamic=True they are symbolic.
             return _TRACED_REQUESTS[requested, source]
-        # Traced once per graph: the uncached function traces cleanly, while dynamo warns on
-        # every lru_cache it meets.
+        if forced is None and kernels_run_here:
+            return _traced_plan(x)
+        # A forced plan (or a backend that cannot run here) is decided as the graph is traced:
+        # the uncached function traces cleanly, while dynamo warns on every lru_cache it meets.
         decide = _decide.__wrapped__
     else:
         if is_functorch_wrapped_tensor(x):
@@ -288,6 +290,43 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
         decide = _decide
     return decide(x.device, x.dtype, shape, strides, bool(training), requested, forced, source,
                   for_explain, kernels_run_here)
+
+
+# The kernel plan of a call traced by torch.compile: the kernels' custom ops choose it when they
+# run, from the sizes they get (see runtime_plan), so that one graph serves every batch size
+# (dynamic=True: the sizes are symbolic as the graph is traced, and decide nothing).
+RUNTIME_PLAN = ""
+_TRACED = {
+    copies: Plan(
+        "triton", RUNTIME_PLAN, "traced by torch.compile: the kernel plan is chosen as each call "
+        "runs, from its sizes (explain() on a real tensor shows it)", copies_input=copies,
+    )
+    for copies in (False, True)
+}
+_TRACED_FLOAT64 = Plan("torch", None, "float64: the kernels accumulate in float32")
+_TRACED_EMPTY = Plan("torch", None, "empty batch: nothing to compute")
+
+
+def _traced_plan(x: torch.Tensor) -> Plan:
+    """The plan of a call torch.compile traces: the Triton backend with its kernel plan left to
+    run time, on ``x`` as it is when its layout is one the kernels read (contiguous or
+    channels_last), else on a contiguous copy. Each test below is a guard of the graph, never a
+    graph break, with symbolic sizes too."""
+    if x.dtype == torch.float64:
+        return _TRACED_FLOAT64
+    if x.numel() == 0:
+        return _TRACED_EMPTY
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
+        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+    return _TRACED[not dense]
+
+
+def runtime_plan(x: torch.Tensor, training: bool) -> str:
+    """The kernel plan (its token) for a call whose plan was left to run time (``RUNTIME_PLAN``):
+    the Triton backend's decision for ``x``'s sizes, cached like every other."""
+    kernel = _decide(x.device, x.dtype, x.shape, x.stride(), bool(training), "triton", None,
+                     "torch.compile", False, True).kernel
+    return kernel.token if isinstance(kernel, PlanName) else kernel
 
 
 @functools.lru_cache(maxsize=4096)

@@ -38,5 +38,7 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     if name in _TRITON_ENTRY_POINTS:
-        return getattr(importlib.import_module(".ops", __name__), name)
+        value = getattr(importlib.import_module(".ops", __name__), name)
+        globals()[name] = value  # later reads find it without coming here
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,9 +30,10 @@ PRINT_VERSIONS = (
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff over the whole tree."""
+    """ruff over the whole tree: the lint rules, and the formatting `ruff format` gives."""
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session
@@ -42,9 +43,11 @@ def tests(session: nox.Session, pair: str) -> None:
     once as a check, on one version pair."""
     torch_version, triton_version, torchvision_version = VERSION_PAIRS[pair]
     session.install(
-        "-e", ".[test]", f"torch=={torch_version}", f"triton=={triton_version}",
+        "-e",
+        ".[test]",
+        f"torch=={torch_version}",
+        f"triton=={triton_version}",
         f"torchvision=={torchvision_version}",
     )
     session.run("python", "-c", PRINT_VERSIONS)
-    session.run("python", "-m", "pytest", "-q", "tests", "bench", "--benchmark-disable",
-                *session.posargs)
+    session.run("python", "-m", "pytest", "-q", "tests", "bench", "--benchmark-disable", *session.posargs)

@@ -96,12 +96,14 @@ def _priority(entry: tuple[str, Case, str]) -> tuple[int, ...]:
     return (2 * half + compiled, *(order if compiled else order[::-1]))
 
 
-MATRIX: tuple[tuple[str, Case, str], ...] = tuple(sorted(
-    (
-        (pass_name, case, backend)
-        for pass_name in PASSES
-        for case in CASES
-        for backend in backends_for(pass_name)
-    ),
-    key=_priority,
-))
+MATRIX: tuple[tuple[str, Case, str], ...] = tuple(
+    sorted(
+        (
+            (pass_name, case, backend)
+            for pass_name in PASSES
+            for case in CASES
+            for backend in backends_for(pass_name)
+        ),
+        key=_priority,
+    )
+)

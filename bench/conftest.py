@@ -35,10 +35,16 @@ _STARTED = pytest.StashKey[float]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tritonbn benchmarks")
-    group.addoption("--bench-budget", type=float, default=None, metavar="SECONDS",
-                    help="skip the benchmarks still to run once SECONDS have passed since the first")
-    group.addoption("--bench-quick", action="store_true",
-                    help="only float32 forward+backward, without torch.compile")
+    group.addoption(
+        "--bench-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="skip the benchmarks still to run once SECONDS have passed since the first",
+    )
+    group.addoption(
+        "--bench-quick", action="store_true", help="only float32 forward+backward, without torch.compile"
+    )
 
 
 def skip_reason(pass_name: str, case: Case, backend: str, quick: bool) -> str | None:

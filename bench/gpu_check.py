@@ -54,16 +54,26 @@ ROOT = Path(__file__).resolve().parent.parent
 # Seconds for the whole check, and the most each step may take (normal, --quick). The benchmarks
 # get what is left before the deadline, less the time kept to collect, write and report.
 DEADLINE = 420
-BUDGETS = {"install": (60, 60), "tests": (120, 120), "sanitizer": (40, 30), "host": (30, 25),
-           "tune": (45, 30), "train": (40, 25), "train-compile": (70, 60)}
+BUDGETS = {
+    "install": (60, 60),
+    "tests": (120, 120),
+    "sanitizer": (40, 30),
+    "host": (30, 25),
+    "tune": (45, 30),
+    "train": (40, 25),
+    "train-compile": (70, 60),
+}
 BENCH_RESERVE = 10
 BENCH_WIND_DOWN = 40
 MIN_STEP = 20
 # Seconds to wait for the last output of a step once its process has ended.
 COPY_GRACE = 10
 # (folder name, trainer arguments) of the LeNet runs.
-TRAININGS = {"tritonbn": ["--bn", "tritonbn"], "torch": ["--bn", "torch"],
-             "tritonbn-compile": ["--bn", "tritonbn", "--compile"]}
+TRAININGS = {
+    "tritonbn": ["--bn", "tritonbn"],
+    "torch": ["--bn", "torch"],
+    "tritonbn-compile": ["--bn", "tritonbn", "--compile"],
+}
 KEPT_TRAIN_FILES = ("metrics.json",)
 # Kernel tests run under compute-sanitizer: every plan, ragged shapes, the int64 path.
 SANITIZED_TESTS = ["tests/test_kernels.py", "-k", "matches_reference or int64_offsets_forced"]
@@ -87,8 +97,15 @@ def run_step(name: str, command: list[str], budget: float, log: Path) -> dict[st
     started = time.monotonic()
     with log.open("a") as sink:
         sink.write(f"\n== {name}: {record['command']}\n")
-        process = subprocess.Popen(command, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         copier = threading.Thread(target=_copy_lines, args=(process.stdout, (sink, sys.stdout)))
         copier.start()
         try:
@@ -121,12 +138,16 @@ def training_summary(step: dict[str, object], run_dir: Path) -> dict[str, object
     if epochs:
         times = [epoch["time_sec"] for epoch in epochs]
         summary.update(
-            epochs=len(epochs), loss=epochs[-1]["loss"], train_acc=epochs[-1]["train_acc"],
-            test_acc=epochs[-1]["test_acc"], first_epoch_sec=times[0],
+            epochs=len(epochs),
+            loss=epochs[-1]["loss"],
+            train_acc=epochs[-1]["train_acc"],
+            test_acc=epochs[-1]["test_acc"],
+            first_epoch_sec=times[0],
             later_epoch_sec=statistics.median(times[1:]) if len(times) > 1 else None,
         )
-    summary["dispatch"] = {layer: entry.get("train", {}).get("kernel") for layer, entry in
-                           record.get("dispatch", {}).items()}
+    summary["dispatch"] = {
+        layer: entry.get("train", {}).get("kernel") for layer, entry in record.get("dispatch", {}).items()
+    }
     return summary
 
 
@@ -147,18 +168,28 @@ def summary_markdown(results: dict) -> str:
         [[s["name"], s["status"], f"{s['seconds']:.0f}", str(s["budget_s"])] for s in results["steps"]],
     )
     copy = info.get("copy_gbps")
-    return "\n\n".join([
-        f"# tritonbn GPU check, {results['datetime']}",
-        f"{info.get('device_name')} (driver {info.get('driver')}, CUDA {info.get('cuda_runtime')}), "
-        f"torch {info.get('torch')}, triton {info.get('triton')}; copy bandwidth "
-        + (f"{copy:.0f} GB/s" if copy else "not measured") + (" (--quick)" if results["quick"] else ""),
-        "## Steps\n\n" + steps,
-        "## Targets\n\n" + report.targets_table(report.targets(results)),
-        "## Host time per layer\n\n" + (host_overhead.report(results["host_overhead"])
-                                         if results["host_overhead"] else "not measured"),
-        "## LeNet training\n\n" + report.training_table(results["training"]),
-        "## forward+backward, float32\n\n" + report.headline_table(results["records"]),
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                f"# tritonbn GPU check, {results['datetime']}",
+                f"{info.get('device_name')} (driver {info.get('driver')}, CUDA {info.get('cuda_runtime')}), "
+                f"torch {info.get('torch')}, triton {info.get('triton')}; copy bandwidth "
+                + (f"{copy:.0f} GB/s" if copy else "not measured")
+                + (" (--quick)" if results["quick"] else ""),
+                "## Steps\n\n" + steps,
+                "## Targets\n\n" + report.targets_table(report.targets(results)),
+                "## Host time per layer\n\n"
+                + (
+                    host_overhead.report(results["host_overhead"])
+                    if results["host_overhead"]
+                    else "not measured"
+                ),
+                "## LeNet training\n\n" + report.training_table(results["training"]),
+                "## forward+backward, float32\n\n" + report.headline_table(results["records"]),
+            ]
+        )
+        + "\n"
+    )
 
 
 def _train_budget(name: str) -> str:
@@ -186,8 +217,11 @@ def versions_step() -> dict[str, object]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = environment(device)
     release = {name: str(info.get(name) or "").split("+")[0] for name in ("torch", "triton")}
-    tested = [pair for pair, (torch_v, triton_v, _) in tested_pairs().items()
-              if (release["torch"], release["triton"]) == (torch_v, triton_v)]
+    tested = [
+        pair
+        for pair, (torch_v, triton_v, _) in tested_pairs().items()
+        if (release["torch"], release["triton"]) == (torch_v, triton_v)
+    ]
     info["tested_pair"] = tested[0] if tested else None
     if device.type == "cuda":
         buffer = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
@@ -203,11 +237,21 @@ def versions_step() -> dict[str, object]:
     lines = [f"{key}: {value}" for key, value in info.items()]
     print("== versions and device\n" + "\n".join(lines), flush=True)
     if not tested:
-        print(f"warning: torch {release['torch']} with triton {release['triton']} is not a pair CI "
-              f"tests ({tested_pairs()}): failures may be version trouble", flush=True)
+        print(
+            f"warning: torch {release['torch']} with triton {release['triton']} is not a pair CI "
+            f"tests ({tested_pairs()}): failures may be version trouble",
+            flush=True,
+        )
     status = "ok" if tested else "ok (untested version pair)"
-    return {"name": "versions", "command": "", "budget_s": 0, "status": status, "returncode": 0,
-            "seconds": 0.0, "environment": info}
+    return {
+        "name": "versions",
+        "command": "",
+        "budget_s": 0,
+        "status": status,
+        "returncode": 0,
+        "seconds": 0.0,
+        "environment": info,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,11 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     succeeded, else 1."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", type=Path, help="new or empty folder for the results")
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "fashion-mnist",
-                        help="folder with the Fashion-MNIST .gz files (default: data/fashion-mnist)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=ROOT / "data" / "fashion-mnist",
+        help="folder with the Fashion-MNIST .gz files (default: data/fashion-mnist)",
+    )
     parser.add_argument("--quick", action="store_true", help="one training epoch, float32 forward+backward")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="rehearse every step without a GPU (CPU, few tests, stand-in driver)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="rehearse every step without a GPU (CPU, few tests, stand-in driver)",
+    )
     args = parser.parse_args(argv)
     outdir = args.outdir.resolve()
     if outdir.exists() and any(outdir.iterdir()):
@@ -239,78 +290,167 @@ def main(argv: list[str] | None = None) -> int:
     log = outdir / "run.log"
     python = sys.executable
     steps = [versions_step()]
-    steps.append(run_step("install", [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-                                      "-e", "."], budget("install"), log))
+    steps.append(
+        run_step(
+            "install",
+            [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."],
+            budget("install"),
+            log,
+        )
+    )
     tests = ["tests/test_compat.py"] if args.dry_run else ["tests"]
-    steps.append(run_step("tests", [python, "-m", "pytest", "-q", "--maxfail=10", "-p", "no:cacheprovider",
-                                    *tests], budget("tests"), outdir / "tests.log"))
+    steps.append(
+        run_step(
+            "tests",
+            [python, "-m", "pytest", "-q", "--maxfail=10", "-p", "no:cacheprovider", *tests],
+            budget("tests"),
+            outdir / "tests.log",
+        )
+    )
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None or args.dry_run:
-        steps.append({"name": "sanitizer", "command": "compute-sanitizer --tool memcheck", "budget_s": 0,
-                      "seconds": 0.0, "returncode": None,
-                      "status": "skipped: " + ("dry run" if args.dry_run else "compute-sanitizer not found")})
+        steps.append(
+            {
+                "name": "sanitizer",
+                "command": "compute-sanitizer --tool memcheck",
+                "budget_s": 0,
+                "seconds": 0.0,
+                "returncode": None,
+                "status": "skipped: " + ("dry run" if args.dry_run else "compute-sanitizer not found"),
+            }
+        )
     else:
-        steps.append(run_step("sanitizer", [sanitizer, "--tool", "memcheck", "--error-exitcode", "3",
-                                            python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                            *SANITIZED_TESTS], budget("sanitizer"), log))
+        steps.append(
+            run_step(
+                "sanitizer",
+                [
+                    sanitizer,
+                    "--tool",
+                    "memcheck",
+                    "--error-exitcode",
+                    "3",
+                    python,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    *SANITIZED_TESTS,
+                ],
+                budget("sanitizer"),
+                log,
+            )
+        )
     with tempfile.TemporaryDirectory() as scratch:
         host_json = Path(scratch) / "host.json"
         host_command = [python, "bench/host_overhead.py", "--json", str(host_json)]
-        steps.append(run_step("host overhead", host_command + (["--repeats", "3", "--steps", "10"]
-                                                               if pick else []), budget("host"), log))
+        steps.append(
+            run_step(
+                "host overhead",
+                host_command + (["--repeats", "3", "--steps", "10"] if pick else []),
+                budget("host"),
+                log,
+            )
+        )
         host = json.loads(host_json.read_text()) if host_json.is_file() else {}
 
         bench_json = Path(scratch) / "bench.json"
         later = budget("tune") + sum(budget(_train_budget(name)) for name in TRAININGS)
         bench_budget = left() - BENCH_RESERVE - later
-        command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark-quiet",
-                   f"--benchmark-json={bench_json}",
-                   f"--bench-budget={max(bench_budget - BENCH_WIND_DOWN, 1):.0f}"]
+        command = [
+            python,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "bench",
+            "--benchmark-quiet",
+            f"--benchmark-json={bench_json}",
+            f"--bench-budget={max(bench_budget - BENCH_WIND_DOWN, 1):.0f}",
+        ]
         if args.dry_run:
             command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark-disable"]
-        steps.append(run_step("bench", command + (["--bench-quick"] if args.quick else []),
-                              bench_budget, log))
+        steps.append(
+            run_step("bench", command + (["--bench-quick"] if args.quick else []), bench_budget, log)
+        )
         bench = json.loads(bench_json.read_text()) if bench_json.is_file() else {}
 
     tune_budget = budget("tune")
     table = outdir / "tuning-table.json"
-    tune_command = [python, "-m", "tritonbn.tune", "--budget-s", f"{max(tune_budget - 15, 5):.0f}",
-                    "--out", str(table)]
+    tune_command = [
+        python,
+        "-m",
+        "tritonbn.tune",
+        "--budget-s",
+        f"{max(tune_budget - 15, 5):.0f}",
+        "--out",
+        str(table),
+    ]
     if importlib.util.find_spec("tritonbn.tune") is None or args.dry_run:
-        steps.append({"name": "tune", "command": shlex.join(tune_command), "budget_s": 0, "seconds": 0.0,
-                      "returncode": None, "status": "skipped: " + ("dry run (needs CUDA)" if args.dry_run
-                                                                   else "tritonbn.tune not installed")})
+        steps.append(
+            {
+                "name": "tune",
+                "command": shlex.join(tune_command),
+                "budget_s": 0,
+                "seconds": 0.0,
+                "returncode": None,
+                "status": "skipped: "
+                + ("dry run (needs CUDA)" if args.dry_run else "tritonbn.tune not installed"),
+            }
+        )
     else:
         steps.append(run_step("tune", tune_command, tune_budget, log))
 
     training: dict[str, dict[str, object]] = {}
     for name, options in TRAININGS.items():
         run_dir = outdir / f"train-{name}"
-        command = [python, "-m", "tritonbn.train", *options, "--device", device, "--out", str(run_dir),
-                   "--quiet", "--data-dir", str(data_dir), *(["--epochs", "1"] if pick else [])]
+        command = [
+            python,
+            "-m",
+            "tritonbn.train",
+            *options,
+            "--device",
+            device,
+            "--out",
+            str(run_dir),
+            "--quiet",
+            "--data-dir",
+            str(data_dir),
+            *(["--epochs", "1"] if pick else []),
+        ]
         if not data_dir.is_dir():
-            step = {"name": f"train {name}", "command": shlex.join(command), "budget_s": 0, "seconds": 0.0,
-                    "status": f"skipped: no Fashion-MNIST folder {data_dir}", "returncode": None}
+            step = {
+                "name": f"train {name}",
+                "command": shlex.join(command),
+                "budget_s": 0,
+                "seconds": 0.0,
+                "status": f"skipped: no Fashion-MNIST folder {data_dir}",
+                "returncode": None,
+            }
         else:
             step = run_step(f"train {name}", command, budget(_train_budget(name)), log)
         steps.append(step)
         training[name] = training_summary(step, run_dir)
 
-    results = report.with_records({
-        "schema": report.SCHEMA,
-        "kind": "gpu-check" if not args.dry_run else "gpu-check-dry-run",
-        "quick": args.quick,
-        "datetime": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine_info": bench.get("machine_info") or fallback_machine_info(),
-        "commit_info": bench.get("commit_info", {}),
-        "environment": steps[0]["environment"],
-        "steps": steps,
-        "host_overhead": host,
-        "training": training,
-        "benchmarks": bench.get("benchmarks", []),
-    })
-    (outdir / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "records"},
-                                                    indent=1) + "\n")
+    results = report.with_records(
+        {
+            "schema": report.SCHEMA,
+            "kind": "gpu-check" if not args.dry_run else "gpu-check-dry-run",
+            "quick": args.quick,
+            "datetime": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine_info": bench.get("machine_info") or fallback_machine_info(),
+            "commit_info": bench.get("commit_info", {}),
+            "environment": steps[0]["environment"],
+            "steps": steps,
+            "host_overhead": host,
+            "training": training,
+            "benchmarks": bench.get("benchmarks", []),
+        }
+    )
+    (outdir / "results.json").write_text(
+        json.dumps({k: v for k, v in results.items() if k != "records"}, indent=1) + "\n"
+    )
     summary = summary_markdown(results)
     (outdir / "summary.md").write_text(summary)
     print("\n" + summary, flush=True)

@@ -52,8 +52,7 @@ CHAIN = 8
 STAND_IN_FLAG = "TRITONBN_HOST_OVERHEAD_STAND_IN"
 
 
-def _chain(module_class: type[torch.nn.Module], channels: int, device: torch.device
-           ) -> torch.nn.Sequential:
+def _chain(module_class: type[torch.nn.Module], channels: int, device: torch.device) -> torch.nn.Sequential:
     return torch.nn.Sequential(*(module_class(channels) for _ in range(CHAIN))).to(device)
 
 
@@ -71,8 +70,7 @@ def _step(chain: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     chain(x).backward(grad)
 
 
-def _best_seconds(run: Callable[[], None], *, repeats: int, steps: int, sync: Callable[[], None]
-                  ) -> float:
+def _best_seconds(run: Callable[[], None], *, repeats: int, steps: int, sync: Callable[[], None]) -> float:
     """Best of ``repeats`` timings of ``steps`` calls of ``run`` (seconds a call)."""
     for _ in range(3):
         run()
@@ -116,30 +114,41 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
         grad, grad_torch = torch.ones_like(x), torch.ones_like(x_torch)
         with tritonbn.backend("triton"):
             plan = tritonbn.explain(x.detach()).kernel
-            ours_s = _best_seconds(functools.partial(_step, ours, x, grad), repeats=repeats,
-                                   steps=steps, sync=sync)
+            ours_s = _best_seconds(
+                functools.partial(_step, ours, x, grad), repeats=repeats, steps=steps, sync=sync
+            )
             before = launches()
             y = ours[0](x)
             forward_launches = launches() - before
             y.backward(torch.ones_like(y))
             backward_launches = launches() - before - forward_launches
             breakdown = _forward_breakdown(ours[0], x.detach(), repeats, steps, sync)
-        torch_s = _best_seconds(functools.partial(_step, theirs, x_torch, grad_torch),
-                                repeats=repeats, steps=steps, sync=sync)
-        rows.append({
-            "layer": name, "shape": list(shape), "channels_last": channels_last, "plan": plan,
-            "launches_forward": forward_launches, "launches_backward": backward_launches,
-            "tritonbn_us": ours_s / CHAIN * 1e6, "torch_us": torch_s / CHAIN * 1e6,
-            "ratio": ours_s / torch_s, "forward_breakdown_us": breakdown,
-        })
+        torch_s = _best_seconds(
+            functools.partial(_step, theirs, x_torch, grad_torch), repeats=repeats, steps=steps, sync=sync
+        )
+        rows.append(
+            {
+                "layer": name,
+                "shape": list(shape),
+                "channels_last": channels_last,
+                "plan": plan,
+                "launches_forward": forward_launches,
+                "launches_backward": backward_launches,
+                "tritonbn_us": ours_s / CHAIN * 1e6,
+                "torch_us": torch_s / CHAIN * 1e6,
+                "ratio": ours_s / torch_s,
+                "forward_breakdown_us": breakdown,
+            }
+        )
     return {
         "datetime": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": _machine(device),
         "what": "host time per BatchNorm layer, forward+backward, chain of 8, best of "
-                f"{repeats} x {steps} steps",
+        f"{repeats} x {steps} steps",
         "driver": "stand-in CUDA driver (nothing executes)" if stand_in else "CUDA",
-        "torch_input": "tiny tensor of the layer's rank and channels on the CPU" if stand_in
-                       else "the layer's shape",
+        "torch_input": "tiny tensor of the layer's rank and channels on the CPU"
+        if stand_in
+        else "the layer's shape",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "layers": rows,
@@ -156,8 +165,9 @@ def _machine(device: torch.device) -> str:
     return f"{info['device_name']}, {info['cpu_count']} cores"
 
 
-def _forward_breakdown(module: torch.nn.Module, x: torch.Tensor, repeats: int, steps: int,
-                       sync: Callable[[], None]) -> dict[str, float]:
+def _forward_breakdown(
+    module: torch.nn.Module, x: torch.Tensor, repeats: int, steps: int, sync: Callable[[], None]
+) -> dict[str, float]:
     """µs of one no-grad forward, whole and by part: the module's checks and plan, and the
     kernels layer (geometry lookup, allocation, launches) called directly."""
     from tritonbn import kernels
@@ -174,8 +184,7 @@ def _forward_breakdown(module: torch.nn.Module, x: torch.Tensor, repeats: int, s
         select_plan(x, True)
 
     def kernels_layer() -> None:
-        kernels.forward_train(x, weight, bias, running_mean, running_var, 0.1, 1e-5, plan=plan,
-                              sm_count=sms)
+        kernels.forward_train(x, weight, bias, running_mean, running_var, 0.1, 1e-5, plan=plan, sm_count=sms)
 
     def whole() -> None:
         with torch.no_grad():
@@ -183,8 +192,11 @@ def _forward_breakdown(module: torch.nn.Module, x: torch.Tensor, repeats: int, s
 
     return {
         name: _best_seconds(part, repeats=repeats, steps=steps * 4, sync=sync) * 1e6
-        for name, part in (("checks and plan", checks_and_plan), ("kernels layer", kernels_layer),
-                           ("module forward", whole))
+        for name, part in (
+            ("checks and plan", checks_and_plan),
+            ("kernels layer", kernels_layer),
+            ("module forward", whole),
+        )
     }
 
 

@@ -44,30 +44,34 @@ bench/results/host-overhead/<machine>-<date>.json`."""
 def method_section() -> str:
     traffic = report.markdown_table(
         ["pass", "bytes a pass-optimal kernel moves"],
-        [[name, f"{tensors} × bytes(x) + {vectors} float32 vectors of C"] for name, (tensors, vectors) in
-         PASS_TRAFFIC.items()],
+        [
+            [name, f"{tensors} × bytes(x) + {vectors} float32 vectors of C"]
+            for name, (tensors, vectors) in PASS_TRAFFIC.items()
+        ],
     )
-    return "\n".join([
-        "## Method",
-        "",
-        "Each case (shape, dtype, layout) is timed for four passes (training forward, backward alone, "
-        "eval forward, forward+backward) on every backend, as modules: `torch.nn.BatchNorm1d/2d` "
-        "(*torch*, the baseline of every speedup), `tritonbn.BatchNorm1d/2d` on its dispatcher "
-        "(*tritonbn*), on each forced Triton plan that applies, on the plain-torch *reference*, and "
-        "`torch.compile` of torch's module. Inputs are fresh standard-normal tensors; the running "
-        "statistics start at (0, 1). Each result is checked once (shape, dtype, finite values, a "
-        "property of batch norm) before it is timed.",
-        "",
-        "On CUDA, `triton.testing.do_bench` times every run with CUDA events after flushing the L2 "
-        "cache; on a CPU, `torch.utils.benchmark.Timer.blocked_autorange` times blocks of calls "
-        "(`bench/measure.py`; a results file's *timer* row names the harness that timed it). The "
-        "figure is the median run (± half the interquartile range). GB/s divides the bytes below by "
-        "the median; "
-        "% of copy compares that with a device-to-device copy timed the same way in the same "
-        "session. A cell reads `median ±spread · speedup over torch · % of copy`.",
-        "",
-        traffic,
-    ])
+    return "\n".join(
+        [
+            "## Method",
+            "",
+            "Each case (shape, dtype, layout) is timed for four passes (training forward, backward alone, "
+            "eval forward, forward+backward) on every backend, as modules: `torch.nn.BatchNorm1d/2d` "
+            "(*torch*, the baseline of every speedup), `tritonbn.BatchNorm1d/2d` on its dispatcher "
+            "(*tritonbn*), on each forced Triton plan that applies, on the plain-torch *reference*, and "
+            "`torch.compile` of torch's module. Inputs are fresh standard-normal tensors; the running "
+            "statistics start at (0, 1). Each result is checked once (shape, dtype, finite values, a "
+            "property of batch norm) before it is timed.",
+            "",
+            "On CUDA, `triton.testing.do_bench` times every run with CUDA events after flushing the L2 "
+            "cache; on a CPU, `torch.utils.benchmark.Timer.blocked_autorange` times blocks of calls "
+            "(`bench/measure.py`; a results file's *timer* row names the harness that timed it). The "
+            "figure is the median run (± half the interquartile range). GB/s divides the bytes below by "
+            "the median; "
+            "% of copy compares that with a device-to-device copy timed the same way in the same "
+            "session. A cell reads `median ±spread · speedup over torch · % of copy`.",
+            "",
+            traffic,
+        ]
+    )
 
 
 def speedup_chart(run: dict, path: Path) -> bool:
@@ -89,14 +93,26 @@ def speedup_chart(run: dict, path: Path) -> bool:
     for index, backend in enumerate(backends):
         by_group = {r["group"]: r.get("speedup_vs_torch") for r in report.select(records, backend=backend)}
         heights = [by_group.get(group) or 0.0 for group in groups]
-        axes.bar([g + (index - (len(backends) - 1) / 2) * width for g in range(len(groups))], heights,
-                 width, label=backend, color=f"C{index}")
+        axes.bar(
+            [g + (index - (len(backends) - 1) / 2) * width for g in range(len(groups))],
+            heights,
+            width,
+            label=backend,
+            color=f"C{index}",
+        )
     axes.axhline(1.0, color="black", linewidth=0.8)
     if report.is_gpu(run):
-        axes.axhline(report.SPEEDUP_TARGET, color="gray", linestyle="--", linewidth=0.8,
-                     label=f"{report.SPEEDUP_TARGET}x (4-D geomean target)")
-    labels = [" ".join(group.split()[1:4:2]).replace("channels_last", "NHWC").replace("contiguous", "")
-              for group in groups]
+        axes.axhline(
+            report.SPEEDUP_TARGET,
+            color="gray",
+            linestyle="--",
+            linewidth=0.8,
+            label=f"{report.SPEEDUP_TARGET}x (4-D geomean target)",
+        )
+    labels = [
+        " ".join(group.split()[1:4:2]).replace("channels_last", "NHWC").replace("contiguous", "")
+        for group in groups
+    ]
     axes.set_xticks(range(len(groups)), labels, rotation=60, ha="right", fontsize="small")
     axes.set_yscale("log")
     axes.yaxis.set_major_formatter(FormatStrFormatter("%gx"))
@@ -142,13 +158,18 @@ def run_section(run: dict, root: Path) -> str:
         parts.append("LeNet training in the same check\n\n" + report.training_table(run["training"]))
     if run["records"]:
         parts.append("forward+backward, float32\n\n" + report.headline_table(run["records"]))
-        parts.append("<details><summary>Every case</summary>\n\n" + report.shape_tables(run["records"])
-                     + "\n\n</details>")
+        parts.append(
+            "<details><summary>Every case</summary>\n\n"
+            + report.shape_tables(run["records"])
+            + "\n\n</details>"
+        )
     if run.get("activation_records"):
-        parts.append("Fused activation: `tritonbn.BatchNorm2d/1d(activation=...)` against "
-                     "`torch.nn.BatchNorm2d/1d` then the activation module, forward+backward "
-                     "float32; held = memory a training forward leaves for the backward (CUDA only)"
-                     "\n\n" + report.activation_table(run["activation_records"]))
+        parts.append(
+            "Fused activation: `tritonbn.BatchNorm2d/1d(activation=...)` against "
+            "`torch.nn.BatchNorm2d/1d` then the activation module, forward+backward "
+            "float32; held = memory a training forward leaves for the backward (CUDA only)"
+            "\n\n" + report.activation_table(run["activation_records"])
+        )
     return "\n\n".join(parts)
 
 
@@ -158,37 +179,53 @@ def host_section(host_runs: list[tuple[Path, dict]], root: Path) -> str:
         return "No host-overhead results file is committed yet (`bench/results/host-overhead/`)."
     parts = []
     for path, run in host_runs:
-        parts.append(f"From `{shown_path(path, root)}` ({run.get('datetime', '?')}, "
-                     f"{run.get('machine', '?')}, torch {run['torch']}, triton {run['triton']}):\n\n"
-                     + host_overhead.report(run))
+        parts.append(
+            f"From `{shown_path(path, root)}` ({run.get('datetime', '?')}, "
+            f"{run.get('machine', '?')}, torch {run['torch']}, triton {run['triton']}):\n\n"
+            + host_overhead.report(run)
+        )
     return "\n\n".join(parts)
 
 
-def render(runs: list[dict], chart: Path, root: Path,
-           host_runs: list[tuple[Path, dict]] | None = None) -> str:
+def render(
+    runs: list[dict], chart: Path, root: Path, host_runs: list[tuple[Path, dict]] | None = None
+) -> str:
     """The whole page for ``runs`` (GPU runs first), writing ``chart`` from the first run, with
     the host time per layer of ``host_runs``."""
     gpu = [run for run in runs if report.is_gpu(run)]
     if gpu:
-        status = (f"{len(gpu)} GPU run(s) committed; the newest is judged first. CPU runs, if any, "
-                  "measure tritonbn's CPU fallback (PyTorch's own kernel behind its dispatcher).")
+        status = (
+            f"{len(gpu)} GPU run(s) committed; the newest is judged first. CPU runs, if any, "
+            "measure tritonbn's CPU fallback (PyTorch's own kernel behind its dispatcher)."
+        )
     else:
-        status = ("**No GPU run has been committed yet**, so the GPU targets (forward+backward speedup "
-                  "over torch, share of copy bandwidth) are not judged here and no GPU number appears "
-                  "on this page.")
+        status = (
+            "**No GPU run has been committed yet**, so the GPU targets (forward+backward speedup "
+            "over torch, share of copy bandwidth) are not judged here and no GPU number appears "
+            "on this page."
+        )
         if runs:
-            status += (" The results below come from a CPU only: there tritonbn runs PyTorch's own "
-                       "kernel behind its dispatcher, so they measure the dispatcher's overhead, not "
-                       "the Triton kernels.")
-    parts = ["# Benchmarks",
-             "Generated by `python bench/render_benchmarks.py` from `bench/results/*.json`; do not edit "
-             "by hand.",
-             status]
+            status += (
+                " The results below come from a CPU only: there tritonbn runs PyTorch's own "
+                "kernel behind its dispatcher, so they measure the dispatcher's overhead, not "
+                "the Triton kernels."
+            )
+    parts = [
+        "# Benchmarks",
+        "Generated by `python bench/render_benchmarks.py` from `bench/results/*.json`; do not edit by hand.",
+        status,
+    ]
     if runs and speedup_chart(runs[0], chart):
         parts.append(f"![forward+backward float32 speedups]({chart.name})")
     parts.append(method_section())
-    parts.append("## Results\n\n" + ("\n\n".join(run_section(run, root) for run in runs)
-                                     if runs else "No results file is committed yet."))
+    parts.append(
+        "## Results\n\n"
+        + (
+            "\n\n".join(run_section(run, root) for run in runs)
+            if runs
+            else "No results file is committed yet."
+        )
+    )
     parts.append("## Host time per layer\n\n" + HOST_METHOD + "\n\n" + host_section(host_runs or [], root))
     parts.append("## How to reproduce\n\n" + REPRODUCE)
     return "\n\n".join(parts) + "\n"
@@ -201,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     runs = report.load_all(args.results)
-    host_runs = [(path, json.loads(path.read_text()))
-                 for path in sorted((args.results / "host-overhead").glob("*.json"), reverse=True)]
+    host_runs = [
+        (path, json.loads(path.read_text()))
+        for path in sorted((args.results / "host-overhead").glob("*.json"), reverse=True)
+    ]
     chart = args.out.with_name(args.out.stem + "-speedup.png")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(runs, chart, ROOT, host_runs))

@@ -27,8 +27,11 @@ def add_speedups(benchmarks: list[dict]) -> None:
     in the same group divided by its own (None where the group has no timed torch entry); and
     likewise ``wall_speedup_vs_torch`` and ``cudagraph_speedup_vs_torch`` from the wall-clock and
     CUDA-graph times where they were measured (CUDA)."""
-    for field, speedup in (("ms", "speedup_vs_torch"), ("wall_ms", "wall_speedup_vs_torch"),
-                           ("cudagraph_ms", "cudagraph_speedup_vs_torch")):
+    for field, speedup in (
+        ("ms", "speedup_vs_torch"),
+        ("wall_ms", "wall_speedup_vs_torch"),
+        ("cudagraph_ms", "cudagraph_speedup_vs_torch"),
+    ):
         torch_ms = {
             bench["group"]: bench["extra_info"][field]
             for bench in benchmarks
@@ -109,8 +112,9 @@ def _per_case(records: list[dict], field: str, fmt: str) -> str:
     return ", ".join(f"{shape_text(r['shape'])} {r['layout']}: {format(r[field], fmt)}" for r in records)
 
 
-def _judge(name: str, asks: str, records: list[dict],
-           measure: Callable[[list[dict]], tuple[str, bool, str]]) -> Target:
+def _judge(
+    name: str, asks: str, records: list[dict], measure: Callable[[list[dict]], tuple[str, bool, str]]
+) -> Target:
     """``measure(records)`` gives (measured, met, details); no records means not measured."""
     if not records:
         return Target(name, asks, "not measured", None)
@@ -129,8 +133,11 @@ def _slowest_speedup(records: list[dict]) -> tuple[str, bool, str]:
 
 def _lowest_copy_share(records: list[dict]) -> tuple[str, bool, str]:
     worst = min(r["pct_of_copy"] for r in records)
-    per_pass = ", ".join(f"{name}: min {min(r['pct_of_copy'] for r in of_pass(records, name)):.0f}%"
-                         for name in PASS_ORDER if of_pass(records, name))
+    per_pass = ", ".join(
+        f"{name}: min {min(r['pct_of_copy'] for r in of_pass(records, name)):.0f}%"
+        for name in PASS_ORDER
+        if of_pass(records, name)
+    )
     return f"min {worst:.0f}%", worst >= COPY_TARGET_PCT, per_pass
 
 
@@ -149,16 +156,34 @@ def targets(run: dict) -> list[Target]:
     fwd_bwd = of_pass(auto, "forward+backward")
     lenet = select(fwd_bwd, family="lenet", layout="contiguous")
     if not is_gpu(run):
-        return [_judge("CPU fallback, forward+backward float32, every LeNet layer: extra time over torch.nn",
-                       f"<= {CPU_OVERHEAD_TARGET_PCT:.0f}%", lenet, _largest_overhead)]
+        return [
+            _judge(
+                "CPU fallback, forward+backward float32, every LeNet layer: extra time over torch.nn",
+                f"<= {CPU_OVERHEAD_TARGET_PCT:.0f}%",
+                lenet,
+                _largest_overhead,
+            )
+        ]
     large = [r for r in auto if math.prod(r["shape"]) >= LARGE_NUMEL and r.get("pct_of_copy") is not None]
     return [
-        _judge("forward+backward float32, geometric mean over the 4-D cases", f">= {SPEEDUP_TARGET}x",
-               [r for r in fwd_bwd if len(r["shape"]) == 4], _geomean_speedup),
-        _judge("forward+backward float32, every LeNet layer (contiguous)", f">= {LENET_TARGET}x each",
-               lenet, _slowest_speedup),
-        _judge("float32 inputs of >= 2^22 elements, every pass: % of copy bandwidth",
-               f">= {COPY_TARGET_PCT:.0f}%", large, _lowest_copy_share),
+        _judge(
+            "forward+backward float32, geometric mean over the 4-D cases",
+            f">= {SPEEDUP_TARGET}x",
+            [r for r in fwd_bwd if len(r["shape"]) == 4],
+            _geomean_speedup,
+        ),
+        _judge(
+            "forward+backward float32, every LeNet layer (contiguous)",
+            f">= {LENET_TARGET}x each",
+            lenet,
+            _slowest_speedup,
+        ),
+        _judge(
+            "float32 inputs of >= 2^22 elements, every pass: % of copy bandwidth",
+            f">= {COPY_TARGET_PCT:.0f}%",
+            large,
+            _lowest_copy_share,
+        ),
     ]
 
 
@@ -170,8 +195,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def targets_table(items: list[Target]) -> str:
     verdict = {True: "met", False: "NOT met", None: "not judged"}
-    return markdown_table(["target", "asks", "measured", "verdict", "details"],
-                          [[t.name, t.threshold, t.value, verdict[t.met], t.detail] for t in items])
+    return markdown_table(
+        ["target", "asks", "measured", "verdict", "details"],
+        [[t.name, t.threshold, t.value, verdict[t.met], t.detail] for t in items],
+    )
 
 
 def cell(record: dict | None) -> str:
@@ -198,10 +225,19 @@ def shape_tables(records: list[dict]) -> str:
             dtype, layout, backend = key
             found = {r["pass"]: r for r in select(of_shape, dtype=dtype, layout=layout, backend=backend)}
             plans = sorted({str(r["plan"]) for r in found.values() if r.get("plan")})
-            rows.append([dtype, layout, backend, ", ".join(plans) or "—",
-                         *(cell(found.get(name)) for name in PASS_ORDER)])
-        sections.append(f"#### {shape_text(shape)} ({of_shape[0]['family']})\n\n"
-                        + markdown_table(["dtype", "layout", "backend", "plan", *PASS_ORDER], rows))
+            rows.append(
+                [
+                    dtype,
+                    layout,
+                    backend,
+                    ", ".join(plans) or "—",
+                    *(cell(found.get(name)) for name in PASS_ORDER),
+                ]
+            )
+        sections.append(
+            f"#### {shape_text(shape)} ({of_shape[0]['family']})\n\n"
+            + markdown_table(["dtype", "layout", "backend", "plan", *PASS_ORDER], rows)
+        )
     return "\n\n".join(sections)
 
 
@@ -214,20 +250,33 @@ def headline_table(records: list[dict]) -> str:
         auto, native = by_backend.get("tritonbn"), by_backend.get("torch")
         compiled = by_backend.get("torch.compile")
         any_record = next(iter(by_backend.values()))
-        rows.append([
-            f"{shape_text(any_record['shape'])} {any_record['layout']}",
-            str(auto["plan"]) if auto else "—",
-            f"{auto['ms']:.4g}" if auto else "—",
-            f"{native['ms']:.4g}" if native else "—",
-            _times(auto, "speedup_vs_torch"),
-            _times(auto, "wall_speedup_vs_torch"),
-            _times(auto, "cudagraph_speedup_vs_torch"),
-            _times(compiled, "speedup_vs_torch"),
-            f"{auto['pct_of_copy']:.0f}%" if auto and auto.get("pct_of_copy") is not None else "—",
-        ])
-    return markdown_table(["case", "tritonbn plan", "tritonbn ms", "torch ms", "tritonbn speedup (device)",
-                           "(wall clock)", "(CUDA graph)", "torch.compile speedup",
-                           "tritonbn % of copy"], rows)
+        rows.append(
+            [
+                f"{shape_text(any_record['shape'])} {any_record['layout']}",
+                str(auto["plan"]) if auto else "—",
+                f"{auto['ms']:.4g}" if auto else "—",
+                f"{native['ms']:.4g}" if native else "—",
+                _times(auto, "speedup_vs_torch"),
+                _times(auto, "wall_speedup_vs_torch"),
+                _times(auto, "cudagraph_speedup_vs_torch"),
+                _times(compiled, "speedup_vs_torch"),
+                f"{auto['pct_of_copy']:.0f}%" if auto and auto.get("pct_of_copy") is not None else "—",
+            ]
+        )
+    return markdown_table(
+        [
+            "case",
+            "tritonbn plan",
+            "tritonbn ms",
+            "torch ms",
+            "tritonbn speedup (device)",
+            "(wall clock)",
+            "(CUDA graph)",
+            "torch.compile speedup",
+            "tritonbn % of copy",
+        ],
+        rows,
+    )
 
 
 def _times(record: dict | None, field: str) -> str:
@@ -249,14 +298,29 @@ def activation_table(records: list[dict]) -> str:
             held = None if record is None else record.get("held_bytes")
             return "—" if held is None else f"{held / 2**20:.1f}"
 
-        rows.append([
-            shape_text(any_record["shape"]), any_record["activation"],
-            f"{fused['ms']:.4g}" if fused else "—", f"{unfused['ms']:.4g}" if unfused else "—",
-            f"{unfused['ms'] / fused['ms']:.2f}x" if fused and unfused else "—",
-            mib(fused), mib(unfused),
-        ])
-    return markdown_table(["shape", "activation", "fused ms", "unfused ms", "fused speedup",
-                           "fused held MiB", "unfused held MiB"], rows)
+        rows.append(
+            [
+                shape_text(any_record["shape"]),
+                any_record["activation"],
+                f"{fused['ms']:.4g}" if fused else "—",
+                f"{unfused['ms']:.4g}" if unfused else "—",
+                f"{unfused['ms'] / fused['ms']:.2f}x" if fused and unfused else "—",
+                mib(fused),
+                mib(unfused),
+            ]
+        )
+    return markdown_table(
+        [
+            "shape",
+            "activation",
+            "fused ms",
+            "unfused ms",
+            "fused speedup",
+            "fused held MiB",
+            "unfused held MiB",
+        ],
+        rows,
+    )
 
 
 def training_table(training: dict[str, dict]) -> str:
@@ -265,10 +329,30 @@ def training_table(training: dict[str, dict]) -> str:
     for bn, run in training.items():
         if run.get("epochs"):
             later = run.get("later_epoch_sec")
-            rows.append([bn, run["status"], str(run["epochs"]), f"{run['loss']:.4f}",
-                         f"{run['train_acc']:.3f}", f"{run['test_acc']:.3f}", f"{run['first_epoch_sec']:.1f}",
-                         "—" if later is None else f"{later:.1f}"])
+            rows.append(
+                [
+                    bn,
+                    run["status"],
+                    str(run["epochs"]),
+                    f"{run['loss']:.4f}",
+                    f"{run['train_acc']:.3f}",
+                    f"{run['test_acc']:.3f}",
+                    f"{run['first_epoch_sec']:.1f}",
+                    "—" if later is None else f"{later:.1f}",
+                ]
+            )
         else:
             rows.append([bn, run["status"], *["—"] * 6])
-    return markdown_table(["--bn", "status", "epochs", "final loss", "train acc", "test acc",
-                           "first epoch s", "later epochs s (median)"], rows)
+    return markdown_table(
+        [
+            "--bn",
+            "status",
+            "epochs",
+            "final loss",
+            "train acc",
+            "test acc",
+            "first epoch s",
+            "later epochs s (median)",
+        ],
+        rows,
+    )

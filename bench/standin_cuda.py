@@ -36,8 +36,10 @@ def build(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / LIBRARY
     if not target.exists() or target.stat().st_mtime < SOURCE.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", f"-I{_triton_cuda_include()}",
-                        str(SOURCE), "-o", str(target)], check=True)
+        subprocess.run(
+            ["gcc", "-O2", "-shared", "-fPIC", f"-I{_triton_cuda_include()}", str(SOURCE), "-o", str(target)],
+            check=True,
+        )
     link = folder / "libcuda.so"
     if not link.exists():
         link.symlink_to(LIBRARY)

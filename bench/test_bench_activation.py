@@ -59,8 +59,9 @@ def forward_backward(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Ca
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "x".join(map(str, shape)))
-def test_fused_activation(benchmark, device: torch.device, shape: tuple[int, ...], activation: str,
-                          variant: str) -> None:
+def test_fused_activation(
+    benchmark, device: torch.device, shape: tuple[int, ...], activation: str, variant: str
+) -> None:
     if device.type != "cuda" and shape not in CPU_SHAPES:
         pytest.skip("no CUDA: only the LeNet layers are checked on a CPU")
     x = torch.randn(shape, device=device, requires_grad=True)
@@ -74,10 +75,16 @@ def test_fused_activation(benchmark, device: torch.device, shape: tuple[int, ...
 
     benchmark.group = f"fused activation {'x'.join(map(str, shape))} {activation}"
     times = time_step(benchmark, step, device)
-    benchmark.extra_info.update({
-        "suite": "activation", "variant": variant, "activation": activation, "shape": list(shape),
-        "dtype": dtype_name(x.dtype), "held_bytes": held_bytes(module, x),
-    })
+    benchmark.extra_info.update(
+        {
+            "suite": "activation",
+            "variant": variant,
+            "activation": activation,
+            "shape": list(shape),
+            "dtype": dtype_name(x.dtype),
+            "held_bytes": held_bytes(module, x),
+        }
+    )
     if times is not None:
         median, q1, q3 = times
         benchmark.extra_info.update(ms=median, ms_q1=q1, ms_q3=q3)

@@ -83,8 +83,9 @@ def build(case: Case, backend: str, device: torch.device) -> tuple[nn.Module, Ca
     return module, call
 
 
-def make_step(pass_name: str, module: nn.Module, call: Callable, x: torch.Tensor,
-              dy: torch.Tensor) -> Callable[[], object]:
+def make_step(
+    pass_name: str, module: nn.Module, call: Callable, x: torch.Tensor, dy: torch.Tensor
+) -> Callable[[], object]:
     """The function timed for ``pass_name``; the running statistics start at (0, 1)."""
     module.reset_running_stats()
     module.train(pass_name != "eval")
@@ -133,8 +134,9 @@ def check(pass_name: str, x: torch.Tensor, dy: torch.Tensor, result: object) -> 
 
 
 @pytest.mark.parametrize(("pass_name", "case", "backend"), MATRIX, ids=str)
-def test_batch_norm(benchmark, device: torch.device, copy_bandwidth: float | None, pass_name: str,
-                    case: Case, backend: str) -> None:
+def test_batch_norm(
+    benchmark, device: torch.device, copy_bandwidth: float | None, pass_name: str, case: Case, backend: str
+) -> None:
     training = pass_name != "eval"
     x = case.make_input(device, requires_grad=training)
     dy = torch.randn_like(x)
@@ -148,8 +150,16 @@ def test_batch_norm(benchmark, device: torch.device, copy_bandwidth: float | Non
 
     nbytes = pass_bytes(pass_name, case.numel, x.element_size(), case.channels)
     benchmark.extra_info.update(
-        {"pass": pass_name, "backend": backend, "plan": plan, "shape": list(case.shape),
-         "dtype": dtype_name(case.dtype), "layout": case.layout, "family": case.family, "bytes": nbytes}
+        {
+            "pass": pass_name,
+            "backend": backend,
+            "plan": plan,
+            "shape": list(case.shape),
+            "dtype": dtype_name(case.dtype),
+            "layout": case.layout,
+            "family": case.family,
+            "bytes": nbytes,
+        }
     )
     if times is not None:
         median, q1, q3 = times

@@ -62,8 +62,12 @@ def build_tail(variant: str, channels: int, device: torch.device) -> nn.Module:
 
 def build_lean(variant: str, channels: int, device: torch.device) -> nn.Module:
     if variant.startswith("tritonbn"):
-        module = tritonbn.BatchNorm2d(channels, activation="leaky_relu", negative_slope=SLOPE,
-                                      memory_efficient=variant.endswith("memory-efficient"))
+        module = tritonbn.BatchNorm2d(
+            channels,
+            activation="leaky_relu",
+            negative_slope=SLOPE,
+            memory_efficient=variant.endswith("memory-efficient"),
+        )
     else:
         module = nn.Sequential(nn.BatchNorm2d(channels), nn.LeakyReLU(SLOPE))
     module = module.to(device)
@@ -121,8 +125,16 @@ def test_residual_tail(benchmark, device: torch.device, shape: tuple[int, ...], 
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
 
     benchmark.group = f"residual tail {'x'.join(map(str, shape))}"
-    record(benchmark, step, device, suite="fusions", fusion="residual", variant=variant,
-           shape=list(shape), dtype=dtype_name(x.dtype))
+    record(
+        benchmark,
+        step,
+        device,
+        suite="fusions",
+        fusion="residual",
+        variant=variant,
+        shape=list(shape),
+        dtype=dtype_name(x.dtype),
+    )
 
 
 @pytest.mark.parametrize("variant", LEAN_VARIANTS)
@@ -144,5 +156,13 @@ def test_memory_efficient(benchmark, device: torch.device, shape: tuple[int, ...
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
 
     benchmark.group = f"memory-efficient BN+leaky_relu {'x'.join(map(str, shape))}"
-    record(benchmark, step, device, suite="fusions", fusion="memory_efficient", variant=variant,
-           shape=list(shape), dtype=dtype_name(x.dtype))
+    record(
+        benchmark,
+        step,
+        device,
+        suite="fusions",
+        fusion="memory_efficient",
+        variant=variant,
+        shape=list(shape),
+        dtype=dtype_name(x.dtype),
+    )

@@ -28,8 +28,19 @@ from .workspace import tickets
 
 
 @triton.jit
-def _recompute(x_ptr, residual_ptr, offsets, mask, mean, a, b, slope, ACTIVATION: tl.constexpr,
-               HAS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr):
+def _recompute(
+    x_ptr,
+    residual_ptr,
+    offsets,
+    mask,
+    mean,
+    a,
+    b,
+    slope,
+    ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,
+):
     # (x − mean, u): from the saved input, x − mean and u = (x − mean)·a + b [+ r]; from the
     # saved output (FROM_OUTPUT), z = act⁻¹(y), x − mean = (z − b)/a and u = z. Masked lanes
     # give x − mean = 0.
@@ -47,16 +58,45 @@ def _recompute(x_ptr, residual_ptr, offsets, mask, mean, a, b, slope, ACTIVATION
 
 
 @triton.jit
-def backward_sums_kernel(dy_ptr, x_ptr, residual_ptr, partial_ptr, ticket_ptr, grad_weight_ptr,
-                         grad_bias_ptr, coef_ptr, stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope,
-                         count, R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT, SPLIT,
-                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                         CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
-                         STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                         NEEDS_WEIGHT: tl.constexpr, NEEDS_BIAS: tl.constexpr,
-                         NEEDS_COEF: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         FROM_OUTPUT: tl.constexpr):
+def backward_sums_kernel(
+    dy_ptr,
+    x_ptr,
+    residual_ptr,
+    partial_ptr,
+    ticket_ptr,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    coef_ptr,
+    stats_ptr,
+    var_ptr,
+    weight_ptr,
+    bias_ptr,
+    C,
+    eps,
+    slope,
+    count,
+    R,
+    K,
+    KB,
+    stride_r,
+    stride_k,
+    stride_c,
+    BLOCKS_PER_SPLIT,
+    SPLIT,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHANNEL_MAJOR: tl.constexpr,
+    INT64: tl.constexpr,
+    STATS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    NEEDS_WEIGHT: tl.constexpr,
+    NEEDS_BIAS: tl.constexpr,
+    NEEDS_COEF: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,
+):
     # Program (g, s): fp32 Σ dz and Σ dz·(x − mean) over its tiles, with dz = dy·act'(z) and
     # z = (x − mean)·a + b (a = invstd·γ, b = β), into row s of partials[2, SPLIT, C]. The last
     # program of group g sums rows 0..SPLIT-1 in order: dβ = Σdz, dγ = Σdz·(x − mean)·invstd and
@@ -64,17 +104,31 @@ def backward_sums_kernel(dy_ptr, x_ptr, residual_ptr, partial_ptr, ticket_ptr, g
     # dz = dy·act'(z + r); FROM_OUTPUT recovers x − mean from y (see ``_recompute``).
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
-    mean, a, b = affine_rows(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
-                             CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
+    mean, a, b = affine_rows(
+        stats_ptr,
+        var_ptr,
+        weight_ptr,
+        bias_ptr,
+        eps,
+        pid_k,
+        C,
+        BLOCK_K,
+        CHANNEL_MAJOR,
+        STATS,
+        HAS_WEIGHT,
+        HAS_BIAS,
+    )
     acc_dz = tl.zeros([BLOCK_K], dtype=tl.float32)
     acc_dz_xmu = tl.zeros([BLOCK_K], dtype=tl.float32)
     first = split * BLOCKS_PER_SPLIT
     for i in range(0, BLOCKS_PER_SPLIT):
-        offsets, mask = tile_offsets(pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c,
-                                     BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
+        offsets, mask = tile_offsets(
+            pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+        )
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        xmu, u = _recompute(x_ptr, residual_ptr, offsets, mask, mean, a, b, slope, ACTIVATION,
-                            HAS_RESIDUAL, FROM_OUTPUT)
+        xmu, u = _recompute(
+            x_ptr, residual_ptr, offsets, mask, mean, a, b, slope, ACTIVATION, HAS_RESIDUAL, FROM_OUTPUT
+        )
         dz = activation_grad(dy, u, ACTIVATION, slope)
         acc_dz += tl.sum(dz, axis=0)
         acc_dz_xmu += tl.sum(dz * xmu, axis=0)
@@ -91,50 +145,101 @@ def backward_sums_kernel(dy_ptr, x_ptr, residual_ptr, partial_ptr, ticket_ptr, g
         sum_dz_xmu = load_channel(partial_ptr + plane, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
         for s in range(1, SPLIT):
             sum_dz += load_channel(partial_ptr + s * C, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
-            sum_dz_xmu += load_channel(partial_ptr + plane + s * C, pid_k, C, BLOCK_K,
-                                       CHANNEL_MAJOR)
-        _, invstd, _, _ = channel_affine(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C,
-                                         BLOCK_K, CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
+            sum_dz_xmu += load_channel(partial_ptr + plane + s * C, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+        _, invstd, _, _ = channel_affine(
+            stats_ptr,
+            var_ptr,
+            weight_ptr,
+            bias_ptr,
+            eps,
+            pid_k,
+            C,
+            BLOCK_K,
+            CHANNEL_MAJOR,
+            STATS,
+            HAS_WEIGHT,
+            HAS_BIAS,
+        )
         if NEEDS_WEIGHT:
             store_channel(grad_weight_ptr, sum_dz_xmu * invstd, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
         if NEEDS_BIAS:
             store_channel(grad_bias_ptr, sum_dz, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
         if NEEDS_COEF:
             store_channel(coef_ptr, sum_dz / count, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
-            store_channel(coef_ptr + C, invstd * invstd * sum_dz_xmu / count, pid_k, C, BLOCK_K,
-                          CHANNEL_MAJOR)
+            store_channel(
+                coef_ptr + C, invstd * invstd * sum_dz_xmu / count, pid_k, C, BLOCK_K, CHANNEL_MAJOR
+            )
         tl.store(ticket_ptr + pid_k, 0)
 
 
 @triton.jit
-def backward_dx_kernel(dy_ptr, x_ptr, residual_ptr, dx_ptr, dres_ptr, coef_ptr,
-                       stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope,
-                       R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                       CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
-                       STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, TRAINING: tl.constexpr,
-                       NEEDS_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                       NEEDS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr):
+def backward_dx_kernel(
+    dy_ptr,
+    x_ptr,
+    residual_ptr,
+    dx_ptr,
+    dres_ptr,
+    coef_ptr,
+    stats_ptr,
+    var_ptr,
+    weight_ptr,
+    bias_ptr,
+    C,
+    eps,
+    slope,
+    R,
+    K,
+    KB,
+    stride_r,
+    stride_k,
+    stride_c,
+    BLOCKS_PER_SPLIT,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHANNEL_MAJOR: tl.constexpr,
+    INT64: tl.constexpr,
+    STATS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    TRAINING: tl.constexpr,
+    NEEDS_INPUT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    NEEDS_RESIDUAL: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,
+):
     # Training: dx = a·(dz − mean_dz − (x − mean)·k_xmu) with the combine's coefficients;
     # eval: dx = a·dz. a = invstd·γ and dz = dy·act'(u), u = z [+ r]; the residual's gradient is
     # dr = dz. Eval without activation never reads x.
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
-    mean, a, b = affine_rows(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
-                             CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
+    mean, a, b = affine_rows(
+        stats_ptr,
+        var_ptr,
+        weight_ptr,
+        bias_ptr,
+        eps,
+        pid_k,
+        C,
+        BLOCK_K,
+        CHANNEL_MAJOR,
+        STATS,
+        HAS_WEIGHT,
+        HAS_BIAS,
+    )
     if TRAINING:
         mean_dz = as_row(load_channel(coef_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR), CHANNEL_MAJOR)
-        k_xmu = as_row(load_channel(coef_ptr + C, pid_k, C, BLOCK_K, CHANNEL_MAJOR),
-                       CHANNEL_MAJOR)
+        k_xmu = as_row(load_channel(coef_ptr + C, pid_k, C, BLOCK_K, CHANNEL_MAJOR), CHANNEL_MAJOR)
     first = split * BLOCKS_PER_SPLIT
     for i in range(0, BLOCKS_PER_SPLIT):
-        offsets, mask = tile_offsets(pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c,
-                                     BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
+        offsets, mask = tile_offsets(
+            pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+        )
         dz = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if TRAINING or ACTIVATION != NONE:
-            xmu, u = _recompute(x_ptr, residual_ptr, offsets, mask, mean, a, b, slope, ACTIVATION,
-                                HAS_RESIDUAL, FROM_OUTPUT)
+            xmu, u = _recompute(
+                x_ptr, residual_ptr, offsets, mask, mean, a, b, slope, ACTIVATION, HAS_RESIDUAL, FROM_OUTPUT
+            )
             dz = activation_grad(dz, u, ACTIVATION, slope)
             if NEEDS_RESIDUAL:
                 tl.store(dres_ptr + offsets, dz.to(dres_ptr.dtype.element_ty), mask=mask)
@@ -172,20 +277,47 @@ def backward_sums(
     grad_weight, grad_bias = norm.parameter_grads(x, need_weight, need_bias)
     coef = torch.empty((2, channels), device=x.device, dtype=torch.float32) if need_coef else None
     launch_sums(
-        key, geo.grid,
-        (dy, x, residual, partials, tickets(x.device, geo.groups), grad_weight, grad_bias, coef,
-         *norm.args(channels), count, *geo.args(), geo.split),
-        lambda: {"NEEDS_WEIGHT": need_weight, "NEEDS_BIAS": need_bias, "NEEDS_COEF": need_coef,
-         "HAS_RESIDUAL": residual is not None, "FROM_OUTPUT": from_output, **norm.meta(),
-         **geo.meta()},
+        key,
+        geo.grid,
+        (
+            dy,
+            x,
+            residual,
+            partials,
+            tickets(x.device, geo.groups),
+            grad_weight,
+            grad_bias,
+            coef,
+            *norm.args(channels),
+            count,
+            *geo.args(),
+            geo.split,
+        ),
+        lambda: {
+            "NEEDS_WEIGHT": need_weight,
+            "NEEDS_BIAS": need_bias,
+            "NEEDS_COEF": need_coef,
+            "HAS_RESIDUAL": residual is not None,
+            "FROM_OUTPUT": from_output,
+            **norm.meta(),
+            **geo.meta(),
+        },
     )
     return grad_weight, grad_bias, coef
 
 
 def backward_dx(
-    dy: torch.Tensor, x: torch.Tensor, geo: Geometry, norm: Normalization,
-    coef: torch.Tensor | None, *, key: object, residual: torch.Tensor | None = None,
-    need_input: bool = True, need_residual: bool = False, from_output: bool = False,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    geo: Geometry,
+    norm: Normalization,
+    coef: torch.Tensor | None,
+    *,
+    key: object,
+    residual: torch.Tensor | None = None,
+    need_input: bool = True,
+    need_residual: bool = False,
+    from_output: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dx, d residual) in ``x``'s dtype and strides, each None unless asked for: dx by the
     training formula with ``coef`` from ``backward_sums``, the eval one (statistics held
@@ -194,9 +326,17 @@ def backward_dx(
     dx = torch.empty_like(x) if need_input else None
     dres = torch.empty_like(x) if need_residual else None
     launch_dx(
-        key, geo.grid, (dy, x, residual, dx, dres, coef, *norm.args(x.shape[1]), *geo.args()),
-        lambda: {"TRAINING": coef is not None, "NEEDS_INPUT": need_input,
-                 "HAS_RESIDUAL": residual is not None, "NEEDS_RESIDUAL": need_residual,
-                 "FROM_OUTPUT": from_output, **norm.meta(), **geo.meta()},
+        key,
+        geo.grid,
+        (dy, x, residual, dx, dres, coef, *norm.args(x.shape[1]), *geo.args()),
+        lambda: {
+            "TRAINING": coef is not None,
+            "NEEDS_INPUT": need_input,
+            "HAS_RESIDUAL": residual is not None,
+            "NEEDS_RESIDUAL": need_residual,
+            "FROM_OUTPUT": from_output,
+            **norm.meta(),
+            **geo.meta(),
+        },
     )
     return dx, dres

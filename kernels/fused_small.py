@@ -27,20 +27,43 @@ from .tiling import (
 
 
 @triton.jit
-def fused_forward_kernel(x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, running_mean_ptr, running_var_ptr,
-                         save_ptr, C, momentum, eps, slope,
-                         R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
-                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                         CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
-                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_RUNNING: tl.constexpr, ACTIVATION: tl.constexpr,
-                         HAS_RESIDUAL: tl.constexpr):
+def fused_forward_kernel(
+    x_ptr,
+    y_ptr,
+    residual_ptr,
+    weight_ptr,
+    bias_ptr,
+    running_mean_ptr,
+    running_var_ptr,
+    save_ptr,
+    C,
+    momentum,
+    eps,
+    slope,
+    R,
+    K,
+    KB,
+    stride_r,
+    stride_k,
+    stride_c,
+    BLOCKS_PER_SPLIT,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHANNEL_MAJOR: tl.constexpr,
+    INT64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RUNNING: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
     # mean = Σx/n, var = Σ(x − mean)²/n over the slab in registers,
     # y = act((x − mean)·invstd·γ + β [+ r]), save[2, C] = (mean, invstd); running statistics
     # updated last with the unbiased variance.
     pid_k = tl.program_id(0)
-    offsets, mask = tile_offsets(pid_k, 0, R, K, KB, stride_r, stride_k, stride_c,
-                                 BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
+    offsets, mask = tile_offsets(
+        pid_k, 0, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+    )
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     count, mean, m2 = tile_welford(x, mask)
     if CHANNEL_MAJOR:
@@ -70,25 +93,66 @@ def fused_forward_kernel(x_ptr, y_ptr, residual_ptr, weight_ptr, bias_ptr, runni
 
 
 @triton.jit
-def fused_backward_kernel(dy_ptr, x_ptr, residual_ptr, dx_ptr, dres_ptr, grad_weight_ptr, grad_bias_ptr,
-                          stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope, count,
-                          R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
-                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                          CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
-                          STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                          NEEDS_INPUT: tl.constexpr, NEEDS_WEIGHT: tl.constexpr,
-                          NEEDS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                          NEEDS_RESIDUAL: tl.constexpr, FROM_OUTPUT: tl.constexpr):
+def fused_backward_kernel(
+    dy_ptr,
+    x_ptr,
+    residual_ptr,
+    dx_ptr,
+    dres_ptr,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    stats_ptr,
+    var_ptr,
+    weight_ptr,
+    bias_ptr,
+    C,
+    eps,
+    slope,
+    count,
+    R,
+    K,
+    KB,
+    stride_r,
+    stride_k,
+    stride_c,
+    BLOCKS_PER_SPLIT,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHANNEL_MAJOR: tl.constexpr,
+    INT64: tl.constexpr,
+    STATS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    NEEDS_INPUT: tl.constexpr,
+    NEEDS_WEIGHT: tl.constexpr,
+    NEEDS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    NEEDS_RESIDUAL: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,
+):
     # dz = dy·act'(u) with u = (x − mean)·a + b [+ r] recomputed (a = invstd·γ, b = β); dβ = Σdz,
     # dγ = Σdz·(x − mean)·invstd, dx = a·(dz − Σdz/n − (x − mean)·invstd²·Σdz·(x − mean)/n),
     # dr = dz; all from one read. FROM_OUTPUT: x_ptr holds y = act(z) (no residual), so
     # z = act⁻¹(y) and x − mean = (z − b)/a.
     pid_k = tl.program_id(0)
-    offsets, mask = tile_offsets(pid_k, 0, R, K, KB, stride_r, stride_k, stride_c,
-                                 BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
-    mean, invstd, a, b = channel_affine(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C,
-                                        BLOCK_K, CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
+    offsets, mask = tile_offsets(
+        pid_k, 0, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+    )
+    mean, invstd, a, b = channel_affine(
+        stats_ptr,
+        var_ptr,
+        weight_ptr,
+        bias_ptr,
+        eps,
+        pid_k,
+        C,
+        BLOCK_K,
+        CHANNEL_MAJOR,
+        STATS,
+        HAS_WEIGHT,
+        HAS_BIAS,
+    )
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if FROM_OUTPUT:
@@ -146,12 +210,31 @@ def fused_forward(
     y = torch.empty_like(x)
     save = torch.empty((2, channels), device=x.device, dtype=torch.float32)
     launch_forward(
-        key, geo.grid,
-        (x, y, residual, weight, bias, running_mean, running_var, save, channels, float(momentum),
-         float(eps), float(slope), *geo.args()),
-        lambda: {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
-         "HAS_RUNNING": running_mean is not None, "ACTIVATION": activation,
-         "HAS_RESIDUAL": residual is not None, **geo.meta()},
+        key,
+        geo.grid,
+        (
+            x,
+            y,
+            residual,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            save,
+            channels,
+            float(momentum),
+            float(eps),
+            float(slope),
+            *geo.args(),
+        ),
+        lambda: {
+            "HAS_WEIGHT": weight is not None,
+            "HAS_BIAS": bias is not None,
+            "HAS_RUNNING": running_mean is not None,
+            "ACTIVATION": activation,
+            "HAS_RESIDUAL": residual is not None,
+            **geo.meta(),
+        },
     )
     return y, save
 
@@ -178,11 +261,29 @@ def fused_backward(
     dres = torch.empty_like(x) if need_residual else None
     grad_weight, grad_bias = norm.parameter_grads(x, need_weight, need_bias)
     launch_backward(
-        key, geo.grid,
-        (dy, x, residual, dx, dres, grad_weight, grad_bias, *norm.args(channels),
-         float(x.numel() // channels), *geo.args()),
-        lambda: {"NEEDS_INPUT": need_input, "NEEDS_WEIGHT": need_weight, "NEEDS_BIAS": need_bias,
-         "HAS_RESIDUAL": residual is not None, "NEEDS_RESIDUAL": need_residual,
-         "FROM_OUTPUT": from_output, **norm.meta(), **geo.meta()},
+        key,
+        geo.grid,
+        (
+            dy,
+            x,
+            residual,
+            dx,
+            dres,
+            grad_weight,
+            grad_bias,
+            *norm.args(channels),
+            float(x.numel() // channels),
+            *geo.args(),
+        ),
+        lambda: {
+            "NEEDS_INPUT": need_input,
+            "NEEDS_WEIGHT": need_weight,
+            "NEEDS_BIAS": need_bias,
+            "HAS_RESIDUAL": residual is not None,
+            "NEEDS_RESIDUAL": need_residual,
+            "FROM_OUTPUT": from_output,
+            **norm.meta(),
+            **geo.meta(),
+        },
     )
     return dx, grad_weight, grad_bias, dres

@@ -84,15 +84,31 @@ class Launcher:
                 raise TypeError(f"{kernel}: every constexpr parameter must follow the runtime ones")
             self.constexpr_names = tuple(p.name for p in params if p.is_constexpr)
 
-    def __call__(self, key: Hashable, grid: Sequence[int], args: Sequence[object],
-                 meta: dict[str, object] | Callable[[], dict[str, object]]) -> None:
+    def __call__(
+        self,
+        key: Hashable,
+        grid: Sequence[int],
+        args: Sequence[object],
+        meta: dict[str, object] | Callable[[], dict[str, object]],
+    ) -> None:
         record = self.records.get(key)
         if record is not None and not _hooks_installed():
             device = driver.active.get_current_device()
             stream = driver.active.get_current_stream(device)
             gx, gy, gz = record.grid
-            record.run(gx, gy, gz, stream, record.function, record.metadata, None, None, None,
-                       *args, *record.constants)
+            record.run(
+                gx,
+                gy,
+                gz,
+                stream,
+                record.function,
+                record.metadata,
+                None,
+                None,
+                None,
+                *args,
+                *record.constants,
+            )
             _counts["record"] += 1
             return
         if callable(meta):

@@ -59,8 +59,11 @@ class Layout:
         Only in-bounds lanes are ever dereferenced; the int32 offsets of masked lanes past the
         end may wrap, harmlessly. The margin keeps a tensor near the limit on the int64 path.
         """
-        largest = ((self.n - 1) * abs(self.stride_n) + (self.c - 1) * abs(self.stride_c)
-                   + (self.s - 1) * abs(self.stride_s))
+        largest = (
+            (self.n - 1) * abs(self.stride_n)
+            + (self.c - 1) * abs(self.stride_c)
+            + (self.s - 1) * abs(self.stride_s)
+        )
         return largest + INT64_MARGIN > INT32_LIMIT
 
 

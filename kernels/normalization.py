@@ -34,11 +34,11 @@ class Normalization(NamedTuple):
 
     def args(self, channels: int) -> tuple[object, ...]:
         """(stats, var, weight, bias, C, eps, slope): the kernels' arguments in this order."""
-        return (self.stats, self.var, self.weight, self.bias, channels, float(self.eps),
-                float(self.slope))
+        return (self.stats, self.var, self.weight, self.bias, channels, float(self.eps), float(self.slope))
 
-    def parameter_grads(self, x: torch.Tensor, need_weight: bool, need_bias: bool
-                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def parameter_grads(
+        self, x: torch.Tensor, need_weight: bool, need_bias: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Uninitialized (dγ, dβ) in the parameters' dtypes (float32 without one), or None."""
 
         def grad_of(param: torch.Tensor | None, needed: bool) -> torch.Tensor | None:

@@ -16,22 +16,57 @@ from .tiling import affine_rows, tile_offsets
 
 
 @triton.jit
-def normalize_kernel(x_ptr, y_ptr, residual_ptr, stats_ptr, var_ptr, weight_ptr, bias_ptr, C, eps, slope,
-                     R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                     CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
-                     STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+def normalize_kernel(
+    x_ptr,
+    y_ptr,
+    residual_ptr,
+    stats_ptr,
+    var_ptr,
+    weight_ptr,
+    bias_ptr,
+    C,
+    eps,
+    slope,
+    R,
+    K,
+    KB,
+    stride_r,
+    stride_k,
+    stride_c,
+    BLOCKS_PER_SPLIT,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHANNEL_MAJOR: tl.constexpr,
+    INT64: tl.constexpr,
+    STATS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
     # y = act((x − mean)·a + b [+ r]) with per-channel a = invstd·γ and b = β, loaded once per
     # program and broadcast over its tiles; r is the optional residual, read like x.
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
-    mean, a, b = affine_rows(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, C, BLOCK_K,
-                             CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
+    mean, a, b = affine_rows(
+        stats_ptr,
+        var_ptr,
+        weight_ptr,
+        bias_ptr,
+        eps,
+        pid_k,
+        C,
+        BLOCK_K,
+        CHANNEL_MAJOR,
+        STATS,
+        HAS_WEIGHT,
+        HAS_BIAS,
+    )
     first = split * BLOCKS_PER_SPLIT
     for i in range(0, BLOCKS_PER_SPLIT):
-        offsets, mask = tile_offsets(pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c,
-                                     BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
+        offsets, mask = tile_offsets(
+            pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+        )
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         z = (x - mean) * a + b
         if HAS_RESIDUAL:
@@ -43,11 +78,16 @@ def normalize_kernel(x_ptr, y_ptr, residual_ptr, stats_ptr, var_ptr, weight_ptr,
 launch_normalize = Launcher(normalize_kernel)
 
 
-def normalize(x: torch.Tensor, geo: Geometry, norm: Normalization, *, key: object,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor, geo: Geometry, norm: Normalization, *, key: object, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     """y = act((x − mean)·invstd·weight + bias [+ residual]) in ``x``'s dtype and strides;
     ``residual`` has x's shape and strides; ``key`` names the launch site."""
     y = torch.empty_like(x)
-    launch_normalize(key, geo.grid, (x, y, residual, *norm.args(x.shape[1]), *geo.args()),
-                     lambda: {**norm.meta(), "HAS_RESIDUAL": residual is not None, **geo.meta()})
+    launch_normalize(
+        key,
+        geo.grid,
+        (x, y, residual, *norm.args(x.shape[1]), *geo.args()),
+        lambda: {**norm.meta(), "HAS_RESIDUAL": residual is not None, **geo.meta()},
+    )
     return y

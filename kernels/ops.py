@@ -38,8 +38,14 @@ __all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train", "
 
 
 @functools.lru_cache(maxsize=4096)
-def _geometries(plan: KernelPlan, shape: tuple[int, ...], strides: tuple[int, ...], sm_count: int,
-                force_int64: bool, tunables: Tunables = DEFAULT_TUNABLES) -> tuple[Geometry, Geometry]:
+def _geometries(
+    plan: KernelPlan,
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    sm_count: int,
+    force_int64: bool,
+    tunables: Tunables = DEFAULT_TUNABLES,
+) -> tuple[Geometry, Geometry]:
     """(reduction geometry, elementwise geometry) of ``plan`` with ``tunables`` on a tensor of
     this shape."""
     layout = describe_strides(shape, strides)
@@ -47,19 +53,37 @@ def _geometries(plan: KernelPlan, shape: tuple[int, ...], strides: tuple[int, ..
         raise ValueError("the kernels need a dense input whose spatial dims collapse; copy it first")
     channel_major = plan.channel_major(layout)
     if plan.single_tile:
-        geo = geometry(layout, channel_major=channel_major, sm_count=sm_count, single_tile=True,
-                       force_int64=force_int64, tunables=tunables)
+        geo = geometry(
+            layout,
+            channel_major=channel_major,
+            sm_count=sm_count,
+            single_tile=True,
+            force_int64=force_int64,
+            tunables=tunables,
+        )
         return geo, geo
-    reduction = geometry(layout, channel_major=channel_major, sm_count=sm_count,
-                         force_int64=force_int64, tunables=tunables)
-    elementwise = geometry(layout, channel_major=channel_major, sm_count=sm_count,
-                           programs_per_sm=tunables.elementwise_programs_per_sm,
-                           force_int64=force_int64, tunables=tunables)
+    reduction = geometry(
+        layout, channel_major=channel_major, sm_count=sm_count, force_int64=force_int64, tunables=tunables
+    )
+    elementwise = geometry(
+        layout,
+        channel_major=channel_major,
+        sm_count=sm_count,
+        programs_per_sm=tunables.elementwise_programs_per_sm,
+        force_int64=force_int64,
+        tunables=tunables,
+    )
     return reduction, elementwise
 
 
-def _site(x: torch.Tensor, plan: KernelPlan, sm_count: int, force_int64: bool, *flags: object,
-          tunables: Tunables = DEFAULT_TUNABLES) -> tuple[tuple[object, ...], Geometry, Geometry]:
+def _site(
+    x: torch.Tensor,
+    plan: KernelPlan,
+    sm_count: int,
+    force_int64: bool,
+    *flags: object,
+    tunables: Tunables = DEFAULT_TUNABLES,
+) -> tuple[tuple[object, ...], Geometry, Geometry]:
     """(launch-site key, reduction geometry, elementwise geometry) of a call on ``x``; the key
     holds the tunables, which change block sizes and warps."""
     shape, strides = tuple(x.shape), x.stride()
@@ -102,12 +126,30 @@ def forward_train(
     kernel_plan, tunables = parse_plan(plan)
     code = activation_code(activation)
     key, geo, out_geo = _site(
-        x, kernel_plan, sm_count, force_int64, "train", code,
-        tensors_key(x, weight, bias, running_mean, running_var, residual), tunables=tunables,
+        x,
+        kernel_plan,
+        sm_count,
+        force_int64,
+        "train",
+        code,
+        tensors_key(x, weight, bias, running_mean, running_var, residual),
+        tunables=tunables,
     )
     if kernel_plan.single_tile:
-        return fused_forward(x, geo, weight, bias, running_mean, running_var, momentum, eps,
-                             activation=code, slope=negative_slope, key=key, residual=residual)
+        return fused_forward(
+            x,
+            geo,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            activation=code,
+            slope=negative_slope,
+            key=key,
+            residual=residual,
+        )
     # save[2], save[3] = invstd·weight, bias: folded before the running statistics change.
     save = batch_statistics(x, geo, weight, bias, running_mean, running_var, momentum, eps, key=key)
     folded = Normalization(save, None, None, None, FOLDED, 0.0, code, negative_slope)
@@ -134,8 +176,14 @@ def forward_eval(
     code = activation_code(activation)
     _, tunables = parse_plan(plan)  # eval always runs the eval plan, with the token's tunables
     key, _, geo = _site(
-        x, KERNEL_PLANS["eval"], sm_count, force_int64, "eval", code,
-        tensors_key(x, weight, bias, running_mean, running_var, residual), tunables=tunables,
+        x,
+        KERNEL_PLANS["eval"],
+        sm_count,
+        force_int64,
+        "eval",
+        code,
+        tensors_key(x, weight, bias, running_mean, running_var, residual),
+        tunables=tunables,
     )
     norm = Normalization(running_mean, running_var, weight, bias, RUNNING, eps, code, negative_slope)
     return normalize(x, geo, norm, key=key, residual=residual)
@@ -170,23 +218,50 @@ def backward_train(
     kernel_plan, tunables = parse_plan(plan)
     code = activation_code(activation)
     key, geo, out_geo = _site(
-        x, kernel_plan, sm_count, force_int64, "backward", code, needs, need_residual, from_output,
-        tensors_key(dy, x, weight, bias, residual), tunables=tunables,
+        x,
+        kernel_plan,
+        sm_count,
+        force_int64,
+        "backward",
+        code,
+        needs,
+        need_residual,
+        from_output,
+        tensors_key(dy, x, weight, bias, residual),
+        tunables=tunables,
     )
     norm = Normalization(save, None, weight, bias, SAVED, 0.0, code, negative_slope)
     fused = {"residual": residual, "from_output": from_output}
     if kernel_plan.single_tile:
-        *grads, dres = fused_backward(dy, x, geo, norm, need_input, need_weight, need_bias, key=key,
-                                      need_residual=need_residual, **fused)
+        *grads, dres = fused_backward(
+            dy,
+            x,
+            geo,
+            norm,
+            need_input,
+            need_weight,
+            need_bias,
+            key=key,
+            need_residual=need_residual,
+            **fused,
+        )
         return (*grads, dres) if need_residual else tuple(grads)
     grad_weight, grad_bias, coef = backward_sums(
-        dy, x, geo, norm, need_weight=need_weight, need_bias=need_bias, need_coef=need_input,
-        key=key, **fused,
+        dy,
+        x,
+        geo,
+        norm,
+        need_weight=need_weight,
+        need_bias=need_bias,
+        need_coef=need_input,
+        key=key,
+        **fused,
     )
     dx = dres = None
     if need_input or need_residual:
-        dx, dres = backward_dx(dy, x, out_geo, norm, coef, key=key, need_input=need_input,
-                               need_residual=need_residual, **fused)
+        dx, dres = backward_dx(
+            dy, x, out_geo, norm, coef, key=key, need_input=need_input, need_residual=need_residual, **fused
+        )
     return (dx, grad_weight, grad_bias, dres) if need_residual else (dx, grad_weight, grad_bias)
 
 
@@ -219,19 +294,35 @@ def backward_eval(
     code = activation_code(activation)
     _, tunables = parse_plan(plan)
     key, geo, out_geo = _site(
-        x, KERNEL_PLANS["eval"], sm_count, force_int64, "eval-backward", code, needs,
-        need_residual, from_output,
-        tensors_key(dy, x, weight, bias, running_mean, running_var, residual), tunables=tunables,
+        x,
+        KERNEL_PLANS["eval"],
+        sm_count,
+        force_int64,
+        "eval-backward",
+        code,
+        needs,
+        need_residual,
+        from_output,
+        tensors_key(dy, x, weight, bias, running_mean, running_var, residual),
+        tunables=tunables,
     )
     norm = Normalization(running_mean, running_var, weight, bias, RUNNING, eps, code, negative_slope)
     fused = {"residual": residual, "from_output": from_output}
     grad_weight = grad_bias = dx = dres = None
     if need_weight or need_bias:
         grad_weight, grad_bias, _ = backward_sums(
-            dy, x, geo, norm, need_weight=need_weight, need_bias=need_bias, need_coef=False,
-            key=key, **fused,
+            dy,
+            x,
+            geo,
+            norm,
+            need_weight=need_weight,
+            need_bias=need_bias,
+            need_coef=False,
+            key=key,
+            **fused,
         )
     if need_input or need_residual:
-        dx, dres = backward_dx(dy, x, out_geo, norm, None, key=key, need_input=need_input,
-                               need_residual=need_residual, **fused)
+        dx, dres = backward_dx(
+            dy, x, out_geo, norm, None, key=key, need_input=need_input, need_residual=need_residual, **fused
+        )
     return (dx, grad_weight, grad_bias, dres) if need_residual else (dx, grad_weight, grad_bias)

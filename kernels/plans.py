@@ -90,8 +90,11 @@ class Tunables:
 
     def changes(self) -> dict[str, int]:
         """The fields that differ from the defaults, in field order."""
-        return {name: getattr(self, name) for name in TUNABLE_FIELDS
-                if getattr(self, name) != getattr(DEFAULT_TUNABLES, name)}
+        return {
+            name: getattr(self, name)
+            for name in TUNABLE_FIELDS
+            if getattr(self, name) != getattr(DEFAULT_TUNABLES, name)
+        }
 
     def encode(self) -> str:
         """``"tile=8192,num_warps=4"``: the non-default fields ("" for the defaults)."""
@@ -110,8 +113,13 @@ class Tunables:
 
 
 TUNABLE_FIELDS = (
-    "fused_max_tile", "tile", "max_spatial_block", "max_column_block",
-    "reduction_programs_per_sm", "elementwise_programs_per_sm", "num_warps",
+    "fused_max_tile",
+    "tile",
+    "max_spatial_block",
+    "max_column_block",
+    "reduction_programs_per_sm",
+    "elementwise_programs_per_sm",
+    "num_warps",
 )
 DEFAULT_TUNABLES = Tunables()
 
@@ -185,7 +193,12 @@ class Geometry:
 
     def args(self) -> tuple[int, ...]:
         return (
-            self.rows, self.keys, self.key_blocks, self.stride_r, self.stride_k, self.stride_c,
+            self.rows,
+            self.keys,
+            self.key_blocks,
+            self.stride_r,
+            self.stride_k,
+            self.stride_c,
             self.blocks_per_split,
         )
 
@@ -219,8 +232,11 @@ def geometry(
         programs_per_sm = tunables.reduction_programs_per_sm
     tile = tunables.tile
     if channel_major:
-        block_k = (_pow2(layout.s) if single_tile
-                   else _spatial_block(layout.s, layout.n, tile, tunables.max_spatial_block))
+        block_k = (
+            _pow2(layout.s)
+            if single_tile
+            else _spatial_block(layout.s, layout.n, tile, tunables.max_spatial_block)
+        )
         block_r = _pow2(layout.n) if single_tile else max(1, min(_pow2(layout.n), tile // block_k))
         rows, keys = layout.n, layout.s
         stride_r, stride_k = layout.stride_n, layout.stride_s
@@ -246,10 +262,19 @@ def geometry(
         per_split = max(cdiv(blocks, split), cdiv(blocks, MAX_GRID_Y))
         split = cdiv(blocks, per_split)
     return Geometry(
-        channel_major=channel_major, rows=rows, keys=keys, key_blocks=key_blocks,
-        stride_r=stride_r, stride_k=stride_k, stride_c=layout.stride_c,
-        block_r=block_r, block_k=block_k, groups=groups, split=split,
-        blocks_per_split=per_split, int64=force_int64 or layout.needs_int64,
+        channel_major=channel_major,
+        rows=rows,
+        keys=keys,
+        key_blocks=key_blocks,
+        stride_r=stride_r,
+        stride_k=stride_k,
+        stride_c=layout.stride_c,
+        block_r=block_r,
+        block_k=block_k,
+        groups=groups,
+        split=split,
+        blocks_per_split=per_split,
+        int64=force_int64 or layout.needs_int64,
         num_warps=_num_warps(block_r * block_k, tunables.num_warps),
     )
 
@@ -306,29 +331,30 @@ class KernelPlan:
         return self.tiling == "channel-major"
 
 
-def _refuse_unless_training(layout: Layout, training: bool,
-                            tunables: Tunables = DEFAULT_TUNABLES) -> str | None:
+def _refuse_unless_training(
+    layout: Layout, training: bool, tunables: Tunables = DEFAULT_TUNABLES
+) -> str | None:
     return None if training else "eval mode always runs the 'eval' plan"
 
 
-def _refuse_large_slab(layout: Layout, training: bool,
-                       tunables: Tunables = DEFAULT_TUNABLES) -> str | None:
+def _refuse_large_slab(layout: Layout, training: bool, tunables: Tunables = DEFAULT_TUNABLES) -> str | None:
     tile = fused_tile_elements(layout, tunables)
     if tile > tunables.fused_max_tile:
-        return (f"needs a per-program tile of at most {tunables.fused_max_tile} elements, "
-                f"this input needs {tile}")
+        return (
+            f"needs a per-program tile of at most {tunables.fused_max_tile} elements, this input needs {tile}"
+        )
     return _refuse_unless_training(layout, training)
 
 
-def _refuse_scattered_rows(layout: Layout, training: bool,
-                           tunables: Tunables = DEFAULT_TUNABLES) -> str | None:
+def _refuse_scattered_rows(
+    layout: Layout, training: bool, tunables: Tunables = DEFAULT_TUNABLES
+) -> str | None:
     if not layout.rows_collapse:
         return f"needs rows at one stride apart (2-D or channels_last input), got layout {layout.name!r}"
     return _refuse_unless_training(layout, training)
 
 
-def _refuse_training(layout: Layout, training: bool,
-                     tunables: Tunables = DEFAULT_TUNABLES) -> str | None:
+def _refuse_training(layout: Layout, training: bool, tunables: Tunables = DEFAULT_TUNABLES) -> str | None:
     return "normalizes with running statistics: training must be False" if training else None
 
 
@@ -338,28 +364,51 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
     plan.name: plan
     for plan in (
         KernelPlan(
-            "eval", "one elementwise pass with per-channel scale and shift from the running statistics",
-            tiling="by layout", single_tile=False, forward_launches=1, backward_launches=2,
-            saved_rows=0, refusal=_refuse_training, preferred=lambda layout, training: True,
+            "eval",
+            "one elementwise pass with per-channel scale and shift from the running statistics",
+            tiling="by layout",
+            single_tile=False,
+            forward_launches=1,
+            backward_launches=2,
+            saved_rows=0,
+            refusal=_refuse_training,
+            preferred=lambda layout, training: True,
         ),
         KernelPlan(
-            "fused-small", "one program holds a channel group's whole slab: statistics, "
+            "fused-small",
+            "one program holds a channel group's whole slab: statistics, "
             "normalization and running statistics in one launch, the backward in one more",
-            tiling="by layout", single_tile=True, forward_launches=1, backward_launches=1,
-            saved_rows=2, refusal=_refuse_large_slab, preferred=lambda layout, training: True,
+            tiling="by layout",
+            single_tile=True,
+            forward_launches=1,
+            backward_launches=1,
+            saved_rows=2,
+            refusal=_refuse_large_slab,
+            preferred=lambda layout, training: True,
         ),
         KernelPlan(
-            "column-tiled", "tiles coalesced along C over rows of contiguous channels, the rows "
+            "column-tiled",
+            "tiles coalesced along C over rows of contiguous channels, the rows "
             "split across programs whose last one merges the partials",
-            tiling="column", single_tile=False, forward_launches=2, backward_launches=2,
-            saved_rows=4, refusal=_refuse_scattered_rows,
+            tiling="column",
+            single_tile=False,
+            forward_launches=2,
+            backward_launches=2,
+            saved_rows=4,
+            refusal=_refuse_scattered_rows,
             preferred=lambda layout, training: column_tiling(layout),
         ),
         KernelPlan(
-            "split-welford", "each channel split across programs (Welford partials merged with "
+            "split-welford",
+            "each channel split across programs (Welford partials merged with "
             "Chan's formula by the last program), then an elementwise pass",
-            tiling="channel-major", single_tile=False, forward_launches=2, backward_launches=2,
-            saved_rows=4, refusal=_refuse_unless_training, preferred=lambda layout, training: True,
+            tiling="channel-major",
+            single_tile=False,
+            forward_launches=2,
+            backward_launches=2,
+            saved_rows=4,
+            refusal=_refuse_unless_training,
+            preferred=lambda layout, training: True,
         ),
     )
 }

@@ -23,12 +23,34 @@ from .workspace import tickets
 
 
 @triton.jit
-def stats_kernel(x_ptr, partial_ptr, ticket_ptr, weight_ptr, bias_ptr, running_mean_ptr,
-                 running_var_ptr, save_ptr, C, momentum, eps,
-                 R, K, KB, stride_r, stride_k, stride_c, BLOCKS_PER_SPLIT, SPLIT,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                 CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr,
-                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr):
+def stats_kernel(
+    x_ptr,
+    partial_ptr,
+    ticket_ptr,
+    weight_ptr,
+    bias_ptr,
+    running_mean_ptr,
+    running_var_ptr,
+    save_ptr,
+    C,
+    momentum,
+    eps,
+    R,
+    K,
+    KB,
+    stride_r,
+    stride_k,
+    stride_c,
+    BLOCKS_PER_SPLIT,
+    SPLIT,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHANNEL_MAJOR: tl.constexpr,
+    INT64: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RUNNING: tl.constexpr,
+):
     # Program (g, s) folds its range of tiles into fp32 (count, mean, M2) per channel (Chan's
     # merge of each tile's two-pass statistics) and stores them in row s of partials[3, SPLIT, C].
     # The last program of group g then merges rows 0..SPLIT-1 in order and computes
@@ -41,8 +63,9 @@ def stats_kernel(x_ptr, partial_ptr, ticket_ptr, weight_ptr, bias_ptr, running_m
     m2 = tl.zeros([BLOCK_K], dtype=tl.float32)
     first = split * BLOCKS_PER_SPLIT
     for i in range(0, BLOCKS_PER_SPLIT):
-        offsets, mask = tile_offsets(pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c,
-                                     BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64)
+        offsets, mask = tile_offsets(
+            pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+        )
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         t_count, t_mean, t_m2 = tile_welford(x, mask)
         count, mean, m2 = chan_merge(count, mean, m2, t_count, t_mean, t_m2)
@@ -61,7 +84,9 @@ def stats_kernel(x_ptr, partial_ptr, ticket_ptr, weight_ptr, bias_ptr, running_m
         for s in range(1, SPLIT):
             row = s * C
             count, mean, m2 = chan_merge(
-                count, mean, m2,
+                count,
+                mean,
+                m2,
                 load_channel(partial_ptr + row, pid_k, C, BLOCK_K, CHANNEL_MAJOR),
                 load_channel(partial_ptr + plane + row, pid_k, C, BLOCK_K, CHANNEL_MAJOR),
                 load_channel(partial_ptr + 2 * plane + row, pid_k, C, BLOCK_K, CHANNEL_MAJOR),
@@ -110,10 +135,28 @@ def batch_statistics(
     partials = torch.empty((3, geo.split, channels), device=x.device, dtype=torch.float32)
     save = torch.empty((4, channels), device=x.device, dtype=torch.float32)
     launch_stats(
-        key, geo.grid,
-        (x, partials, tickets(x.device, geo.groups), weight, bias, running_mean, running_var,
-         save, channels, float(momentum), float(eps), *geo.args(), geo.split),
-        lambda: {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
-         "HAS_RUNNING": running_mean is not None, **geo.meta()},
+        key,
+        geo.grid,
+        (
+            x,
+            partials,
+            tickets(x.device, geo.groups),
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            save,
+            channels,
+            float(momentum),
+            float(eps),
+            *geo.args(),
+            geo.split,
+        ),
+        lambda: {
+            "HAS_WEIGHT": weight is not None,
+            "HAS_BIAS": bias is not None,
+            "HAS_RUNNING": running_mean is not None,
+            **geo.meta(),
+        },
     )
     return save

@@ -10,9 +10,20 @@ from . import normalization
 
 
 @triton.jit
-def tile_offsets(pid_k, block, R, K, KB, stride_r, stride_k, stride_c,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                 CHANNEL_MAJOR: tl.constexpr, INT64: tl.constexpr):
+def tile_offsets(
+    pid_k,
+    block,
+    R,
+    K,
+    KB,
+    stride_r,
+    stride_k,
+    stride_c,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHANNEL_MAJOR: tl.constexpr,
+    INT64: tl.constexpr,
+):
     # Tile `block` of program group `pid_k`: element (r, k) sits at r·stride_r + k·stride_k
     # (+ pid_k·stride_c for the channel-major tiling, whose tiles run over (row block, key block)).
     if INT64:
@@ -69,9 +80,20 @@ FOLDED: tl.constexpr = tl.constexpr(normalization.FOLDED)
 
 
 @triton.jit
-def channel_affine(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, K,
-                   BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr, STATS: tl.constexpr,
-                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def channel_affine(
+    stats_ptr,
+    var_ptr,
+    weight_ptr,
+    bias_ptr,
+    eps,
+    pid_k,
+    K,
+    BLOCK_K: tl.constexpr,
+    CHANNEL_MAJOR: tl.constexpr,
+    STATS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     # This program's per-channel mean, invstd (rsqrt(var + eps) from running statistics),
     # a = invstd·γ and b = β (0 without bias): the normalized, affine value is z = (x − mean)·a + b.
     mean = load_channel(stats_ptr, pid_k, K, BLOCK_K, CHANNEL_MAJOR)
@@ -93,12 +115,35 @@ def channel_affine(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, K,
 
 
 @triton.jit
-def affine_rows(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, K,
-                BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr, STATS: tl.constexpr,
-                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def affine_rows(
+    stats_ptr,
+    var_ptr,
+    weight_ptr,
+    bias_ptr,
+    eps,
+    pid_k,
+    K,
+    BLOCK_K: tl.constexpr,
+    CHANNEL_MAJOR: tl.constexpr,
+    STATS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     # mean, a and b of ``channel_affine``, broadcast against this program's tiles.
-    mean, _, a, b = channel_affine(stats_ptr, var_ptr, weight_ptr, bias_ptr, eps, pid_k, K,
-                                   BLOCK_K, CHANNEL_MAJOR, STATS, HAS_WEIGHT, HAS_BIAS)
+    mean, _, a, b = channel_affine(
+        stats_ptr,
+        var_ptr,
+        weight_ptr,
+        bias_ptr,
+        eps,
+        pid_k,
+        K,
+        BLOCK_K,
+        CHANNEL_MAJOR,
+        STATS,
+        HAS_WEIGHT,
+        HAS_BIAS,
+    )
     return as_row(mean, CHANNEL_MAJOR), as_row(a, CHANNEL_MAJOR), as_row(b, CHANNEL_MAJOR)
 
 

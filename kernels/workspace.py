@@ -18,8 +18,9 @@ _tickets: dict[tuple[torch.device, int], torch.Tensor] = {}
 def _stream_handle(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
-    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None
-                                               else torch.cuda.current_device())
+    return torch._C._cuda_getCurrentRawStream(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
 
 
 def tickets(device: torch.device, groups: int) -> torch.Tensor:

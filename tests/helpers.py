@@ -19,8 +19,14 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": rtol, "atol": atol}
 
 
-def assert_close(actual: torch.Tensor | None, expected: torch.Tensor | None, dtype: torch.dtype,
-                 what: str, *, reduced: int = 1) -> None:
+def assert_close(
+    actual: torch.Tensor | None,
+    expected: torch.Tensor | None,
+    dtype: torch.dtype,
+    what: str,
+    *,
+    reduced: int = 1,
+) -> None:
     """``actual`` (computed in ``dtype``) equals ``expected`` to ``dtype``'s tolerance, compared in
     float64; both None also passes. ``reduced`` is the length of a sum behind the values: its
     rounding grows like a random walk, so the absolute tolerance grows with sqrt(reduced)."""
@@ -29,8 +35,12 @@ def assert_close(actual: torch.Tensor | None, expected: torch.Tensor | None, dty
         return
     tol = tolerance(dtype)
     torch.testing.assert_close(
-        actual.detach().double(), expected.detach().double(), rtol=tol["rtol"],
-        atol=tol["atol"] * max(1.0, reduced**0.5), equal_nan=True, msg=lambda m: f"{what}: {m}",
+        actual.detach().double(),
+        expected.detach().double(),
+        rtol=tol["rtol"],
+        atol=tol["atol"] * max(1.0, reduced**0.5),
+        equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
     )
 
 
@@ -50,8 +60,9 @@ def randomize_state(module: nn.modules.batchnorm._BatchNorm, seed: int = 1) -> N
             module.num_batches_tracked.fill_(3)
 
 
-def twin_modules(tritonbn_cls: type, torch_cls: type, num_features: int, dtype: torch.dtype,
-                 **options: object) -> tuple[nn.Module, nn.Module]:
+def twin_modules(
+    tritonbn_cls: type, torch_cls: type, num_features: int, dtype: torch.dtype, **options: object
+) -> tuple[nn.Module, nn.Module]:
     """(tritonbn module in ``dtype``, float64 torch module) with the same options and the same
     (randomized) state, copied through a strict ``load_state_dict``."""
     oracle = torch_cls(num_features, dtype=torch.float64, **options)
@@ -73,12 +84,19 @@ def module_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype: tor
     dx = next(grads)
     dweight = None if weight is None else next(grads)
     dbias = None if bias is None else next(grads)
-    return Step(y.detach(), dx, dweight, dbias, getattr(module, "running_mean", None),
-                getattr(module, "running_var", None))
+    return Step(
+        y.detach(),
+        dx,
+        dweight,
+        dbias,
+        getattr(module, "running_mean", None),
+        getattr(module, "running_var", None),
+    )
 
 
-def assert_modules_match(module: nn.Module, oracle: nn.Module, x: torch.Tensor, dy: torch.Tensor,
-                         dtype: torch.dtype) -> None:
+def assert_modules_match(
+    module: nn.Module, oracle: nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype
+) -> None:
     """One step on both modules: output, input/weight/bias gradients and every buffer agree to
     ``dtype``'s tolerance, and the output keeps the input's memory format. Both see ``x`` and
     ``dy`` rounded to ``dtype``, so only the computation's rounding is measured."""

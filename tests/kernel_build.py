@@ -52,13 +52,15 @@ KERNELS = (
 )
 
 
-def build(kernel: triton.JITFunction, constexprs: dict[str, object], data_type: str,
-          ones: tuple[str, ...] = ()) -> None:
+def build(
+    kernel: triton.JITFunction, constexprs: dict[str, object], data_type: str, ones: tuple[str, ...] = ()
+) -> None:
     """Compile ``kernel`` for TARGET with ``constexprs``; the int arguments named in ``ones`` are 1,
     which Triton's launcher turns into constants (as it does for a unit stride). Raises on a
     compiler error."""
-    absent = {ptr for flag, ptrs in OPTIONAL_POINTERS.items() if constexprs.get(flag) is False
-              for ptr in ptrs}
+    absent = {
+        ptr for flag, ptrs in OPTIONAL_POINTERS.items() if constexprs.get(flag) is False for ptr in ptrs
+    }
     if constexprs.get("STATS", normalization.RUNNING) != normalization.RUNNING:
         absent.add("var_ptr")
     signature: dict[str, str] = {}
@@ -87,8 +89,9 @@ def variants(kernel: triton.JITFunction) -> list[tuple[dict[str, object], str, t
     """One-factor-at-a-time around two bases (every flag on, every flag off), for both tilings,
     every activation, and half data types on the all-on base; each with general strides and with
     the unit stride along the tile's contiguous axis that real launches specialize."""
-    flags = [p.name for p in kernel.params
-             if p.is_constexpr and p.name not in BLOCKS and p.name not in CHOICES]
+    flags = [
+        p.name for p in kernel.params if p.is_constexpr and p.name not in BLOCKS and p.name not in CHOICES
+    ]
     blocks = {name: size for name, size in BLOCKS.items() if name in kernel.arg_names}
     choices = {name: values for name, values in CHOICES.items() if name in kernel.arg_names}
     result = []
@@ -96,14 +99,16 @@ def variants(kernel: triton.JITFunction) -> list[tuple[dict[str, object], str, t
         base = dict(blocks, **dict.fromkeys(flags, base_value))
         base.update({name: values[0] for name, values in choices.items()})
         cases = [base] + [dict(base, **{flag: not base_value}) for flag in flags]
-        cases += [dict(base, **{name: value}) for name, values in choices.items()
-                  for value in values[1:]]
+        cases += [dict(base, **{name: value}) for name, values in choices.items() for value in values[1:]]
         result += [(case, "fp32") for case in cases]
         if base_value:
             result += [(base, "fp16"), (base, "bf16")]
     strides = [()] + ([("stride_k",)] if "stride_k" in kernel.arg_names else [])
-    unique = {(tuple(sorted(case.items())), dtype, ones): (case, dtype, ones)
-              for case, dtype in result for ones in strides}
+    unique = {
+        (tuple(sorted(case.items())), dtype, ones): (case, dtype, ones)
+        for case, dtype in result
+        for ones in strides
+    }
     return list(unique.values())
 
 

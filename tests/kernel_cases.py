@@ -70,9 +70,23 @@ def make_inputs(shape, dtype, device, *, channels_last=False, offset=0.0, scale=
     }
 
 
-def run_step(inputs, *, backend, plan=None, training=True, param_dtype=torch.float32, affine=True,
-             running=True, momentum=0.1, eps=1e-5, need_input=True, need_params=True,
-             compute_dtype=None, activation=None, negative_slope=0.01) -> Step:
+def run_step(
+    inputs,
+    *,
+    backend,
+    plan=None,
+    training=True,
+    param_dtype=torch.float32,
+    affine=True,
+    running=True,
+    momentum=0.1,
+    eps=1e-5,
+    need_input=True,
+    need_params=True,
+    compute_dtype=None,
+    activation=None,
+    negative_slope=0.01,
+) -> Step:
     """One forward (+ backward of <grad, y>) on ``backend``; float64 params/stats when the input
     is float64 (the reference), else ``param_dtype``. ``activation`` is fused on the tritonbn
     backends and applied with torch's op after ``tritonbn.reference`` on ``"reference"``."""
@@ -81,6 +95,7 @@ def run_step(inputs, *, backend, plan=None, training=True, param_dtype=torch.flo
     pdtype = torch.float64 if dtype == torch.float64 else param_dtype
     device = x_src.device
     x = x_src.to(dtype).detach().requires_grad_(need_input)
+
     # Fresh copies: the step must neither see nor change another step's tensors.
     def fresh(name):
         return inputs[name].to(device, pdtype, copy=True)
@@ -94,8 +109,18 @@ def run_step(inputs, *, backend, plan=None, training=True, param_dtype=torch.flo
         y = torch_activation(y, activation, negative_slope)
     else:
         with tritonbn.backend(backend, plan=plan):
-            y = tritonbn.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                                    activation=activation, negative_slope=negative_slope)
+            y = tritonbn.batch_norm(
+                x,
+                running_mean,
+                running_var,
+                weight,
+                bias,
+                training,
+                momentum,
+                eps,
+                activation=activation,
+                negative_slope=negative_slope,
+            )
     wants = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
     if wants:
         torch.autograd.backward(y, inputs["grad"].to(dtype))
@@ -114,8 +139,9 @@ def reference_step(inputs, **options) -> Step:
     return run_step(inputs, backend="reference", compute_dtype=torch.float64, **options)
 
 
-def assert_step_close(got: Step, want: Step, dtype: torch.dtype, *, reduced: int,
-                      param_dtype: torch.dtype = torch.float32) -> None:
+def assert_step_close(
+    got: Step, want: Step, dtype: torch.dtype, *, reduced: int, param_dtype: torch.dtype = torch.float32
+) -> None:
     """Compare every field; dγ and dβ are sums over ``reduced`` elements, so their absolute
     tolerance grows with sqrt(reduced) (random-walk rounding). Running statistics stored in a half
     ``param_dtype`` are compared at that dtype's precision."""
@@ -127,12 +153,13 @@ def assert_step_close(got: Step, want: Step, dtype: torch.dtype, *, reduced: int
             return
         assert a is not None, f"{name}: missing"
         assert torch.isfinite(a.float()).all(), f"{name}: non-finite values (an unwritten element?)"
-        torch.testing.assert_close(a.double().cpu(), b.double().cpu(), rtol=rtol_, atol=atol_,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            a.double().cpu(), b.double().cpu(), rtol=rtol_, atol=atol_, msg=lambda m: f"{name}: {m}"
+        )
 
     close("y", got.y, want.y, rtol, atol)
     close("dx", got.dx, want.dx, rtol, atol)
-    grow = max(1.0, reduced ** 0.5)
+    grow = max(1.0, reduced**0.5)
     close("dweight", got.dw, want.dw, rtol, atol * grow)
     close("dbias", got.db, want.db, rtol, atol * grow)
     if param_dtype != torch.float32:

@@ -62,14 +62,20 @@ def test_half_input(plan, device):
 
 
 @pytest.mark.parametrize("plan", ["fused-small", "split-welford", "column-tiled", "eval"])
-@pytest.mark.parametrize("need_input, need_params, affine", [(True, False, True), (False, True, True),
-                                                             (True, False, False)])
+@pytest.mark.parametrize(
+    "need_input, need_params, affine", [(True, False, True), (False, True, True), (True, False, False)]
+)
 def test_gradient_subsets_and_no_affine(plan, need_input, need_params, affine, device):
     shape = (5, 3, 4, 4)
     training = plan != "eval"
     inputs = make_inputs(shape, torch.float32, device, channels_last=plan == "column-tiled")
-    options = {"training": training, "need_input": need_input, "need_params": need_params,
-               "affine": affine, "activation": "sigmoid"}
+    options = {
+        "training": training,
+        "need_input": need_input,
+        "need_params": need_params,
+        "affine": affine,
+        "activation": "sigmoid",
+    }
     got = run_step(inputs, backend="triton", plan=plan, **options)
     want = reference_step(inputs, **options)
     assert_step_close(got, want, torch.float32, reduced=_reduced(shape))
@@ -81,12 +87,31 @@ def test_int64_offsets_forced(device):
     inputs = make_inputs((5, 3, 7, 7), torch.float32, device)
     want = reference_step(inputs, affine=False, running=False, activation="tanh")
     for plan in ("split-welford", "fused-small"):
-        y, save = kernels.forward_train(inputs["x"], None, None, None, None, 0.1, 1e-5, plan=plan,
-                                        sm_count=4, force_int64=True, activation="tanh")
+        y, save = kernels.forward_train(
+            inputs["x"],
+            None,
+            None,
+            None,
+            None,
+            0.1,
+            1e-5,
+            plan=plan,
+            sm_count=4,
+            force_int64=True,
+            activation="tanh",
+        )
         torch.testing.assert_close(y.double(), want.y, rtol=1e-5, atol=1e-5)
-        dx, _, _ = kernels.backward_train(inputs["grad"].float(), inputs["x"], None, save,
-                                          (True, False, False), plan=plan, sm_count=4,
-                                          force_int64=True, activation="tanh")
+        dx, _, _ = kernels.backward_train(
+            inputs["grad"].float(),
+            inputs["x"],
+            None,
+            save,
+            (True, False, False),
+            plan=plan,
+            sm_count=4,
+            force_int64=True,
+            activation="tanh",
+        )
         torch.testing.assert_close(dx.double(), want.dx, rtol=1e-5, atol=1e-5)
 
 
@@ -99,8 +124,13 @@ def test_other_backends_apply_the_torch_activation(backend, training, activation
     got = run_step(inputs, backend=backend, **options)
     want = reference_step(inputs, **options)
     for name in ("y", "dx", "dw", "db", "running_mean", "running_var"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-10, atol=1e-10,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            getattr(got, name),
+            getattr(want, name),
+            rtol=1e-10,
+            atol=1e-10,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 # Modules
@@ -109,12 +139,21 @@ def test_other_backends_apply_the_torch_activation(backend, training, activation
 @pytest.mark.parametrize(
     "module, torch_module, shape",
     [
-        (tritonbn.BatchNorm2d(3, activation="relu"), nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()),
-         (4, 3, 5, 5)),
-        (tritonbn.BatchNorm1d(4, activation="leaky_relu", negative_slope=0.3),
-         nn.Sequential(nn.BatchNorm1d(4), nn.LeakyReLU(0.3)), (6, 4)),
-        (tritonbn.BatchNorm(5, 2, activation="sigmoid"), nn.Sequential(nn.BatchNorm1d(5), nn.Sigmoid()),
-         (7, 5)),
+        (
+            tritonbn.BatchNorm2d(3, activation="relu"),
+            nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()),
+            (4, 3, 5, 5),
+        ),
+        (
+            tritonbn.BatchNorm1d(4, activation="leaky_relu", negative_slope=0.3),
+            nn.Sequential(nn.BatchNorm1d(4), nn.LeakyReLU(0.3)),
+            (6, 4),
+        ),
+        (
+            tritonbn.BatchNorm(5, 2, activation="sigmoid"),
+            nn.Sequential(nn.BatchNorm1d(5), nn.Sigmoid()),
+            (7, 5),
+        ),
     ],
     ids=["2d-relu", "1d-leaky", "seed-sigmoid"],
 )
@@ -138,8 +177,7 @@ def test_module_repr_names_the_activation_only_when_set():
     assert repr(tritonbn.BatchNorm2d(3, activation="relu")).endswith(
         "track_running_stats=True, activation='relu')"
     )
-    assert "negative_slope=0.2)" in repr(tritonbn.BatchNorm1d(3, activation="leaky_relu",
-                                                              negative_slope=0.2))
+    assert "negative_slope=0.2)" in repr(tritonbn.BatchNorm1d(3, activation="leaky_relu", negative_slope=0.2))
     assert "activation='silu', num_dims=4" in repr(tritonbn.BatchNorm(3, 4, activation="silu"))
 
 
@@ -159,12 +197,21 @@ def test_module_activation_survives_deepcopy_and_state_dict_round_trip():
 def seed_lenet() -> nn.Sequential:
     """The seed notebook's LeNet with torch's BatchNorm: BN -> Sigmoid after every conv/linear."""
     return nn.Sequential(
-        nn.Conv2d(1, 6, kernel_size=5), nn.BatchNorm2d(6), nn.Sigmoid(),
+        nn.Conv2d(1, 6, kernel_size=5),
+        nn.BatchNorm2d(6),
+        nn.Sigmoid(),
         nn.MaxPool2d(kernel_size=2, stride=2),
-        nn.Conv2d(6, 16, kernel_size=5), nn.BatchNorm2d(16), nn.Sigmoid(),
-        nn.MaxPool2d(kernel_size=2, stride=2), nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 120), nn.BatchNorm1d(120), nn.Sigmoid(),
-        nn.Linear(120, 84), nn.BatchNorm1d(84), nn.Sigmoid(),
+        nn.Conv2d(6, 16, kernel_size=5),
+        nn.BatchNorm2d(16),
+        nn.Sigmoid(),
+        nn.MaxPool2d(kernel_size=2, stride=2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 120),
+        nn.BatchNorm1d(120),
+        nn.Sigmoid(),
+        nn.Linear(120, 84),
+        nn.BatchNorm1d(84),
+        nn.Sigmoid(),
         nn.Linear(84, 10),
     )
 
@@ -203,11 +250,16 @@ def test_convert_fuses_the_seed_lenet(backend):
 
 def test_convert_fuses_every_supported_activation_inplace_or_not():
     model = nn.Sequential(
-        nn.BatchNorm2d(3), nn.ReLU(inplace=True),
-        nn.BatchNorm2d(3), nn.LeakyReLU(0.25, inplace=True),
-        nn.BatchNorm2d(3), nn.SiLU(inplace=True),
-        nn.BatchNorm2d(3), nn.Tanh(),
-        tritonbn.BatchNorm2d(3), nn.Sigmoid(),
+        nn.BatchNorm2d(3),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm2d(3),
+        nn.LeakyReLU(0.25, inplace=True),
+        nn.BatchNorm2d(3),
+        nn.SiLU(inplace=True),
+        nn.BatchNorm2d(3),
+        nn.Tanh(),
+        tritonbn.BatchNorm2d(3),
+        nn.Sigmoid(),
     )
     original = copy.deepcopy(model)
     tritonbn.convert(model, fuse_activations=True)
@@ -254,21 +306,29 @@ def test_convert_does_not_fuse_by_default():
 def test_unknown_activation_is_rejected(activation):
     running_mean, running_var = torch.zeros(3), torch.ones(3)
     with pytest.raises(ValueError, match=r"'activation'.*'relu'.*'sigmoid'.*'leaky_relu'.*'silu'"):
-        tritonbn.batch_norm(torch.randn(4, 3), running_mean, running_var, training=True,
-                            activation=activation)
+        tritonbn.batch_norm(
+            torch.randn(4, 3), running_mean, running_var, training=True, activation=activation
+        )
     assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
     with pytest.raises(ValueError, match="'activation'"):
         tritonbn.BatchNorm1d(3, activation=activation)
 
 
 @pytest.mark.parametrize(
-    "slope, error", [(float("nan"), ValueError), (float("inf"), ValueError), ("0.1", TypeError),
-                     (True, TypeError), (None, TypeError)],
+    "slope, error",
+    [
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("0.1", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ],
 )
 def test_bad_negative_slope_is_rejected(slope, error):
     with pytest.raises(error, match="'negative_slope'"):
-        tritonbn.batch_norm(torch.randn(4, 3), None, None, training=True, activation="leaky_relu",
-                            negative_slope=slope)
+        tritonbn.batch_norm(
+            torch.randn(4, 3), None, None, training=True, activation="leaky_relu", negative_slope=slope
+        )
     with pytest.raises(error, match="'negative_slope'"):
         tritonbn.BatchNorm2d(3, activation="leaky_relu", negative_slope=slope)
 

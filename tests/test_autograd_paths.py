@@ -122,12 +122,17 @@ def test_jit_trace_matches_eager(backend, training):
     torch.testing.assert_close(ours.running_var, eager.running_var, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ("auto",))
+@pytest.mark.parametrize("backend", (*BACKENDS, "auto"))
 def test_compile_dynamic_fullgraph_matches_eager(backend):
     # One graph for every batch size: dynamic shapes, no graph break (fullgraph raises on one).
     torch._dynamo.reset()
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), tritonbn.BatchNorm2d(4, activation="relu"),
-                          nn.Flatten(), nn.Linear(4 * 6 * 6, 5), tritonbn.BatchNorm1d(5))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        tritonbn.BatchNorm2d(4, activation="relu"),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+        tritonbn.BatchNorm1d(5),
+    )
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
     with tritonbn.backend(backend):

@@ -18,8 +18,11 @@ import tritonbn
 from tritonbn import _compat
 from tritonbn.kernels import runtime
 
-MODULES = [(tritonbn.BatchNorm1d, nn.BatchNorm1d), (tritonbn.BatchNorm2d, nn.BatchNorm2d),
-           (tritonbn.SyncBatchNorm, nn.SyncBatchNorm)]
+MODULES = [
+    (tritonbn.BatchNorm1d, nn.BatchNorm1d),
+    (tritonbn.BatchNorm2d, nn.BatchNorm2d),
+    (tritonbn.SyncBatchNorm, nn.SyncBatchNorm),
+]
 
 
 def _torch_takes_bias() -> bool:
@@ -81,12 +84,19 @@ def _run_blocked(blocked: tuple[str, ...], code: str) -> subprocess.CompletedPro
     as on a platform without their wheels."""
     prelude = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in blocked)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_import_and_cpu_fallback_without_triton():
-    result = _run_blocked(("triton",), """
+    result = _run_blocked(
+        ("triton",),
+        """
         import torch, tritonbn
         module = tritonbn.BatchNorm2d(3)
         x = torch.randn(4, 3, 5, 5, requires_grad=True)
@@ -105,14 +115,18 @@ def test_import_and_cpu_fallback_without_triton():
             raise AssertionError("backend 'triton' ran without Triton")
         assert sys.modules["triton"] is None
         print("ok")
-    """)
+    """,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 def test_trainer_names_its_missing_extra():
-    result = _run_blocked(("tqdm",), """
+    result = _run_blocked(
+        ("tqdm",),
+        """
         from tritonbn.train import main
         raise SystemExit(main(["--epochs", "1"]))
-    """)
+    """,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "missing here: tqdm" in result.stderr and "pip install 'tritonbn[train]'" in result.stderr

@@ -70,8 +70,7 @@ def test_compiled_matches_eager(backend, activation, momentum, fullgraph):
             for model in (eager, compiled_net):
                 model.train(step < 2)
             torch.testing.assert_close(_step(compiled, x), _step(eager, x), rtol=1e-4, atol=1e-5)
-    for (name, a), (_, b) in zip(eager.named_parameters(), compiled_net.named_parameters(),
-                                 strict=True):
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled_net.named_parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
     for (name, a), (_, b) in zip(eager.named_buffers(), compiled_net.named_buffers(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
@@ -100,6 +99,20 @@ def test_custom_ops_pass_opcheck(training):
     plan = "fused-small" if training else "eval"
     torch.library.opcheck(
         torch.ops.tritonbn.backward.default,
-        (torch.randn_like(x), x, weight, bias, save, running_mean, running_var, 1e-5, plan, None,
-         0.0, True, True, False),
+        (
+            torch.randn_like(x),
+            x,
+            weight,
+            bias,
+            save,
+            running_mean,
+            running_var,
+            1e-5,
+            plan,
+            None,
+            0.0,
+            True,
+            True,
+            False,
+        ),
     )

@@ -137,8 +137,10 @@ def test_keeps_hooks():
     assert seen == [tritonbn.BatchNorm2d]
 
 
-@pytest.mark.skipif("bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters,
-                    reason="this torch's BatchNorm has no 'bias' option")
+@pytest.mark.skipif(
+    "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters,
+    reason="this torch's BatchNorm has no 'bias' option",
+)
 def test_batchnorm_without_bias_keeps_computing_the_same():
     model = nn.Sequential(nn.BatchNorm2d(3, bias=False))
     reference_model = copy.deepcopy(model)
@@ -183,5 +185,6 @@ def test_resnet18_stem_on_triton_backend_matches_torch():
     for name, grad in grads.items():
         # The loss sums 2·64·4·4 outputs; each gradient sums over as many elements.
         assert_close(grads_c[name], grad, torch.float32, f"grad {name}", reduced=y.numel())
-    assert_close(converted.layer1[1].bn2.running_var, original.layer1[1].bn2.running_var,
-                 torch.float32, "running_var")
+    assert_close(
+        converted.layer1[1].bn2.running_var, original.layer1[1].bn2.running_var, torch.float32, "running_var"
+    )

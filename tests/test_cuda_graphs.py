@@ -53,8 +53,9 @@ def test_training_step_replays_like_eager():
     torch.cuda.synchronize()
 
     torch.testing.assert_close(static_y, y, rtol=1e-4, atol=1e-5)
-    for (name, captured), (_, expected) in zip(model.named_parameters(), eager.named_parameters(),
-                                               strict=True):
+    for (name, captured), (_, expected) in zip(
+        model.named_parameters(), eager.named_parameters(), strict=True
+    ):
         torch.testing.assert_close(captured.grad, expected.grad, rtol=1e-4, atol=1e-5, msg=name)
     for (name, captured), (_, expected) in zip(model.named_buffers(), eager.named_buffers(), strict=True):
         torch.testing.assert_close(captured, expected, rtol=1e-5, atol=1e-6, msg=name)

@@ -143,9 +143,12 @@ def test_full_split_with_a_wrong_md5_is_corrupt(tmp_path):
     folder = write_fake_set(tmp_path / "src", compressed=False)
     labels = torch.randint(0, 10, (10000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     write_idx(folder / "t10k-labels-idx1-ubyte", labels)
-    with pytest.raises(FashionMNISTError, match=r"t10k-labels-idx1-ubyte: corrupt: the MD5 of its 10000 "
-                       r"items \(uncompressed\) is [0-9a-f]{32}, Fashion-MNIST's t10k-labels-idx1-ubyte has "
-                       + RAW_MD5["t10k-labels-idx1-ubyte"]) as info:
+    with pytest.raises(
+        FashionMNISTError,
+        match=r"t10k-labels-idx1-ubyte: corrupt: the MD5 of its 10000 "
+        r"items \(uncompressed\) is [0-9a-f]{32}, Fashion-MNIST's t10k-labels-idx1-ubyte has "
+        + RAW_MD5["t10k-labels-idx1-ubyte"],
+    ) as info:
         locate_fashion_mnist(folder, download=False)
     assert str(folder) in str(info.value)
 
@@ -252,8 +255,10 @@ def test_limit_and_device(tmp_path):
     assert torch.equal(data.test_labels, full.test_labels[:8])
 
 
-@pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
-                    reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} is absent)")
+@pytest.mark.skipif(
+    not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} is absent)",
+)
 def test_real_debian_data():
     data = load_fashion_mnist(download=False)
     assert data.origin == "debian" and data.verified == "md5"
@@ -264,8 +269,10 @@ def test_real_debian_data():
     assert 0 < data.train_images.float().mean() < 255
 
 
-@pytest.mark.skipif(not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
-                    reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} is absent)")
+@pytest.mark.skipif(
+    not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} is absent)",
+)
 def test_one_flipped_pixel_of_the_real_data_is_caught(tmp_path):
     folder = tmp_path / "real"
     folder.mkdir()

@@ -63,12 +63,20 @@ def test_nested_context_managers_restore_the_outer_choice():
     assert tritonbn.explain(x).backend == "torch"
 
 
-@pytest.mark.parametrize(("name", "plan", "match"), [
-    ("cuda", None, r"backend name must be one of auto, triton, torch, reference, got 'cuda'"),
-    ("triton", "fastest", r"plan must be one of eval, fused-small, column-tiled, split-welford, "
-                          r"got 'fastest'"),
-    ("torch", "eval", r"a kernel plan can only be forced with backend 'triton', got 'torch'"),
-], ids=["bad-backend", "bad-plan", "plan-without-triton"])
+@pytest.mark.parametrize(
+    ("name", "plan", "match"),
+    [
+        ("cuda", None, r"backend name must be one of auto, triton, torch, reference, got 'cuda'"),
+        (
+            "triton",
+            "fastest",
+            r"plan must be one of eval, fused-small, column-tiled, split-welford, "
+            r"got 'fastest'",
+        ),
+        ("torch", "eval", r"a kernel plan can only be forced with backend 'triton', got 'torch'"),
+    ],
+    ids=["bad-backend", "bad-plan", "plan-without-triton"],
+)
 def test_context_manager_rejects_bad_names(name, plan, match):
     with pytest.raises(ValueError, match=match), tritonbn.backend(name, plan=plan):
         pass
@@ -83,8 +91,17 @@ def test_explain_prints_a_readable_report():
     report = str(tritonbn.explain(cpu_input(8, 6, 5, 7)))
     lines = report.splitlines()
     assert lines[0] == "tritonbn plan: backend=torch"
-    for line in ("device: cpu", "dtype: float32", "layout: nchw", "shape: (8, 6, 5, 7)", "N: 8", "C: 6",
-                 "spatial: 35", "per_channel: 280", "training: True"):
+    for line in (
+        "device: cpu",
+        "dtype: float32",
+        "layout: nchw",
+        "shape: (8, 6, 5, 7)",
+        "N: 8",
+        "C: 6",
+        "spatial: 35",
+        "per_channel: 280",
+        "training: True",
+    ):
         assert f"  {line}" in lines, line
     assert lines[1].startswith("  reason: cpu tensor")
 
@@ -96,16 +113,20 @@ def test_explain_names_a_kernel_plan_for_triton():
     assert str(plan).splitlines()[0] == f"tritonbn plan: backend=triton, kernel={plan.kernel}"
 
 
-@pytest.mark.parametrize(("shape", "channels_last", "training", "kernel", "layout"), [
-    ((256, 6, 24, 24), False, True, "split-welford", "nchw"),  # LeNet conv1: few channels, big slabs
-    ((256, 16, 8, 8), False, True, "fused-small", "nchw"),  # LeNet conv2: one slab fits a program
-    ((256, 120), False, True, "fused-small", "2d"),  # LeNet fc1
-    ((8192, 1024), False, True, "column-tiled", "2d"),
-    ((32, 64, 56, 56), True, True, "column-tiled", "channels_last"),
-    ((256, 6, 24, 24), False, False, "eval", "nchw"),
-    # One spatial element: an (N, C) matrix; small enough for one program per 4 channels.
-    ((4096, 64, 1, 1), False, True, "fused-small", "2d"),
-], ids=["lenet-conv1", "lenet-conv2", "lenet-fc1", "large-2d", "channels-last", "eval", "spatial-1"])
+@pytest.mark.parametrize(
+    ("shape", "channels_last", "training", "kernel", "layout"),
+    [
+        ((256, 6, 24, 24), False, True, "split-welford", "nchw"),  # LeNet conv1: few channels, big slabs
+        ((256, 16, 8, 8), False, True, "fused-small", "nchw"),  # LeNet conv2: one slab fits a program
+        ((256, 120), False, True, "fused-small", "2d"),  # LeNet fc1
+        ((8192, 1024), False, True, "column-tiled", "2d"),
+        ((32, 64, 56, 56), True, True, "column-tiled", "channels_last"),
+        ((256, 6, 24, 24), False, False, "eval", "nchw"),
+        # One spatial element: an (N, C) matrix; small enough for one program per 4 channels.
+        ((4096, 64, 1, 1), False, True, "fused-small", "2d"),
+    ],
+    ids=["lenet-conv1", "lenet-conv2", "lenet-fc1", "large-2d", "channels-last", "eval", "spatial-1"],
+)
 def test_plan_for_shape(shape, channels_last, training, kernel, layout):
     # An unfilled tensor: the dispatcher reads shapes and strides, never values.
     x = torch.empty(shape, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -129,11 +150,15 @@ def test_decision_depends_on_shape_not_values():
     assert tritonbn.explain(a, backend="triton") == tritonbn.explain(b, backend="triton")
 
 
-@pytest.mark.parametrize(("name", "shape", "match"), [
-    ("column-tiled", (4, 3, 5, 5), r"plan 'column-tiled' needs rows at one stride apart"),
-    ("fused-small", (512, 3, 16, 16), r"plan 'fused-small' needs a per-program tile of at most"),
-    ("eval", (4, 3, 5, 5), r"plan 'eval' .*training must be False"),
-], ids=["column-tiled-on-nchw", "fused-small-too-big", "eval-in-training"])
+@pytest.mark.parametrize(
+    ("name", "shape", "match"),
+    [
+        ("column-tiled", (4, 3, 5, 5), r"plan 'column-tiled' needs rows at one stride apart"),
+        ("fused-small", (512, 3, 16, 16), r"plan 'fused-small' needs a per-program tile of at most"),
+        ("eval", (4, 3, 5, 5), r"plan 'eval' .*training must be False"),
+    ],
+    ids=["column-tiled-on-nchw", "fused-small-too-big", "eval-in-training"],
+)
 def test_forced_plan_that_does_not_fit_raises(name, shape, match):
     with pytest.raises(ValueError, match=match):
         tritonbn.explain(torch.empty(shape), plan=name)
@@ -145,10 +170,13 @@ def test_forced_training_plan_in_eval_runs_eval():
     assert "forced" in plan.reason
 
 
-@pytest.mark.parametrize(("x", "why"), [
-    (torch.empty(0, 3, 4, 4), "empty batch"),
-    (torch.empty(4, 3, 4, 4, dtype=torch.float64), "float64"),
-])
+@pytest.mark.parametrize(
+    ("x", "why"),
+    [
+        (torch.empty(0, 3, 4, 4), "empty batch"),
+        (torch.empty(4, 3, 4, 4, dtype=torch.float64), "float64"),
+    ],
+)
 def test_triton_backend_falls_back_to_torch(x, why):
     plan = tritonbn.explain(x, backend="triton")
     assert plan.backend == "torch"

@@ -63,68 +63,158 @@ def put_lazy(**makers: Callable[[], object]) -> Callable[[dict[str, object]], No
 
 
 FUNCTIONAL_CASES = [
-    Case("input-not-a-tensor", put(input=[[1.0, 2.0]]), TypeError,
-         r"'input' must be a torch\.Tensor, got list", torch_agrees=False),
+    Case(
+        "input-not-a-tensor",
+        put(input=[[1.0, 2.0]]),
+        TypeError,
+        r"'input' must be a torch\.Tensor, got list",
+        torch_agrees=False,
+    ),
     # torch raises RuntimeError or IndexError here, depending on the other arguments; tritonbn says
     # ValueError, like torch's modules do for a wrong number of dimensions.
-    Case("input-1d", put_lazy(input=lambda: torch.randn(C)), ValueError,
-         r"'input' must have at least 2 dimensions.*got a 1D tensor of shape \(3,\)", torch_agrees=False),
-    Case("input-int64", put_lazy(input=lambda: torch.ones(4, C, 5, dtype=torch.int64)), NotImplementedError,
-         r"'input' must be float16, bfloat16, float32 or float64, got int64"),
-    Case("input-bool", put_lazy(input=lambda: torch.ones(4, C, 5, dtype=torch.bool)), NotImplementedError,
-         r"'input' must be .*float64, got bool"),
-    Case("input-complex", put_lazy(input=lambda: torch.ones(4, C, 5, dtype=torch.complex64)),
-         NotImplementedError, r"'input' must be .*float64, got complex64"),
+    Case(
+        "input-1d",
+        put_lazy(input=lambda: torch.randn(C)),
+        ValueError,
+        r"'input' must have at least 2 dimensions.*got a 1D tensor of shape \(3,\)",
+        torch_agrees=False,
+    ),
+    Case(
+        "input-int64",
+        put_lazy(input=lambda: torch.ones(4, C, 5, dtype=torch.int64)),
+        NotImplementedError,
+        r"'input' must be float16, bfloat16, float32 or float64, got int64",
+    ),
+    Case(
+        "input-bool",
+        put_lazy(input=lambda: torch.ones(4, C, 5, dtype=torch.bool)),
+        NotImplementedError,
+        r"'input' must be .*float64, got bool",
+    ),
+    Case(
+        "input-complex",
+        put_lazy(input=lambda: torch.ones(4, C, 5, dtype=torch.complex64)),
+        NotImplementedError,
+        r"'input' must be .*float64, got complex64",
+    ),
     *[
-        Case(f"{name}-channels", put_lazy(**{name: lambda: torch.ones(C + 1)}), RuntimeError,
-             rf"'{name}' must have 3 elements .*got 4")
+        Case(
+            f"{name}-channels",
+            put_lazy(**{name: lambda: torch.ones(C + 1)}),
+            RuntimeError,
+            rf"'{name}' must have 3 elements .*got 4",
+        )
         for name in ("running_mean", "running_var", "weight", "bias")
     ],
     *[
-        Case(f"{name}-on-meta", put_lazy(**{name: lambda: torch.ones(C, device="meta")}), RuntimeError,
-             rf"'{name}' must be on the same device as 'input' \(cpu\), got meta")
+        Case(
+            f"{name}-on-meta",
+            put_lazy(**{name: lambda: torch.ones(C, device="meta")}),
+            RuntimeError,
+            rf"'{name}' must be on the same device as 'input' \(cpu\), got meta",
+        )
         for name in ("running_mean", "running_var", "weight", "bias")
     ],
-    Case("input-on-meta", put_lazy(input=lambda: torch.ones(4, C, 5, device="meta")), RuntimeError,
-         r"'running_mean' must be on the same device as 'input' \(meta\), got cpu"),
-    Case("running_mean-float64", put_lazy(running_mean=lambda: torch.zeros(C, dtype=torch.float64)),
-         RuntimeError, r"'running_mean' must have dtype float32 for a float32 'input', got float64"),
-    Case("weight-int64", put_lazy(weight=lambda: torch.ones(C, dtype=torch.int64)), RuntimeError,
-         r"'weight' must have dtype float32 .*got int64"),
-    Case("weight-not-a-tensor", put(weight=[1.0, 1.0, 1.0]), TypeError,
-         r"'weight' must be a torch\.Tensor or None, got list"),
-    Case("eval-running_mean-None", put(training=False, running_mean=None), RuntimeError,
-         r"'running_mean' must be a tensor in evaluation mode \(training=False\), got None"),
-    Case("eval-running_var-None", put(training=False, running_var=None), RuntimeError,
-         r"'running_var' must be a tensor in evaluation mode \(training=False\), got None"),
+    Case(
+        "input-on-meta",
+        put_lazy(input=lambda: torch.ones(4, C, 5, device="meta")),
+        RuntimeError,
+        r"'running_mean' must be on the same device as 'input' \(meta\), got cpu",
+    ),
+    Case(
+        "running_mean-float64",
+        put_lazy(running_mean=lambda: torch.zeros(C, dtype=torch.float64)),
+        RuntimeError,
+        r"'running_mean' must have dtype float32 for a float32 'input', got float64",
+    ),
+    Case(
+        "weight-int64",
+        put_lazy(weight=lambda: torch.ones(C, dtype=torch.int64)),
+        RuntimeError,
+        r"'weight' must have dtype float32 .*got int64",
+    ),
+    Case(
+        "weight-not-a-tensor",
+        put(weight=[1.0, 1.0, 1.0]),
+        TypeError,
+        r"'weight' must be a torch\.Tensor or None, got list",
+    ),
+    Case(
+        "eval-running_mean-None",
+        put(training=False, running_mean=None),
+        RuntimeError,
+        r"'running_mean' must be a tensor in evaluation mode \(training=False\), got None",
+    ),
+    Case(
+        "eval-running_var-None",
+        put(training=False, running_var=None),
+        RuntimeError,
+        r"'running_var' must be a tensor in evaluation mode \(training=False\), got None",
+    ),
     *[
-        Case(f"{name}-requires-grad", put_lazy(**{name: lambda: torch.ones(C, requires_grad=True)}),
-             RuntimeError, rf"'{name}' must not require grad")
+        Case(
+            f"{name}-requires-grad",
+            put_lazy(**{name: lambda: torch.ones(C, requires_grad=True)}),
+            RuntimeError,
+            rf"'{name}' must not require grad",
+        )
         for name in ("running_mean", "running_var")
     ],
-    Case("train-running_var-None-only", put(running_var=None), ValueError,
-         r"'running_mean' and 'running_var' must both be tensors or both be None"),
-    Case("one-value-per-channel-2d", put_lazy(input=lambda: torch.randn(1, C)), ValueError,
-         r"more than 1 value per channel when training, got input size \(1, 3\)"),
-    Case("one-value-per-channel-4d", put_lazy(input=lambda: torch.randn(1, C, 1, 1)), ValueError,
-         r"more than 1 value per channel when training, got input size \(1, 3, 1, 1\)"),
+    Case(
+        "train-running_var-None-only",
+        put(running_var=None),
+        ValueError,
+        r"'running_mean' and 'running_var' must both be tensors or both be None",
+    ),
+    Case(
+        "one-value-per-channel-2d",
+        put_lazy(input=lambda: torch.randn(1, C)),
+        ValueError,
+        r"more than 1 value per channel when training, got input size \(1, 3\)",
+    ),
+    Case(
+        "one-value-per-channel-4d",
+        put_lazy(input=lambda: torch.randn(1, C, 1, 1)),
+        ValueError,
+        r"more than 1 value per channel when training, got input size \(1, 3, 1, 1\)",
+    ),
     Case("momentum-str", put(momentum="0.1"), TypeError, r"'momentum' must be a float, got str"),
     Case("momentum-None", put(momentum=None), TypeError, r"'momentum' must be a float, got NoneType"),
-    Case("momentum-bool", put(momentum=True), TypeError, r"'momentum' must be a float, got bool",
-         torch_agrees=False),
+    Case(
+        "momentum-bool",
+        put(momentum=True),
+        TypeError,
+        r"'momentum' must be a float, got bool",
+        torch_agrees=False,
+    ),
     *[
-        Case(f"momentum-{value}", put(momentum=value), ValueError, r"'momentum' must be in \[0, 1\], got",
-             torch_agrees=False)
+        Case(
+            f"momentum-{value}",
+            put(momentum=value),
+            ValueError,
+            r"'momentum' must be in \[0, 1\], got",
+            torch_agrees=False,
+        )
         for value in (-0.1, 1.5, float("nan"))
     ],
     Case("eps-str", put(eps="1e-5"), TypeError, r"'eps' must be a float, got str"),
     Case("eps-zero-in-training", put(eps=0.0), ValueError, r"'eps' must be a finite number > 0, got 0\.0"),
     Case("eps-negative", put(eps=-1e-5), ValueError, r"'eps' must be a finite number > 0, got -1e-05"),
-    Case("eps-negative-in-eval", put(eps=-1e-5, training=False), ValueError,
-         r"'eps' must be a finite number >=? 0, got -1e-05", torch_agrees=False),
+    Case(
+        "eps-negative-in-eval",
+        put(eps=-1e-5, training=False),
+        ValueError,
+        r"'eps' must be a finite number >=? 0, got -1e-05",
+        torch_agrees=False,
+    ),
     *[
-        Case(f"eps-{value}", put(eps=value), ValueError, r"'eps' must be a finite number > 0, got",
-             torch_agrees=False)
+        Case(
+            f"eps-{value}",
+            put(eps=value),
+            ValueError,
+            r"'eps' must be a finite number > 0, got",
+            torch_agrees=False,
+        )
         for value in (float("inf"), float("nan"))
     ],
 ]
@@ -150,14 +240,19 @@ def test_functional_rejects_and_mutates_nothing(function, case):
     case.change(args)
     tensors = cpu_tensors(args)
     before = snapshot(*tensors)
-    with tritonbn.backend("triton" if function.endswith("triton") else "auto"), \
-            pytest.raises(case.error, match=case.match):
+    with (
+        tritonbn.backend("triton" if function.endswith("triton") else "auto"),
+        pytest.raises(case.error, match=case.match),
+    ):
         FUNCTIONS[function](**args)
     assert_unchanged(before, *tensors)
 
 
-@pytest.mark.parametrize("case", [c for c in FUNCTIONAL_CASES if c.torch_agrees],
-                         ids=[c.id for c in FUNCTIONAL_CASES if c.torch_agrees])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in FUNCTIONAL_CASES if c.torch_agrees],
+    ids=[c.id for c in FUNCTIONAL_CASES if c.torch_agrees],
+)
 def test_torch_raises_the_same_exception_type(case):
     args = base_args()
     case.change(args)
@@ -192,12 +287,15 @@ def make_module(kind: str) -> nn.Module:
 VALID_SHAPES = {"1d": (4, C), "2d": (4, C, 2, 2)}
 
 
-@pytest.mark.parametrize(("kind", "shape", "expected"), [
-    ("1d", (C,), r"2D \(N, C\) or 3D \(N, C, L\), got a 1D tensor of shape \(3,\)"),
-    ("1d", (2, C, 2, 2), r"2D \(N, C\) or 3D \(N, C, L\), got a 4D tensor"),
-    ("2d", (2, C, 4), r"4D \(N, C, H, W\), got a 3D tensor of shape \(2, 3, 4\)"),
-    ("2d", (2, C, 2, 2, 2), r"4D \(N, C, H, W\), got a 5D tensor"),
-])
+@pytest.mark.parametrize(
+    ("kind", "shape", "expected"),
+    [
+        ("1d", (C,), r"2D \(N, C\) or 3D \(N, C, L\), got a 1D tensor of shape \(3,\)"),
+        ("1d", (2, C, 2, 2), r"2D \(N, C\) or 3D \(N, C, L\), got a 4D tensor"),
+        ("2d", (2, C, 4), r"4D \(N, C, H, W\), got a 3D tensor of shape \(2, 3, 4\)"),
+        ("2d", (2, C, 2, 2, 2), r"4D \(N, C, H, W\), got a 5D tensor"),
+    ],
+)
 def test_module_rejects_wrong_number_of_dims(kind, shape, expected):
     module = make_module(kind)
     before = module_state(module)
@@ -239,6 +337,7 @@ def with_wrong(name: str):
     def prepare(module, shape):
         wrong_size(module, name)
         return torch.randn(shape)
+
     return prepare
 
 
@@ -255,24 +354,49 @@ def without_running_var(training: bool):
         module.running_var = None
         module.train(training)
         return torch.randn(shape)
+
     return prepare
 
 
 MODULE_CASES = [
-    ModuleCase("channels", channels_plus_one, RuntimeError,
-               r"'input' must have num_features=3 channels in dim 1, got 4"),
-    *[ModuleCase(f"{name}-size", with_wrong(name), RuntimeError, rf"'{name}' must have 3 elements.*got 4")
-      for name in ("weight", "bias", "running_mean", "running_var")],
-    ModuleCase("one-value-per-channel", one_value_per_channel, ValueError,
-               r"Expected more than 1 value per channel when training"),
-    ModuleCase("input-on-meta", on_meta, RuntimeError,
-               r"'running_mean' must be on the same device as 'input' \(meta\), got cpu"),
-    *[ModuleCase(f"input-{name}", of_dtype(dtype), NotImplementedError, rf"'input' must be .*, got {name}")
-      for name, dtype in (("int64", torch.int64), ("bool", torch.bool), ("complex64", torch.complex64))],
-    ModuleCase("eval-running_var-None", without_running_var(False), RuntimeError,
-               r"'running_var' must be a tensor in evaluation mode"),
-    ModuleCase("train-running_var-None", without_running_var(True), ValueError,
-               r"'running_mean' and 'running_var' must both be tensors or both be None"),
+    ModuleCase(
+        "channels",
+        channels_plus_one,
+        RuntimeError,
+        r"'input' must have num_features=3 channels in dim 1, got 4",
+    ),
+    *[
+        ModuleCase(f"{name}-size", with_wrong(name), RuntimeError, rf"'{name}' must have 3 elements.*got 4")
+        for name in ("weight", "bias", "running_mean", "running_var")
+    ],
+    ModuleCase(
+        "one-value-per-channel",
+        one_value_per_channel,
+        ValueError,
+        r"Expected more than 1 value per channel when training",
+    ),
+    ModuleCase(
+        "input-on-meta",
+        on_meta,
+        RuntimeError,
+        r"'running_mean' must be on the same device as 'input' \(meta\), got cpu",
+    ),
+    *[
+        ModuleCase(f"input-{name}", of_dtype(dtype), NotImplementedError, rf"'input' must be .*, got {name}")
+        for name, dtype in (("int64", torch.int64), ("bool", torch.bool), ("complex64", torch.complex64))
+    ],
+    ModuleCase(
+        "eval-running_var-None",
+        without_running_var(False),
+        RuntimeError,
+        r"'running_var' must be a tensor in evaluation mode",
+    ),
+    ModuleCase(
+        "train-running_var-None",
+        without_running_var(True),
+        ValueError,
+        r"'running_mean' and 'running_var' must both be tensors or both be None",
+    ),
 ]
 
 
@@ -309,19 +433,33 @@ CONSTRUCTORS = {
 
 
 @pytest.mark.parametrize("constructor", list(CONSTRUCTORS))
-@pytest.mark.parametrize(("options", "error", "match"), [
-    ({"momentum": "0.1"}, TypeError, r"'momentum' must be a float or None, got str"),
-    ({"momentum": True}, TypeError, r"'momentum' must be a float or None, got bool"),
-    ({"momentum": -0.1}, ValueError, r"'momentum' must be in \[0, 1\] or None, got -0\.1"),
-    ({"momentum": 1.5}, ValueError, r"'momentum' must be in \[0, 1\] or None, got 1\.5"),
-    ({"momentum": float("nan")}, ValueError, r"'momentum' must be in \[0, 1\] or None, got nan"),
-    ({"eps": "1e-5"}, TypeError, r"'eps' must be a float, got str"),
-    ({"eps": None}, TypeError, r"'eps' must be a float, got NoneType"),
-    ({"eps": -1e-5}, ValueError, r"'eps' must be a finite number >= 0, got -1e-05"),
-    ({"eps": float("inf")}, ValueError, r"'eps' must be a finite number >= 0, got inf"),
-    ({"eps": float("nan")}, ValueError, r"'eps' must be a finite number >= 0, got nan"),
-], ids=["momentum-str", "momentum-bool", "momentum-negative", "momentum-above-1", "momentum-nan", "eps-str",
-        "eps-None", "eps-negative", "eps-inf", "eps-nan"])
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"momentum": "0.1"}, TypeError, r"'momentum' must be a float or None, got str"),
+        ({"momentum": True}, TypeError, r"'momentum' must be a float or None, got bool"),
+        ({"momentum": -0.1}, ValueError, r"'momentum' must be in \[0, 1\] or None, got -0\.1"),
+        ({"momentum": 1.5}, ValueError, r"'momentum' must be in \[0, 1\] or None, got 1\.5"),
+        ({"momentum": float("nan")}, ValueError, r"'momentum' must be in \[0, 1\] or None, got nan"),
+        ({"eps": "1e-5"}, TypeError, r"'eps' must be a float, got str"),
+        ({"eps": None}, TypeError, r"'eps' must be a float, got NoneType"),
+        ({"eps": -1e-5}, ValueError, r"'eps' must be a finite number >= 0, got -1e-05"),
+        ({"eps": float("inf")}, ValueError, r"'eps' must be a finite number >= 0, got inf"),
+        ({"eps": float("nan")}, ValueError, r"'eps' must be a finite number >= 0, got nan"),
+    ],
+    ids=[
+        "momentum-str",
+        "momentum-bool",
+        "momentum-negative",
+        "momentum-above-1",
+        "momentum-nan",
+        "eps-str",
+        "eps-None",
+        "eps-negative",
+        "eps-inf",
+        "eps-nan",
+    ],
+)
 def test_constructor_rejects_bad_options(constructor, options, error, match):
     with pytest.raises(error, match=match):
         CONSTRUCTORS[constructor](C, **options)
@@ -339,10 +477,13 @@ def test_constructor_rejects_bad_num_features(constructor, num_features):
 # Backend selection errors
 
 
-@pytest.mark.parametrize(("variable", "value", "other"), [
-    ("TRITONBN_BACKEND", "cuda", None),
-    ("TRITONBN_PLAN", "fastest", ("TRITONBN_BACKEND", "triton")),
-])
+@pytest.mark.parametrize(
+    ("variable", "value", "other"),
+    [
+        ("TRITONBN_BACKEND", "cuda", None),
+        ("TRITONBN_PLAN", "fastest", ("TRITONBN_BACKEND", "triton")),
+    ],
+)
 def test_bad_environment_variable_raises_naming_it(monkeypatch, variable, value, other):
     monkeypatch.setenv(variable, value)
     if other is not None:
@@ -362,8 +503,10 @@ def test_bad_environment_variable_raises_naming_it(monkeypatch, variable, value,
 def test_forced_plan_that_does_not_fit_mutates_nothing():
     module = make_module("2d")
     state = module_state(module)
-    with tritonbn.backend("triton", plan="column-tiled"), \
-            pytest.raises(ValueError, match=r"plan 'column-tiled' needs .*got layout 'nchw'"):
+    with (
+        tritonbn.backend("triton", plan="column-tiled"),
+        pytest.raises(ValueError, match=r"plan 'column-tiled' needs .*got layout 'nchw'"),
+    ):
         module(torch.randn(VALID_SHAPES["2d"]))
     assert_module_unchanged(state, module)
 
@@ -372,8 +515,14 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.setattr(tritonbn.dispatch, "launches_cpu_tensors", lambda: False)
     args = base_args()
     before = snapshot(args["running_mean"], args["running_var"])
-    with tritonbn.backend("triton"), pytest.raises(RuntimeError, match=r"backend 'triton' got a cpu tensor.*"
-                                                                        r"TRITON_INTERPRET=1"):
+    with (
+        tritonbn.backend("triton"),
+        pytest.raises(
+            RuntimeError,
+            match=r"backend 'triton' got a cpu tensor.*"
+            r"TRITON_INTERPRET=1",
+        ),
+    ):
         tritonbn.batch_norm(**args)
     assert_unchanged(before, args["running_mean"], args["running_var"])
     module = make_module("2d")

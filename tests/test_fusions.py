@@ -41,9 +41,15 @@ def make_inputs(shape: tuple[int, ...], seed: int, channels_last: bool = False) 
     x = randn(*shape) * 2 + 0.5
     if channels_last and len(shape) == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    return {"x": x, "z": randn(*shape), "weight": 1 + 0.5 * randn(c), "bias": randn(c),
-            "running_mean": randn(c), "running_var": 0.5 + torch.rand(c, generator=gen, dtype=torch.float64),
-            "dy": randn(*shape)}
+    return {
+        "x": x,
+        "z": randn(*shape),
+        "weight": 1 + 0.5 * randn(c),
+        "bias": randn(c),
+        "running_mean": randn(c),
+        "running_var": 0.5 + torch.rand(c, generator=gen, dtype=torch.float64),
+        "dy": randn(*shape),
+    }
 
 
 def oracle(inputs: dict[str, torch.Tensor], training: bool, activation: str | None):
@@ -58,12 +64,27 @@ def oracle(inputs: dict[str, torch.Tensor], training: bool, activation: str | No
 
 def run_fused(inputs, dtype, training, activation, **options):
     leaves = {k: inputs[k].to(dtype).clone().requires_grad_() for k in ("x", "z")}
-    params = {k: inputs[k].float().clone().requires_grad_() if dtype != torch.float64
-              else inputs[k].clone().requires_grad_() for k in ("weight", "bias")}
+    params = {
+        k: inputs[k].float().clone().requires_grad_()
+        if dtype != torch.float64
+        else inputs[k].clone().requires_grad_()
+        for k in ("weight", "bias")
+    }
     stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     rm, rv = inputs["running_mean"].to(stat_dtype).clone(), inputs["running_var"].to(stat_dtype).clone()
-    y = tritonbn.batch_norm(leaves["x"], rm, rv, params["weight"], params["bias"], training, 0.1, 1e-5,
-                            activation=activation, residual=leaves["z"], **options)
+    y = tritonbn.batch_norm(
+        leaves["x"],
+        rm,
+        rv,
+        params["weight"],
+        params["bias"],
+        training,
+        0.1,
+        1e-5,
+        activation=activation,
+        residual=leaves["z"],
+        **options,
+    )
     leaves.update(params)
     grads = torch.autograd.grad(y, list(leaves.values()), inputs["dy"].to(dtype))
     return y, dict(zip(leaves, grads, strict=True)), rm, rv
@@ -181,8 +202,9 @@ def train_steps(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Ten
     return outputs
 
 
-@pytest.mark.parametrize(("arch", "backend"), [("resnet18", "torch"), ("resnet50", "torch"),
-                                             ("resnet18", "reference")])
+@pytest.mark.parametrize(
+    ("arch", "backend"), [("resnet18", "torch"), ("resnet50", "torch"), ("resnet18", "reference")]
+)
 def test_fused_resnet_trains_like_stock_float64(arch, backend):
     tv = models()
     torch.manual_seed(0)
@@ -314,17 +336,23 @@ def test_memory_efficient_saves_half_the_activation_bytes(backend):
 
 
 @pytest.mark.parametrize("activation", ["leaky_relu", None])
-@pytest.mark.parametrize(("cls", "shape"), [(tritonbn.BatchNorm1d, (6, 3)),
-                                            (tritonbn.BatchNorm2d, (3, 4, 5, 6)),
-                                            (tritonbn.BatchNorm3d, (2, 3, 3, 2, 4))])
+@pytest.mark.parametrize(
+    ("cls", "shape"),
+    [
+        (tritonbn.BatchNorm1d, (6, 3)),
+        (tritonbn.BatchNorm2d, (3, 4, 5, 6)),
+        (tritonbn.BatchNorm3d, (2, 3, 3, 2, 4)),
+    ],
+)
 def test_memory_efficient_module_matches_plain_float64(cls, shape, activation):
     torch.manual_seed(1)
     plain = cls(shape[1], activation=activation, negative_slope=0.2, dtype=torch.float64)
     with torch.no_grad():
         plain.weight.copy_(torch.randn(shape[1], dtype=torch.float64))
         plain.bias.copy_(torch.randn(shape[1], dtype=torch.float64))
-    lean = cls(shape[1], activation=activation, negative_slope=0.2, memory_efficient=True,
-               dtype=torch.float64)
+    lean = cls(
+        shape[1], activation=activation, negative_slope=0.2, memory_efficient=True, dtype=torch.float64
+    )
     lean.load_state_dict(plain.state_dict())
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     dy = torch.randn(shape, dtype=torch.float64)
@@ -355,8 +383,9 @@ def test_memory_efficient_triton_every_plan(plan):
         rm, rv = torch.zeros(5), torch.ones(5)
         with tritonbn.backend("torch" if not lean else "triton", plan=None if not lean else plan):
             args = (leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5)
-            y = tritonbn.batch_norm(*args, activation="leaky_relu", negative_slope=0.05,
-                                    memory_efficient=lean)
+            y = tritonbn.batch_norm(
+                *args, activation="leaky_relu", negative_slope=0.05, memory_efficient=lean
+            )
         results.append((y, *torch.autograd.grad(y, leaves, dy), rm, rv))
     for mine, theirs in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
@@ -373,8 +402,9 @@ def test_memory_efficient_weight_floor(backend):
     bias = torch.randn(3)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     with tritonbn.backend(backend):
-        y = tritonbn.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True,
-                                activation="leaky_relu", memory_efficient=True)
+        y = tritonbn.batch_norm(
+            leaves[0], None, None, leaves[1], leaves[2], True, activation="leaky_relu", memory_efficient=True
+        )
     grads = torch.autograd.grad(y, leaves, dy)
     ref_leaves = [t.clone().requires_grad_() for t in (x, floored, bias)]
     ref = F.leaky_relu(F.batch_norm(ref_leaves[0], None, None, ref_leaves[1], ref_leaves[2], True))
@@ -391,8 +421,9 @@ def test_memory_efficient_errors():
         with pytest.raises(ValueError, match="activation must be invertible"):
             tritonbn.BatchNorm2d(3, activation=activation, memory_efficient=True)
         with pytest.raises(ValueError, match="activation must be invertible"):
-            tritonbn.batch_norm(torch.randn(4, 3), None, None, training=True, activation=activation,
-                                memory_efficient=True)
+            tritonbn.batch_norm(
+                torch.randn(4, 3), None, None, training=True, activation=activation, memory_efficient=True
+            )
     for slope in (0.0, -0.1):
         with pytest.raises(ValueError, match="negative_slope > 0"):
             tritonbn.BatchNorm1d(3, activation="leaky_relu", negative_slope=slope, memory_efficient=True)

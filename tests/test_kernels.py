@@ -98,16 +98,14 @@ def test_large_mean_offset_fp32(plan, device):
     # 1e4 + randn: E[x²] − E[x]² would lose every digit of the variance in fp32.
     shape = (9, 4, 13, 13)
     training = plan != "eval"
-    inputs = make_inputs(shape, torch.float32, device, offset=1e4,
-                         channels_last=plan == "column-tiled")
+    inputs = make_inputs(shape, torch.float32, device, offset=1e4, channels_last=plan == "column-tiled")
     inputs["running_mean"] = inputs["running_mean"] + 1e4
     got = run_step(inputs, backend="triton", plan=plan, training=training)
     want = reference_step(inputs, training=training)
     assert torch.all(got.running_var > 0)
     # x − mean carries the rounding of a 1e4-sized mean: ~1e-3 absolute in fp32.
     torch.testing.assert_close(got.y.double().cpu(), want.y.cpu(), rtol=0, atol=5e-3)
-    torch.testing.assert_close(got.running_var.double().cpu(), want.running_var.cpu(),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.running_var.double().cpu(), want.running_var.cpu(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.dx.double().cpu(), want.dx.cpu(), rtol=0, atol=5e-3)
 
 
@@ -123,8 +121,7 @@ def test_large_mean_offset_half(plan, dtype, device):
     # output's own half precision.
     rtol, atol = (2e-3, 2e-2) if dtype == torch.float16 else (1.6e-2, 6e-2)
     torch.testing.assert_close(got.y.double().cpu(), want.y.cpu(), rtol=rtol, atol=atol)
-    torch.testing.assert_close(got.running_var.double().cpu(), want.running_var.cpu(),
-                               rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(got.running_var.double().cpu(), want.running_var.cpu(), rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("plan", ["split-welford", "fused-small", "column-tiled"])
@@ -143,10 +140,10 @@ def test_gradient_subsets(plan, need_input, need_params, device):
     shape = (5, 3, 4, 4)
     training = plan != "eval"
     inputs = make_inputs(shape, torch.float32, device)
-    got = run_step(inputs, backend="triton", plan=plan, training=training,
-                   need_input=need_input, need_params=need_params)
-    want = reference_step(inputs, training=training, need_input=need_input,
-                          need_params=need_params)
+    got = run_step(
+        inputs, backend="triton", plan=plan, training=training, need_input=need_input, need_params=need_params
+    )
+    want = reference_step(inputs, training=training, need_input=need_input, need_params=need_params)
     assert_step_close(got, want, torch.float32, reduced=_reduced(shape))
 
 
@@ -160,8 +157,9 @@ def test_running_statistics_over_several_steps(plan, device):
         running_mean = torch.zeros(4, dtype=dtype, device=device)
         running_var = torch.ones(4, dtype=dtype, device=device)
         for step in range(4):
-            inputs = make_inputs(shape, torch.float32, device, channels_last=channels_last,
-                                 offset=step, seed=step)
+            inputs = make_inputs(
+                shape, torch.float32, device, channels_last=channels_last, offset=step, seed=step
+            )
             x = inputs["x"].to(dtype)
             with tritonbn.backend(backend, plan=plan if backend == "triton" else None):
                 tritonbn.batch_norm(x, running_mean, running_var, training=True, momentum=0.3)
@@ -194,13 +192,19 @@ def test_tickets_are_reset_for_the_next_call(plan, channels_last, device):
         assert not counters.any(), counters
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="the interpreter runs programs one after another: bits could not differ")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="the interpreter runs programs one after another: bits could not differ",
+)
 @pytest.mark.parametrize(
     "shape, channels_last, plan",
-    [((5, 3, 41, 43), False, "split-welford"), ((3, 13, 7, 7), True, "column-tiled"),
-     ((9, 11, 7, 7), False, "fused-small"), ((64, 3, 127, 129), False, "split-welford"),
-     ((512, 19, 23, 23), True, "column-tiled")],
+    [
+        ((5, 3, 41, 43), False, "split-welford"),
+        ((3, 13, 7, 7), True, "column-tiled"),
+        ((9, 11, 7, 7), False, "fused-small"),
+        ((64, 3, 127, 129), False, "split-welford"),
+        ((512, 19, 23, 23), True, "column-tiled"),
+    ],
 )
 def test_deterministic_bits(shape, channels_last, plan, device):
     # The last two shapes give many programs a channel group: whichever program finishes last
@@ -230,12 +234,16 @@ def poisoned_outputs(monkeypatch):
 
 @pytest.mark.parametrize(
     "shape, channels_last, plan, training",
-    [((3, 5, 41, 43), False, "split-welford", True), ((2, 67, 7, 9), True, "column-tiled", True),
-     ((9, 11, 7, 7), False, "fused-small", True), ((3, 7, 3, 3), True, "fused-small", True),
-     ((7, 3, 5, 5), False, "eval", False), ((37, 13), False, "eval", False)],
+    [
+        ((3, 5, 41, 43), False, "split-welford", True),
+        ((2, 67, 7, 9), True, "column-tiled", True),
+        ((9, 11, 7, 7), False, "fused-small", True),
+        ((3, 7, 3, 3), True, "fused-small", True),
+        ((7, 3, 5, 5), False, "eval", False),
+        ((37, 13), False, "eval", False),
+    ],
 )
-def test_every_output_element_written(poisoned_outputs, shape, channels_last, plan, training,
-                                      device):
+def test_every_output_element_written(poisoned_outputs, shape, channels_last, plan, training, device):
     inputs = make_inputs(shape, torch.float32, device, channels_last=channels_last)
     got = run_step(inputs, backend="triton", plan=plan, training=training)
     want = reference_step(inputs, training=training)
@@ -268,8 +276,9 @@ def test_strided_per_channel_tensors(plan, device):
     bias = views["bias"].requires_grad_()
     x = inputs["x"].clone().requires_grad_()
     with tritonbn.backend("triton", plan=plan):
-        y = tritonbn.batch_norm(x, views["running_mean"], views["running_var"], weight, bias,
-                                training, 0.1, 1e-5)
+        y = tritonbn.batch_norm(
+            x, views["running_mean"], views["running_var"], weight, bias, training, 0.1, 1e-5
+        )
     y.backward(inputs["grad"].float())
     torch.testing.assert_close(y.double(), want.y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), want.dx, rtol=1e-5, atol=1e-5)
@@ -297,20 +306,34 @@ def test_int64_offsets_forced(device):
     inputs = make_inputs((5, 3, 7, 7), torch.float32, device)
     want = reference_step(inputs, affine=False, running=False)
     for plan in ("split-welford", "fused-small"):
-        y, save = kernels.forward_train(inputs["x"], None, None, None, None, 0.1, 1e-5,
-                                        plan=plan, sm_count=4, force_int64=True)
+        y, save = kernels.forward_train(
+            inputs["x"], None, None, None, None, 0.1, 1e-5, plan=plan, sm_count=4, force_int64=True
+        )
         torch.testing.assert_close(y.double(), want.y, rtol=1e-5, atol=1e-5)
-        dx, _, _ = kernels.backward_train(inputs["grad"].float(), inputs["x"], None, save,
-                                          (True, False, False), plan=plan, sm_count=4,
-                                          force_int64=True)
+        dx, _, _ = kernels.backward_train(
+            inputs["grad"].float(),
+            inputs["x"],
+            None,
+            save,
+            (True, False, False),
+            plan=plan,
+            sm_count=4,
+            force_int64=True,
+        )
         torch.testing.assert_close(dx.double(), want.dx, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
     "shape, expected",
-    [((2**16, 2**15 + 1), True), ((4096, 64, 112, 112), True), ((1024, 64, 112, 112), False),
-     ((256, 6, 24, 24), False), ((2**15, 2**16), True), ((2**15, 2**16 - 64), False),
-     ((2**15, 2**16 - 16), True)],  # 2**31 - 2**19 elements: int32 would do, the margin says int64
+    [
+        ((2**16, 2**15 + 1), True),
+        ((4096, 64, 112, 112), True),
+        ((1024, 64, 112, 112), False),
+        ((256, 6, 24, 24), False),
+        ((2**15, 2**16), True),
+        ((2**15, 2**16 - 64), False),
+        ((2**15, 2**16 - 16), True),
+    ],  # 2**31 - 2**19 elements: int32 would do, the margin says int64
 )
 def test_int64_decision(shape, expected):
     # Shapes of 2**31 elements and more need 64-bit offsets; meta tensors allocate nothing.

@@ -13,11 +13,21 @@ from tritonbn.models import LeNet
 def seed_notebook_net() -> nn.Sequential:
     """The notebook's second net (torch's BatchNorm), written out as in the notebook."""
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5), nn.BatchNorm2d(6), nn.Sigmoid(), nn.MaxPool2d(2, 2),
-        nn.Conv2d(6, 16, 5), nn.BatchNorm2d(16), nn.Sigmoid(), nn.MaxPool2d(2, 2),
+        nn.Conv2d(1, 6, 5),
+        nn.BatchNorm2d(6),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2, 2),
+        nn.Conv2d(6, 16, 5),
+        nn.BatchNorm2d(16),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2, 2),
         nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 120), nn.BatchNorm1d(120), nn.Sigmoid(),
-        nn.Linear(120, 84), nn.BatchNorm1d(84), nn.Sigmoid(),
+        nn.Linear(16 * 4 * 4, 120),
+        nn.BatchNorm1d(120),
+        nn.Sigmoid(),
+        nn.Linear(120, 84),
+        nn.BatchNorm1d(84),
+        nn.Sigmoid(),
         nn.Linear(84, 10),
     )
 

@@ -39,8 +39,16 @@ OPTIONS = [
     {"affine": False, "track_running_stats": False},
     *([{"bias": False}] if TORCH_HAS_BIAS_OPTION else []),
 ]
-OPTION_IDS = ["default", "eps", "momentum", "momentum-None", "no-affine", "no-running-stats",
-              "bare", *(["no-bias"] if TORCH_HAS_BIAS_OPTION else [])]
+OPTION_IDS = [
+    "default",
+    "eps",
+    "momentum",
+    "momentum-None",
+    "no-affine",
+    "no-running-stats",
+    "bare",
+    *(["no-bias"] if TORCH_HAS_BIAS_OPTION else []),
+]
 
 # Training steps interleaved with eval steps, so that eval sees the updated running statistics.
 MODES = (True, False, True, False)
@@ -49,14 +57,21 @@ MODES = (True, False, True, False)
 DTYPES = [torch.float64, torch.float32]
 
 
-def run_steps(module: nn.Module, oracle: nn.Module, shape: tuple[int, ...], dtype: torch.dtype,
-              modes=MODES, memory_format=torch.contiguous_format, seed: int = 0) -> None:
+def run_steps(
+    module: nn.Module,
+    oracle: nn.Module,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    modes=MODES,
+    memory_format=torch.contiguous_format,
+    seed: int = 0,
+) -> None:
     """Alternate train/eval steps on both modules, comparing everything after each step."""
     gen = torch.Generator().manual_seed(seed)
     for training in modes:
         module.train(training)
         oracle.train(training)
-        x = (0.5 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64))
+        x = 0.5 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
         dy = torch.randn(shape, generator=gen, dtype=torch.float64)
         if len(shape) == 4:
             x, dy = x.contiguous(memory_format=memory_format), dy.contiguous(memory_format=memory_format)
@@ -74,14 +89,20 @@ def test_matches_torch_module_over_steps(backend, dtype, options, cls, torch_cls
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(n=st.integers(2, 9), c=st.integers(1, 7), h=st.integers(1, 6), w=st.integers(1, 6),
-       channels_last=st.booleans())
+@given(
+    n=st.integers(2, 9),
+    c=st.integers(1, 7),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    channels_last=st.booleans(),
+)
 def test_batchnorm2d_random_shapes(backend, n, c, h, w, channels_last):
     module, oracle = twin_modules(tritonbn.BatchNorm2d, nn.BatchNorm2d, c, torch.float32)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with tritonbn.backend(backend):
-        run_steps(module, oracle, (n, c, h, w), torch.float32, modes=(True, False),
-                  memory_format=memory_format)
+        run_steps(
+            module, oracle, (n, c, h, w), torch.float32, modes=(True, False), memory_format=memory_format
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -98,8 +119,9 @@ def test_batchnorm1d_random_shapes(backend, n, c, length):
 def test_channels_last_in_channels_last_out(backend, training):
     module, oracle = twin_modules(tritonbn.BatchNorm2d, nn.BatchNorm2d, 5, torch.float32)
     with tritonbn.backend(backend):
-        run_steps(module, oracle, (3, 5, 4, 6), torch.float32, modes=(training,),
-                  memory_format=torch.channels_last)
+        run_steps(
+            module, oracle, (3, 5, 4, 6), torch.float32, modes=(training,), memory_format=torch.channels_last
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -117,8 +139,9 @@ def test_half_input_with_float32_module(backend, dtype):
     assert_close(module.running_var, oracle.running_var, torch.float32, "running_var")
 
 
-@pytest.mark.parametrize(("cls", "torch_cls"), [(tritonbn.BatchNorm1d, nn.BatchNorm1d),
-                                                (tritonbn.BatchNorm2d, nn.BatchNorm2d)])
+@pytest.mark.parametrize(
+    ("cls", "torch_cls"), [(tritonbn.BatchNorm1d, nn.BatchNorm1d), (tritonbn.BatchNorm2d, nn.BatchNorm2d)]
+)
 def test_constructor_takes_every_torch_argument(cls, torch_cls):
     torch_params = inspect.signature(torch_cls.__init__).parameters
     params = inspect.signature(cls.__init__).parameters
@@ -128,18 +151,21 @@ def test_constructor_takes_every_torch_argument(cls, torch_cls):
         assert params[name].default == param.default, name
 
 
-@pytest.mark.parametrize(("cls", "torch_cls"), [(tritonbn.BatchNorm1d, nn.BatchNorm1d),
-                                                (tritonbn.BatchNorm2d, nn.BatchNorm2d)])
+@pytest.mark.parametrize(
+    ("cls", "torch_cls"), [(tritonbn.BatchNorm1d, nn.BatchNorm1d), (tritonbn.BatchNorm2d, nn.BatchNorm2d)]
+)
 def test_is_a_torch_batchnorm(cls, torch_cls):
     module = cls(4)
     assert isinstance(module, torch_cls)
     assert isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
-@pytest.mark.parametrize(("cls", "torch_cls"), [(tritonbn.BatchNorm1d, nn.BatchNorm1d),
-                                                (tritonbn.BatchNorm2d, nn.BatchNorm2d)])
-@pytest.mark.parametrize("options", [{}, {"eps": 1e-3, "momentum": None}, {"affine": False},
-                                     {"track_running_stats": False}])
+@pytest.mark.parametrize(
+    ("cls", "torch_cls"), [(tritonbn.BatchNorm1d, nn.BatchNorm1d), (tritonbn.BatchNorm2d, nn.BatchNorm2d)]
+)
+@pytest.mark.parametrize(
+    "options", [{}, {"eps": 1e-3, "momentum": None}, {"affine": False}, {"track_running_stats": False}]
+)
 def test_defaults_and_repr_match_torch(cls, torch_cls, options):
     module, oracle = cls(4, **options), torch_cls(4, **options)
     assert repr(module) == repr(oracle)
@@ -152,16 +178,20 @@ def test_defaults_and_repr_match_torch(cls, torch_cls, options):
 STATE_KEYS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
-@pytest.mark.parametrize(("cls", "torch_cls"), [(tritonbn.BatchNorm1d, nn.BatchNorm1d),
-                                                (tritonbn.BatchNorm2d, nn.BatchNorm2d)])
+@pytest.mark.parametrize(
+    ("cls", "torch_cls"), [(tritonbn.BatchNorm1d, nn.BatchNorm1d), (tritonbn.BatchNorm2d, nn.BatchNorm2d)]
+)
 def test_state_dict_round_trips_both_ways(cls, torch_cls):
     module, oracle = twin_modules(cls, torch_cls, 4, torch.float64)
     assert set(module.state_dict()) == STATE_KEYS
     for key, value in oracle.state_dict().items():
         assert torch.equal(module.state_dict()[key], value), key
 
-    module(torch.randn(3, 4, 2, dtype=torch.float64) if cls is tritonbn.BatchNorm1d
-           else torch.randn(3, 4, 2, 2, dtype=torch.float64))
+    module(
+        torch.randn(3, 4, 2, dtype=torch.float64)
+        if cls is tritonbn.BatchNorm1d
+        else torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    )
     back = torch_cls(4, dtype=torch.float64)
     back.load_state_dict(module.state_dict(), strict=True)
     for key, value in module.state_dict().items():

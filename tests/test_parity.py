@@ -147,11 +147,14 @@ def test_lazy_without_bias():
     assert module.bias is None and module.weight.shape == (3,)
 
 
-@pytest.mark.parametrize(("options", "error", "match"), [
-    ({"momentum": 2.0}, ValueError, r"'momentum' must be in \[0, 1\] or None, got 2\.0"),
-    ({"eps": -1.0}, ValueError, r"'eps' must be a finite number >= 0, got -1\.0"),
-    ({"activation": "gelu"}, ValueError, r"'activation' must be None or one of"),
-])
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"momentum": 2.0}, ValueError, r"'momentum' must be in \[0, 1\] or None, got 2\.0"),
+        ({"eps": -1.0}, ValueError, r"'eps' must be a finite number >= 0, got -1\.0"),
+        ({"activation": "gelu"}, ValueError, r"'activation' must be None or one of"),
+    ],
+)
 def test_lazy_rejects_bad_options(options, error, match):
     with pytest.raises(error, match=match):
         tritonbn.LazyBatchNorm2d(**options)
@@ -181,6 +184,7 @@ def test_convert_materialized_lazy_is_a_plain_batchnorm():
 # ---------------------------------------------------------------------------------------------
 # torchvision's FrozenBatchNorm2d
 
+
 def frozen_twins(channels: int, eps: float = 1e-5) -> tuple[nn.Module, nn.Module]:
     """(torchvision's FrozenBatchNorm2d with random state, a converted float64 copy of it)."""
     misc = pytest.importorskip("torchvision.ops.misc")
@@ -194,8 +198,9 @@ def frozen_twins(channels: int, eps: float = 1e-5) -> tuple[nn.Module, nn.Module
     return original, tritonbn.convert(copy.deepcopy(original))
 
 
-def frozen_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def frozen_step(
+    module: nn.Module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(output, input gradient) of ``module`` on ``x`` and ``dy`` cast to ``dtype``."""
     x = x.detach().to(dtype).requires_grad_(True)
     y = module(x)
@@ -260,14 +265,23 @@ def test_frozen_fuses_a_following_relu():
         assert_close(model(x), expected, torch.float32, "output")
 
 
-@pytest.mark.parametrize(("make", "error", "match"), [
-    (lambda: tritonbn.FrozenBatchNorm2d(0), ValueError, r"'num_features' must be a positive int, got 0"),
-    (lambda: tritonbn.FrozenBatchNorm2d(3, eps=-1.0), ValueError, r"'eps' must be a finite number >= 0"),
-    (lambda: tritonbn.FrozenBatchNorm2d(3)(torch.randn(2, 3, 4)), ValueError,
-     r"FrozenBatchNorm2d: 'input' must be 4D \(N, C, H, W\), got a 3D tensor"),
-    (lambda: tritonbn.FrozenBatchNorm2d(3)(torch.randn(2, 4, 2, 2)), RuntimeError,
-     r"FrozenBatchNorm2d: 'input' must have num_features=3 channels in dim 1, got 4"),
-])
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: tritonbn.FrozenBatchNorm2d(0), ValueError, r"'num_features' must be a positive int, got 0"),
+        (lambda: tritonbn.FrozenBatchNorm2d(3, eps=-1.0), ValueError, r"'eps' must be a finite number >= 0"),
+        (
+            lambda: tritonbn.FrozenBatchNorm2d(3)(torch.randn(2, 3, 4)),
+            ValueError,
+            r"FrozenBatchNorm2d: 'input' must be 4D \(N, C, H, W\), got a 3D tensor",
+        ),
+        (
+            lambda: tritonbn.FrozenBatchNorm2d(3)(torch.randn(2, 4, 2, 2)),
+            RuntimeError,
+            r"FrozenBatchNorm2d: 'input' must have num_features=3 channels in dim 1, got 4",
+        ),
+    ],
+)
 def test_frozen_rejects_bad_input(make, error, match):
     with pytest.raises(error, match=match):
         make()
@@ -295,10 +309,21 @@ class Index:
         return 3
 
 
-@pytest.mark.parametrize("num_features", [np.int64(3), np.int32(3), torch.tensor(3), Index()],
-                         ids=["np.int64", "np.int32", "tensor", "__index__"])
-@pytest.mark.parametrize("cls", [tritonbn.BatchNorm1d, tritonbn.BatchNorm2d, tritonbn.BatchNorm3d,
-                                 tritonbn.SyncBatchNorm, tritonbn.FrozenBatchNorm2d])
+@pytest.mark.parametrize(
+    "num_features",
+    [np.int64(3), np.int32(3), torch.tensor(3), Index()],
+    ids=["np.int64", "np.int32", "tensor", "__index__"],
+)
+@pytest.mark.parametrize(
+    "cls",
+    [
+        tritonbn.BatchNorm1d,
+        tritonbn.BatchNorm2d,
+        tritonbn.BatchNorm3d,
+        tritonbn.SyncBatchNorm,
+        tritonbn.FrozenBatchNorm2d,
+    ],
+)
 def test_integral_num_features_like_torch(cls, num_features):
     module = cls(num_features)
     assert type(module.num_features) is int and module.num_features == 3
@@ -313,11 +338,15 @@ def test_non_integral_num_features_rejected(num_features):
         tritonbn.BatchNorm2d(num_features)
 
 
-@pytest.mark.parametrize(("cls", "torch_cls", "shape"), [
-    (tritonbn.BatchNorm1d, nn.BatchNorm1d, (4, 3)),
-    (tritonbn.BatchNorm2d, nn.BatchNorm2d, (4, 3, 2, 2)),
-    (tritonbn.BatchNorm3d, nn.BatchNorm3d, (2, 3, 2, 2, 1)),
-], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize(
+    ("cls", "torch_cls", "shape"),
+    [
+        (tritonbn.BatchNorm1d, nn.BatchNorm1d, (4, 3)),
+        (tritonbn.BatchNorm2d, nn.BatchNorm2d, (4, 3, 2, 2)),
+        (tritonbn.BatchNorm3d, nn.BatchNorm3d, (2, 3, 2, 2, 1)),
+    ],
+    ids=["1d", "2d", "3d"],
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 # With eps=0 the eval kernel's masked lanes (variance loaded as 0) hold rsqrt(0) = inf; never stored.
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
@@ -348,9 +377,11 @@ def test_eps_zero_builds_and_runs_where_torch_runs(cls, torch_cls, shape, backen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("momentum",
-                         [torch.tensor(0.25), torch.tensor(1), torch.tensor(0.5, dtype=torch.float64)],
-                         ids=["float32", "int64", "float64"])
+@pytest.mark.parametrize(
+    "momentum",
+    [torch.tensor(0.25), torch.tensor(1), torch.tensor(0.5, dtype=torch.float64)],
+    ids=["float32", "int64", "float64"],
+)
 def test_zero_dim_tensor_momentum_like_torch(backend, training, momentum):
     x = torch.randn(5, 3, 4)
     mean, var = torch.randn(3), torch.rand(3) + 0.5
@@ -363,11 +394,18 @@ def test_zero_dim_tensor_momentum_like_torch(backend, training, momentum):
     assert_close(var, expected_var, torch.float32, "running_var")
 
 
-@pytest.mark.parametrize(("momentum", "error", "match"), [
-    (torch.tensor([0.1]), TypeError, r"'momentum' must be a float or a 0-D real tensor, got a 1-D float32"),
-    (torch.tensor(True), TypeError, r"'momentum' must be a float or a 0-D real tensor, got a 0-D bool"),
-    (torch.tensor(1.5), ValueError, r"'momentum' must be in \[0, 1\], got 1\.5"),
-])
+@pytest.mark.parametrize(
+    ("momentum", "error", "match"),
+    [
+        (
+            torch.tensor([0.1]),
+            TypeError,
+            r"'momentum' must be a float or a 0-D real tensor, got a 1-D float32",
+        ),
+        (torch.tensor(True), TypeError, r"'momentum' must be a float or a 0-D real tensor, got a 0-D bool"),
+        (torch.tensor(1.5), ValueError, r"'momentum' must be in \[0, 1\], got 1\.5"),
+    ],
+)
 def test_bad_tensor_momentum_rejected_and_mutates_nothing(momentum, error, match):
     x, mean, var = torch.randn(4, 3), torch.randn(3), torch.rand(3) + 0.5
     before = snapshot(mean, var)
@@ -381,20 +419,37 @@ def test_bad_tensor_momentum_rejected_and_mutates_nothing(momentum, error, match
 
 BAD_INPUTS = [
     ("list", lambda: [[1.0, 2.0]], TypeError, r"explain: 'input' must be a torch\.Tensor, got list"),
-    ("1d", lambda: torch.randn(3), ValueError,
-     r"explain: 'input' must have at least 2 dimensions \(N, C, \*\), got a 1D tensor of shape \(3,\)"),
-    ("0d", lambda: torch.tensor(1.0), ValueError,
-     r"explain: 'input' must have at least 2 dimensions \(N, C, \*\), got a 0D tensor of shape \(\)"),
-    ("int64", lambda: torch.ones(4, 3, 2, dtype=torch.int64), NotImplementedError,
-     r"explain: 'input' must be float16, bfloat16, float32 or float64, got int64"),
-    ("one-value-per-channel", lambda: torch.randn(1, 3, 1), ValueError,
-     r"more than 1 value per channel when training, got input size \(1, 3, 1\)"),
+    (
+        "1d",
+        lambda: torch.randn(3),
+        ValueError,
+        r"explain: 'input' must have at least 2 dimensions \(N, C, \*\), got a 1D tensor of shape \(3,\)",
+    ),
+    (
+        "0d",
+        lambda: torch.tensor(1.0),
+        ValueError,
+        r"explain: 'input' must have at least 2 dimensions \(N, C, \*\), got a 0D tensor of shape \(\)",
+    ),
+    (
+        "int64",
+        lambda: torch.ones(4, 3, 2, dtype=torch.int64),
+        NotImplementedError,
+        r"explain: 'input' must be float16, bfloat16, float32 or float64, got int64",
+    ),
+    (
+        "one-value-per-channel",
+        lambda: torch.randn(1, 3, 1),
+        ValueError,
+        r"more than 1 value per channel when training, got input size \(1, 3, 1\)",
+    ),
 ]
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton", "torch", "reference"])
-@pytest.mark.parametrize(("make", "error", "match"), [case[1:] for case in BAD_INPUTS],
-                         ids=[case[0] for case in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("make", "error", "match"), [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS]
+)
 def test_explain_rejects_what_batch_norm_rejects(backend, make, error, match):
     with pytest.raises(error, match=match):
         tritonbn.explain(make(), backend=backend)
@@ -429,8 +484,11 @@ def scriptable_models() -> dict[str, nn.Module]:
 @pytest.mark.parametrize("name", list(scriptable_models()))
 def test_jit_script_fails_naming_compile_and_export(name):
     model = scriptable_models()[name]
-    with pytest.raises(RuntimeError, match=r"torch\.jit\.script does not support tritonbn.*torch\.compile.*"
-                                           r"torch\.export\.export"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"torch\.jit\.script does not support tritonbn.*torch\.compile.*"
+        r"torch\.export\.export",
+    ):
         torch.jit.script(model)
 
 
@@ -481,12 +539,16 @@ def test_export_runs_like_eager(backend, training):
 # torch's convert_sync_batchnorm never drops a fused activation silently
 
 
-@pytest.mark.parametrize("make", [
-    lambda: tritonbn.BatchNorm2d(6, activation="relu"),
-    lambda: nn.Sequential(nn.Conv2d(3, 6, 1), nn.Sequential(tritonbn.BatchNorm3d(6, activation="silu"))),
-    lambda: nn.Sequential(tritonbn.SyncBatchNorm(6, activation="tanh")),
-    lambda: tritonbn.convert(nn.Sequential(nn.BatchNorm2d(6), nn.ReLU()), fuse_activations=True),
-], ids=["bare", "nested-3d", "tritonbn-sync", "fused-by-convert"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tritonbn.BatchNorm2d(6, activation="relu"),
+        lambda: nn.Sequential(nn.Conv2d(3, 6, 1), nn.Sequential(tritonbn.BatchNorm3d(6, activation="silu"))),
+        lambda: nn.Sequential(tritonbn.SyncBatchNorm(6, activation="tanh")),
+        lambda: tritonbn.convert(nn.Sequential(nn.BatchNorm2d(6), nn.ReLU()), fuse_activations=True),
+    ],
+    ids=["bare", "nested-3d", "tritonbn-sync", "fused-by-convert"],
+)
 def test_torch_convert_sync_batchnorm_refuses_fused_activation(make):
     model = make()
     children = dict(model.named_modules())

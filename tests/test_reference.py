@@ -22,8 +22,13 @@ SHAPES = [
 SHAPE_IDS = ["2d", "3d", "4d", "4d-channels-last", "5d", "5d-channels-last"]
 
 
-def make_args(shape: tuple[int, ...], memory_format: torch.memory_format, dtype=torch.float64,
-              param_dtype=torch.float64, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_args(
+    shape: tuple[int, ...],
+    memory_format: torch.memory_format,
+    dtype=torch.float64,
+    param_dtype=torch.float64,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Input with a non-zero mean, affine parameters and running statistics, all random."""
     gen = torch.Generator().manual_seed(seed)
     c = shape[1]
@@ -38,14 +43,23 @@ def make_args(shape: tuple[int, ...], memory_format: torch.memory_format, dtype=
     }
 
 
-def call(fn, args: dict[str, torch.Tensor], *, training: bool, affine: tuple[bool, bool], running: bool,
-         momentum: float = 0.1, eps: float = 1e-5):
+def call(
+    fn,
+    args: dict[str, torch.Tensor],
+    *,
+    training: bool,
+    affine: tuple[bool, bool],
+    running: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+):
     """Run ``fn`` (a batch_norm) on private copies of ``args``; returns (y, grads, running stats)."""
     x = args["input"].detach().clone().requires_grad_(True)
     weight = args["weight"].clone().requires_grad_(True) if affine[0] else None
     bias = args["bias"].clone().requires_grad_(True) if affine[1] else None
-    running_mean, running_var = snapshot(args["running_mean"], args["running_var"]) if running else (None,
-                                                                                                    None)
+    running_mean, running_var = (
+        snapshot(args["running_mean"], args["running_var"]) if running else (None, None)
+    )
     y = fn(x, running_mean, running_var, weight, bias, training, momentum, eps)
     wants = [t for t in (x, weight, bias) if t is not None]
     grads = torch.autograd.grad(y, wants, args["grad"])
@@ -53,11 +67,17 @@ def call(fn, args: dict[str, torch.Tensor], *, training: bool, affine: tuple[boo
 
 
 @pytest.mark.parametrize(("shape", "memory_format"), SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)],
-                         ids=["weight+bias", "weight", "bias", "no-affine"])
+@pytest.mark.parametrize(
+    "affine",
+    [(True, True), (True, False), (False, True), (False, False)],
+    ids=["weight+bias", "weight", "bias", "no-affine"],
+)
 # Eval without running statistics is an error (tests/test_errors.py).
-@pytest.mark.parametrize(("training", "running"), [(True, True), (True, False), (False, True)],
-                         ids=["train", "train-no-running-stats", "eval"])
+@pytest.mark.parametrize(
+    ("training", "running"),
+    [(True, True), (True, False), (False, True)],
+    ids=["train", "train-no-running-stats", "eval"],
+)
 def test_matches_torch_in_float64(shape, memory_format, training, affine, running):
     args = make_args(shape, memory_format)
     y, grads, stats = call(reference.batch_norm, args, training=training, affine=affine, running=running)

@@ -20,10 +20,14 @@ def seed_batchnorm(num_dims: int) -> Callable[..., nn.Module]:
     return lambda num_features, **options: tritonbn.BatchNorm(num_features, num_dims, **options)
 
 
-@pytest.mark.parametrize(("num_dims", "torch_cls", "shape"), [
-    (2, nn.BatchNorm1d, (6, 5)),
-    (4, nn.BatchNorm2d, (3, 5, 4, 3)),
-], ids=["fully-connected", "convolution"])
+@pytest.mark.parametrize(
+    ("num_dims", "torch_cls", "shape"),
+    [
+        (2, nn.BatchNorm1d, (6, 5)),
+        (4, nn.BatchNorm2d, (3, 5, 4, 3)),
+    ],
+    ids=["fully-connected", "convolution"],
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_num_dims_2_and_4_match_torch(num_dims, torch_cls, shape, backend):
     module, oracle = twin_modules(seed_batchnorm(num_dims), torch_cls, shape[1], torch.float32)
@@ -33,8 +37,9 @@ def test_num_dims_2_and_4_match_torch(num_dims, torch_cls, shape, backend):
             module.train(training)
             oracle.train(training)
             x = torch.randn(shape, generator=gen, dtype=torch.float64)
-            assert_modules_match(module, oracle, x, torch.randn(shape, generator=gen, dtype=torch.float64),
-                                 torch.float32)
+            assert_modules_match(
+                module, oracle, x, torch.randn(shape, generator=gen, dtype=torch.float64), torch.float32
+            )
 
 
 @pytest.mark.parametrize("num_dims", [0, 1, 3, 5, "4", None])
@@ -43,11 +48,14 @@ def test_other_num_dims_raise(num_dims):
         tritonbn.BatchNorm(4, num_dims)
 
 
-@pytest.mark.parametrize(("num_dims", "shape", "expected"), [
-    (2, (3, 4, 5), r"2D \(N, C\), got a 3D tensor"),
-    (2, (3, 4, 2, 2), r"2D \(N, C\), got a 4D tensor"),
-    (4, (3, 4), r"4D \(N, C, H, W\), got a 2D tensor"),
-])
+@pytest.mark.parametrize(
+    ("num_dims", "shape", "expected"),
+    [
+        (2, (3, 4, 5), r"2D \(N, C\), got a 3D tensor"),
+        (2, (3, 4, 2, 2), r"2D \(N, C\), got a 4D tensor"),
+        (4, (3, 4), r"4D \(N, C, H, W\), got a 2D tensor"),
+    ],
+)
 def test_input_rank_must_match_num_dims(num_dims, shape, expected):
     module = tritonbn.BatchNorm(4, num_dims)
     with pytest.raises(ValueError, match=rf"'input' must be {expected}"):
@@ -100,11 +108,21 @@ def test_repr_is_torchs_plus_num_dims():
 def lenet(norm2d: Callable[[int], nn.Module], norm1d: Callable[[int], nn.Module]) -> nn.Sequential:
     """The seed notebook's LeNet with the given batch-norm constructors."""
     return nn.Sequential(
-        nn.Conv2d(1, 6, kernel_size=5), norm2d(6), nn.Sigmoid(), nn.MaxPool2d(2, 2),
-        nn.Conv2d(6, 16, kernel_size=5), norm2d(16), nn.Sigmoid(), nn.MaxPool2d(2, 2),
+        nn.Conv2d(1, 6, kernel_size=5),
+        norm2d(6),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2, 2),
+        nn.Conv2d(6, 16, kernel_size=5),
+        norm2d(16),
+        nn.Sigmoid(),
+        nn.MaxPool2d(2, 2),
         nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 120), norm1d(120), nn.Sigmoid(),
-        nn.Linear(120, 84), norm1d(84), nn.Sigmoid(),
+        nn.Linear(16 * 4 * 4, 120),
+        norm1d(120),
+        nn.Sigmoid(),
+        nn.Linear(120, 84),
+        norm1d(84),
+        nn.Sigmoid(),
         nn.Linear(84, 10),
     )
 
@@ -148,8 +166,9 @@ def test_lenet_trains_like_torch_batchnorm(backend):
 
     torch.testing.assert_close(losses, torch_losses, rtol=1e-6, atol=1e-6)
     compared = 0
-    for (name, value), (torch_name, torch_value) in zip(seed_net.state_dict().items(),
-                                                        torch_net.state_dict().items(), strict=True):
+    for (name, value), (torch_name, torch_value) in zip(
+        seed_net.state_dict().items(), torch_net.state_dict().items(), strict=True
+    ):
         assert name == torch_name
         if backend != "torch" and noise_driven(name):
             continue

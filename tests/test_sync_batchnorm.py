@@ -110,8 +110,12 @@ def _rank_slice(tensor: torch.Tensor, rows: tuple[int, ...], rank: int) -> torch
 def _build_model() -> nn.Sequential:
     torch.manual_seed(7)
     model = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-        nn.Linear(3 * 4 * 4, 5), nn.BatchNorm1d(5, momentum=None),
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5),
+        nn.BatchNorm1d(5, momentum=None),
     ).double()
     with torch.no_grad():
         for module in model.modules():
@@ -125,8 +129,10 @@ def _model_batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(500 + world_size)
     total = sum(WORLD_ROWS[world_size])
     return [
-        (torch.randn(total, 2, 4, 4, generator=generator, dtype=torch.float64) + 1.0,
-         torch.randn(total, 5, generator=generator, dtype=torch.float64))
+        (
+            torch.randn(total, 2, 4, 4, generator=generator, dtype=torch.float64) + 1.0,
+            torch.randn(total, 5, generator=generator, dtype=torch.float64),
+        )
         for _ in range(2)
     ]
 
@@ -140,8 +146,13 @@ def _run_case(case: Case, rank: int, world_size: int) -> dict[str, Any]:
     dtype = getattr(torch, case.dtype)
     memory_format = torch.channels_last if case.channels_last else torch.contiguous_format
     bn = SyncBatchNorm(
-        case.shape[0], EPS, case.momentum, case.affine, case.track_running_stats,
-        dtype=_module_dtype(case), activation=case.activation,
+        case.shape[0],
+        EPS,
+        case.momentum,
+        case.affine,
+        case.track_running_stats,
+        dtype=_module_dtype(case),
+        activation=case.activation,
     )
     if case.affine:
         with torch.no_grad():
@@ -188,9 +199,7 @@ def _run_converted_model(rank: int, world_size: int) -> dict[str, Any]:
     model = convert_sync_batchnorm(model)
     result: dict[str, Any] = {
         "types": [type(module).__name__ for module in model],
-        "same_parameters": all(
-            param is params_before[name] for name, param in model.named_parameters()
-        ),
+        "same_parameters": all(param is params_before[name] for name, param in model.named_parameters()),
         "out": [],
         "grads": [],
     }
@@ -209,7 +218,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
         timeout=COLLECTIVE_TIMEOUT,
     )
     try:
@@ -232,7 +244,10 @@ def _free_port() -> int:
 
 def _spawn_world(world_size: int, out_dir: Path) -> list[dict[str, Any]]:
     context = mp.start_processes(
-        _worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=False,
+        _worker,
+        args=(world_size, _free_port(), str(out_dir)),
+        nprocs=world_size,
+        join=False,
         start_method="spawn",
     )
     deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -258,7 +273,11 @@ def world(request, tmp_path_factory) -> tuple[int, list[dict[str, Any]]]:
 def _reference_module(case: Case) -> nn.modules.batchnorm._BatchNorm:
     classes = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm2d, 4: nn.BatchNorm3d}
     return classes[len(case.shape)](
-        case.shape[0], EPS, case.momentum, case.affine, case.track_running_stats,
+        case.shape[0],
+        EPS,
+        case.momentum,
+        case.affine,
+        case.track_running_stats,
         dtype=torch.float64,
     )
 
@@ -296,9 +315,9 @@ def _reference_run(case: Case, world_size: int) -> dict[str, Any]:
         else:
             # Without running statistics, eval normalizes each rank's slice by itself (no sync).
             rows = case.rows[world_size]
-            expected["y_eval"] = torch.cat([
-                forward(_rank_slice(data["x_eval"], rows, rank)) for rank in range(world_size)
-            ])
+            expected["y_eval"] = torch.cat(
+                [forward(_rank_slice(data["x_eval"], rows, rank)) for rank in range(world_size)]
+            )
     return expected
 
 
@@ -476,7 +495,10 @@ def test_convert_keeps_parameters_buffers_and_mode(make_bn):
     assert converted.process_group is group
     assert not converted.training
     assert (converted.eps, converted.momentum, converted.affine, converted.track_running_stats) == (
-        bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+        bn.eps,
+        bn.momentum,
+        bn.affine,
+        bn.track_running_stats,
     )
     for name, tensor in [*bn.named_parameters(), *bn.named_buffers()]:
         assert getattr(converted, name) is tensor, name
@@ -497,8 +519,9 @@ def test_convert_replaces_nested_layers_in_place_and_returns_the_module():
 
 def test_convert_keeps_a_fused_activation():
     torch.manual_seed(0)
-    model = tritonbn.convert(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LeakyReLU(0.2)),
-                             fuse_activations=True)
+    model = tritonbn.convert(
+        nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LeakyReLU(0.2)), fuse_activations=True
+    )
     x = torch.randn(6, 3)
     expected = model(x)
     convert_sync_batchnorm(model)

@@ -40,7 +40,7 @@ def write_learnable_set(folder: Path) -> Path:
         images = torch.randint(0, 80, (size, 28, 28), generator=generator)
         for index, label in enumerate(labels.tolist()):
             row, col = divmod(label, 4)
-            images[index, row * 7:row * 7 + 7, col * 7:col * 7 + 7] += 150
+            images[index, row * 7 : row * 7 + 7, col * 7 : col * 7 + 7] += 150
         write_idx(folder / f"{split}-images-idx3-ubyte.gz", images.to(torch.uint8))
         write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels.to(torch.uint8))
     return folder
@@ -96,15 +96,31 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert without_times(a["metrics"]) == without_times(b["metrics"])
 
 
-@pytest.mark.parametrize("command", [[sys.executable, "-m", "tritonbn.train"],
-                                     [str(Path(sys.executable).with_name("tritonbn-train"))]])
+@pytest.mark.parametrize(
+    "command",
+    [[sys.executable, "-m", "tritonbn.train"], [str(Path(sys.executable).with_name("tritonbn-train"))]],
+)
 def test_help(command):
     if not Path(command[0]).exists():
         pytest.skip(f"{command[0]} is not installed")
     result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    for option in ("--epochs", "--batch-size", "--lr", "--bn", "--device", "--data-dir", "--out", "--seed",
-                   "--resume", "--quiet", "--fuse", "--compile", "--distributed", "tritonbn,torch,reference"):
+    for option in (
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--bn",
+        "--device",
+        "--data-dir",
+        "--out",
+        "--seed",
+        "--resume",
+        "--quiet",
+        "--fuse",
+        "--compile",
+        "--distributed",
+        "tritonbn,torch,reference",
+    ):
         assert option in result.stdout
     assert "--limit" not in result.stdout
 
@@ -132,13 +148,26 @@ def test_short_run_learns_and_prints_the_seed_format(workspace):
 def test_run_folder_contents(workspace):
     run_dir = workspace["full"]
     record = metrics(run_dir)
-    assert record["config"] == {"epochs": 2, "batch_size": 32, "lr": 0.001, "bn": "tritonbn", "seed": 0,
-                                "limit": 512, "fuse": False, "compile": False}
+    assert record["config"] == {
+        "epochs": 2,
+        "batch_size": 32,
+        "lr": 0.001,
+        "bn": "tritonbn",
+        "seed": 0,
+        "limit": 512,
+        "fuse": False,
+        "compile": False,
+    }
     assert record["distributed"] == {"world_size": 1, "backend": None}
     assert set(record["versions"]) == {"python", "torch", "torchvision", "triton", "tritonbn"}
     assert record["device"]["type"] == "cpu" and record["device"]["name"]
-    assert record["data"] == {"origin": "--data-dir", "root": record["data"]["root"], "verified": "structure",
-                              "train_images": 512, "test_images": 256}
+    assert record["data"] == {
+        "origin": "--data-dir",
+        "root": record["data"]["root"],
+        "verified": "structure",
+        "train_images": 512,
+        "test_images": 256,
+    }
     assert list(record["dispatch"]) == ["1", "5", "10", "13"]
     first = record["dispatch"]["1"]
     assert first["input_shape"] == [32, 6, 24, 24]
@@ -157,8 +186,9 @@ def test_resume_equals_uninterrupted(workspace, tmp_path):
     assert code == 0, err
     first_epoch = without_times(checkpoint(workspace["full"])["metrics"][:1])
     assert without_times(checkpoint(tmp_path)["metrics"]) == first_epoch, "a fresh run must repeat epoch 1"
-    code, out, err = run_cli("--data-dir", workspace["data"], "--resume", "--epochs", 2, "--out", tmp_path,
-                             "--quiet")
+    code, out, err = run_cli(
+        "--data-dir", workspace["data"], "--resume", "--epochs", 2, "--out", tmp_path, "--quiet"
+    )
     assert code == 0, err
     assert EPOCH_LINE.fullmatch(out.splitlines()[-1])["epoch"] == "2"
     assert_same_state(checkpoint(tmp_path), checkpoint(workspace["full"]))
@@ -189,15 +219,25 @@ def test_ctrl_c_keeps_the_last_epoch_and_resumes(workspace, tmp_path, monkeypatc
 
 
 def test_other_seed_other_weights_same_seed_same_weights(workspace, tmp_path):
-    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 1, "--seed", 1,
-                           "--out", tmp_path)
+    code, _, err = run_cli(
+        "--data-dir", workspace["data"], *SHORT, "--epochs", 1, "--seed", 1, "--out", tmp_path
+    )
     assert code == 0, err
-    assert metrics(tmp_path)["epochs"][0]["weights_sha256"] != metrics(workspace["full"])["epochs"][0][
-        "weights_sha256"]
+    assert (
+        metrics(tmp_path)["epochs"][0]["weights_sha256"]
+        != metrics(workspace["full"])["epochs"][0]["weights_sha256"]
+    )
 
 
-def train_steps(batch_norm: str, *, backend: str | None = None, fuse: bool = False, compiled: bool = False,
-                device: torch.device | None = None, steps: int = 2) -> tuple[float, float, dict]:
+def train_steps(
+    batch_norm: str,
+    *,
+    backend: str | None = None,
+    fuse: bool = False,
+    compiled: bool = False,
+    device: torch.device | None = None,
+    steps: int = 2,
+) -> tuple[float, float, dict]:
     """``steps`` steps of the trainer's ``train_epoch`` (SGD, so that a gradient's rounding moves a
     weight by as little, not by Adam's ±lr for a gradient near zero) on 8-image batches of the
     learnable set, then ``evaluate``: (loss, test accuracy, state_dict on the CPU)."""
@@ -224,8 +264,9 @@ def assert_same_training(got: tuple[float, float, dict], want: tuple[float, floa
     assert got[1] == want[1]
     assert got[2].keys() == want[2].keys()
     for key, value in want[2].items():
-        torch.testing.assert_close(got[2][key], value, rtol=tol, atol=tol,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            got[2][key], value, rtol=tol, atol=tol, msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 @pytest.mark.slow
@@ -257,8 +298,20 @@ def test_compile_option_is_recorded(workspace, tmp_path, monkeypatch):
         return torch.compile(net, backend="eager")
 
     monkeypatch.setattr(train_module, "compile_model", traced_only)
-    code, _, err = run_cli("--data-dir", workspace["data"], "--limit", 64, "--batch-size", 32, "--quiet",
-                           "--epochs", 1, "--compile", "--out", tmp_path)
+    code, _, err = run_cli(
+        "--data-dir",
+        workspace["data"],
+        "--limit",
+        64,
+        "--batch-size",
+        32,
+        "--quiet",
+        "--epochs",
+        1,
+        "--compile",
+        "--out",
+        tmp_path,
+    )
     assert code == 0, err
     record = metrics(tmp_path)
     assert calls == [torch.device("cpu")]
@@ -278,11 +331,25 @@ def test_distributed_run_under_torchrun_matches_one_process(workspace, tmp_path)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-         "-m", "tritonbn.train",
-         "--distributed", "--data-dir", str(workspace["data"]), *SHORT, "--epochs", "2",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=180,
+        [
+            str(torchrun),
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "tritonbn.train",
+            "--distributed",
+            "--data-dir",
+            str(workspace["data"]),
+            *SHORT,
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -297,27 +364,32 @@ def test_distributed_run_under_torchrun_matches_one_process(workspace, tmp_path)
 
 
 def test_reference_batch_norm_run(workspace, tmp_path):
-    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 2, "--bn", "reference",
-                           "--out", tmp_path)
+    code, _, err = run_cli(
+        "--data-dir", workspace["data"], *SHORT, "--epochs", 2, "--bn", "reference", "--out", tmp_path
+    )
     assert code == 0, err
     record = metrics(tmp_path)
     assert {plan[mode]["backend"] for plan in record["dispatch"].values() for mode in ("train", "eval")} == {
-        "reference"}
+        "reference"
+    }
     reference, automatic = record["epochs"][-1], metrics(workspace["full"])["epochs"][-1]
     assert abs(reference["loss"] - automatic["loss"]) < 1e-4
     assert reference["test_acc"] > 0.5
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--resume"], "--resume needs --out"),
-    (["--resume", "--out", "{empty}"], "no checkpoint at"),
-    (["--out", "{full}"], "already holds a run"),
-    (["--resume", "--out", "{full}", "--lr", "0.01"], "trained with --lr 0.001, got --lr 0.01"),
-    (["--resume", "--out", "{full}", "--epochs", "1"], "already has 2 epochs"),
-    (["--data-dir", "{empty}"], "missing train-images-idx3-ubyte"),
-    (["--fuse", "--bn", "torch"], "use --bn tritonbn or reference"),
-    (["--distributed"], "start the processes with torchrun"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--resume"], "--resume needs --out"),
+        (["--resume", "--out", "{empty}"], "no checkpoint at"),
+        (["--out", "{full}"], "already holds a run"),
+        (["--resume", "--out", "{full}", "--lr", "0.01"], "trained with --lr 0.001, got --lr 0.01"),
+        (["--resume", "--out", "{full}", "--epochs", "1"], "already has 2 epochs"),
+        (["--data-dir", "{empty}"], "missing train-images-idx3-ubyte"),
+        (["--fuse", "--bn", "torch"], "use --bn tritonbn or reference"),
+        (["--distributed"], "start the processes with torchrun"),
+    ],
+)
 def test_errors_are_explained(workspace, tmp_path, argv, message):
     argv = [arg.format(full=workspace["full"], empty=tmp_path) for arg in argv]
     if "--data-dir" not in argv:
@@ -336,24 +408,30 @@ def test_resuming_a_finished_run_does_nothing(workspace):
     assert_same_state(checkpoint(workspace["full"]), before)
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--batch-size", "1e20"], "argument --batch-size: expected an integer, got '1e20'"),
-    (["--batch-size", "1"], f"argument --batch-size: expected an integer from 2 to {2**63 - 1}, got 1"),
-    (["--batch-size", str(10**20)], f"argument --batch-size: expected an integer from 2 to {2**63 - 1}, got"),
-    (["--epochs", "0"], "argument --epochs: expected an integer from 1"),
-    (["--epochs", "2.5"], "argument --epochs: expected an integer, got '2.5'"),
-    (["--lr", "0"], "argument --lr: expected a finite number > 0, got 0"),
-    (["--lr", "inf"], "argument --lr: expected a finite number > 0, got inf"),
-    (["--lr", "nan"], "argument --lr: expected a finite number > 0, got nan"),
-    (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
-    (["--seed", str(2**64)], f"argument --seed: expected an integer from {-(2**63)} to {2**64 - 1}, got"),
-    (["--bn", "cudnn"], "argument --bn: invalid choice: 'cudnn'"),
-    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-    (["--out", "{file}"], "argument --out: expected a folder, got the file"),
-    (["--out", "{file}/run"], "is a file, not a folder"),
-    (["--out", ""], "argument --out: expected a folder, got an empty path"),
-    (["--data-dir", "{file}"], "argument --data-dir: expected a folder, got the file"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "1e20"], "argument --batch-size: expected an integer, got '1e20'"),
+        (["--batch-size", "1"], f"argument --batch-size: expected an integer from 2 to {2**63 - 1}, got 1"),
+        (
+            ["--batch-size", str(10**20)],
+            f"argument --batch-size: expected an integer from 2 to {2**63 - 1}, got",
+        ),
+        (["--epochs", "0"], "argument --epochs: expected an integer from 1"),
+        (["--epochs", "2.5"], "argument --epochs: expected an integer, got '2.5'"),
+        (["--lr", "0"], "argument --lr: expected a finite number > 0, got 0"),
+        (["--lr", "inf"], "argument --lr: expected a finite number > 0, got inf"),
+        (["--lr", "nan"], "argument --lr: expected a finite number > 0, got nan"),
+        (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+        (["--seed", str(2**64)], f"argument --seed: expected an integer from {-(2**63)} to {2**64 - 1}, got"),
+        (["--bn", "cudnn"], "argument --bn: invalid choice: 'cudnn'"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["--out", "{file}"], "argument --out: expected a folder, got the file"),
+        (["--out", "{file}/run"], "is a file, not a folder"),
+        (["--out", ""], "argument --out: expected a folder, got an empty path"),
+        (["--data-dir", "{file}"], "argument --data-dir: expected a folder, got the file"),
+    ],
+)
 def test_bad_option_values_are_argparse_errors(tmp_path, monkeypatch, argv, message):
     """Exit status 2 and argparse's one-line error naming the option, before any data is loaded
     and without a run folder."""
@@ -375,12 +453,24 @@ def test_unwritable_out_is_refused_before_loading(tmp_path, monkeypatch):
         main(["--out", "/proc/tritonbn-run"])
     assert info.value.code == 2
     assert "argument --out: cannot write the run folder '/proc/tritonbn-run': /proc is not writable" in (
-        err.getvalue())
+        err.getvalue()
+    )
 
 
 def test_largest_batch_size_trains_in_one_batch(workspace, tmp_path):
-    code, out, err = run_cli("--data-dir", workspace["data"], "--limit", 64, "--batch-size", 2**63 - 1,
-                             "--epochs", 1, "--quiet", "--out", tmp_path)
+    code, out, err = run_cli(
+        "--data-dir",
+        workspace["data"],
+        "--limit",
+        64,
+        "--batch-size",
+        2**63 - 1,
+        "--epochs",
+        1,
+        "--quiet",
+        "--out",
+        tmp_path,
+    )
     assert code == 0, err
     assert EPOCH_LINE.fullmatch(out.splitlines()[-1])
 
@@ -391,8 +481,18 @@ def test_largest_batch_size_trains_in_one_batch(workspace, tmp_path):
 def test_cuda_compiled_run_matches_the_cpu_run(workspace, tmp_path):
     """On a GPU: --compile (CUDA graphs) over tritonbn's Triton kernels learns the synthetic set
     like the CPU run (same shuffling; float32 rounding differs between the devices)."""
-    code, _, err = run_cli("--data-dir", workspace["data"], *SHORT, "--epochs", 2, "--device", "cuda",
-                           "--compile", "--out", tmp_path)
+    code, _, err = run_cli(
+        "--data-dir",
+        workspace["data"],
+        *SHORT,
+        "--epochs",
+        2,
+        "--device",
+        "cuda",
+        "--compile",
+        "--out",
+        tmp_path,
+    )
     assert code == 0, err
     record = metrics(tmp_path)
     assert record["compile"] == {"enabled": True, "mode": "reduce-overhead"}
@@ -403,8 +503,10 @@ def test_cuda_compiled_run_matches_the_cpu_run(workspace, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
-                    reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} is absent)")
+@pytest.mark.skipif(
+    not (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"Debian's dataset-fashion-mnist is not installed ({DEBIAN_DIR} is absent)",
+)
 def test_learns_real_fashion_mnist(tmp_path):
     code, _, err = run_cli("--limit", 2048, "--batch-size", 64, "--epochs", 1, "--quiet", "--out", tmp_path)
     assert code == 0, err

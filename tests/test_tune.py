@@ -68,19 +68,36 @@ def timer_from(times: dict[str, float], calls: list[tuple[str, str]] | None = No
 def entry(shape, choice, timings, *, dtype="float32", mode="train", channels_last=False):
     case = tune.Case(tuple(shape), getattr(torch, dtype), channels_last, mode == "train")
     layout = describe_strides(case.shape, case.strides)
-    return {"layout": layout.name, "dtype": dtype, "mode": mode, "shape": list(shape),
-            "per_channel": layout.rows, "channels": layout.c, "choice": choice, "timings_ms": timings,
-            "torch_ms": timings["torch"], "ratio_to_torch": timings[choice] / timings["torch"]}
+    return {
+        "layout": layout.name,
+        "dtype": dtype,
+        "mode": mode,
+        "shape": list(shape),
+        "per_channel": layout.rows,
+        "channels": layout.c,
+        "choice": choice,
+        "timings_ms": timings,
+        "torch_ms": timings["torch"],
+        "ratio_to_torch": timings[choice] / timings["torch"],
+    }
 
 
-def write_table(folder: Path, entries, *, name=FAKE_GPU[0], capability=FAKE_GPU[1], schema=1,
-                file="table.json") -> Path:
+def write_table(
+    folder: Path, entries, *, name=FAKE_GPU[0], capability=FAKE_GPU[1], schema=1, file="table.json"
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / file
-    path.write_text(json.dumps({
-        "schema": schema, "device": {"name": name, "capability": list(capability), "sm_count": 4},
-        "versions": {}, "date": "test", "entries": entries,
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "schema": schema,
+                "device": {"name": name, "capability": list(capability), "sm_count": 4},
+                "versions": {},
+                "date": "test",
+                "entries": entries,
+            }
+        )
+    )
     return path
 
 
@@ -88,8 +105,11 @@ def write_table(folder: Path, entries, *, name=FAKE_GPU[0], capability=FAKE_GPU[
 
 
 def test_default_tunables_are_the_module_constants():
-    assert (DEFAULT_TUNABLES.fused_max_tile, DEFAULT_TUNABLES.tile,
-            DEFAULT_TUNABLES.max_column_block) == (FUSED_MAX_TILE, TILE, MAX_COLUMN_BLOCK)
+    assert (DEFAULT_TUNABLES.fused_max_tile, DEFAULT_TUNABLES.tile, DEFAULT_TUNABLES.max_column_block) == (
+        FUSED_MAX_TILE,
+        TILE,
+        MAX_COLUMN_BLOCK,
+    )
     assert DEFAULT_TUNABLES.encode() == ""
     assert plan_token("split-welford") == "split-welford"
 
@@ -142,8 +162,9 @@ def test_sweep_selects_the_fastest_checked_candidate_and_writes_schema_1(tmp_pat
     calls: list[tuple[str, str]] = []
     times = {"torch": 5.0, variant: 1.0, "eval": 9.0}
     out = tmp_path / "t.json"
-    result = tune.run_sweep(600, out, progress=False, timer=timer_from(times, calls),
-                            sweep_cases=[TRAIN, EVAL], identity=FAKE_GPU)
+    result = tune.run_sweep(
+        600, out, progress=False, timer=timer_from(times, calls), sweep_cases=[TRAIN, EVAL], identity=FAKE_GPU
+    )
     assert result["out"] == str(out)
     written = json.loads(out.read_text())
     assert written["schema"] == tuning.SCHEMA == 1
@@ -157,7 +178,8 @@ def test_sweep_selects_the_fastest_checked_candidate_and_writes_schema_1(tmp_pat
     assert by_mode["eval"]["choice"] == "torch"  # torch (5 ms) beat every eval candidate (9, 10)
     # Every candidate was timed once, after its check.
     assert sorted(label for _, label in calls) == sorted(
-        train_labels + [c.label for c in tune.candidates(EVAL, 4)])
+        train_labels + [c.label for c in tune.candidates(EVAL, 4)]
+    )
     # The written table loads and the lookup finds the choice.
     table = tuning.load_table(out)
     match = tuning.lookup(FAKE_GPU, TRAIN.layout, "float32", True, 128, 3, candidates=(table,))
@@ -176,9 +198,14 @@ def test_sweep_drops_and_reports_a_candidate_that_fails_the_reference(tmp_path, 
 
     monkeypatch.setattr(tune, "_runner", runner)
     calls: list[tuple[str, str]] = []
-    result = tune.run_sweep(600, tmp_path / "t.json", progress=False,
-                            timer=timer_from({broken: 0.1}, calls), sweep_cases=[TRAIN],
-                            identity=FAKE_GPU)
+    result = tune.run_sweep(
+        600,
+        tmp_path / "t.json",
+        progress=False,
+        timer=timer_from({broken: 0.1}, calls),
+        sweep_cases=[TRAIN],
+        identity=FAKE_GPU,
+    )
     assert [(f["candidate"], f["reason"].split(":")[0]) for f in result["failures"]] == [(broken, "dx")]
     assert broken not in {label for _, label in calls}
     assert result["entries"][0]["choice"] != broken
@@ -189,12 +216,19 @@ def test_short_budget_skips_the_grid_from_its_end(tmp_path):
     ticks = iter(range(10_000))
     calls: list[tuple[str, str]] = []
     cases = [TRAIN, tune.Case((8, 3, 4, 4), torch.bfloat16, False, True)]
-    result = tune.run_sweep(5, tmp_path / "t.json", progress=False, timer=timer_from({}, calls),
-                            sweep_cases=cases, identity=FAKE_GPU, clock=lambda: next(ticks))
+    result = tune.run_sweep(
+        5,
+        tmp_path / "t.json",
+        progress=False,
+        timer=timer_from({}, calls),
+        sweep_cases=cases,
+        identity=FAKE_GPU,
+        clock=lambda: next(ticks),
+    )
     assert result["skipped"] > 0
     # float32 first, and within it tier 0 (torch and the heuristic plan) before the rest.
     tier0 = [c.label for c in tune.candidates(TRAIN, 4) if c.tier == 0]
-    assert [label for _, label in calls][:len(tier0)] == tier0
+    assert [label for _, label in calls][: len(tier0)] == tier0
     assert all(case == str(TRAIN) for case, _ in calls)
 
 
@@ -248,8 +282,7 @@ def test_lookup_takes_the_nearest_bucket_of_the_same_layout_dtype_and_mode(tmp_p
     layout = near["layout"]
 
     def found(per_channel, channels, dtype="float32", training=True, where=layout):
-        match = tuning.lookup(FAKE_GPU, where, dtype, training, per_channel, channels,
-                              candidates=(table,))
+        match = tuning.lookup(FAKE_GPU, where, dtype, training, per_channel, channels, candidates=(table,))
         return None if match is None else match.entry.choice
 
     assert found(128, 3) == "split-welford"  # exact
@@ -263,8 +296,9 @@ def test_lookup_takes_the_nearest_bucket_of_the_same_layout_dtype_and_mode(tmp_p
 
 def test_precedence_user_then_packaged_then_same_capability(isolated_tables):
     def ent(choice):
-        return entry((8, 3, 4, 4), choice, {"torch": 1.0, "split-welford": 1.0, "fused-small": 1.0,
-                                            choice: 0.5})
+        return entry(
+            (8, 3, 4, 4), choice, {"torch": 1.0, "split-welford": 1.0, "fused-small": 1.0, choice: 0.5}
+        )
 
     write_table(isolated_tables, [ent("fused-small")], file="packaged.json")
     tuning.reload()
@@ -345,8 +379,9 @@ def test_a_torch_entry_routes_auto_to_torch_but_not_forced_triton(monkeypatch):
     fake_identity(monkeypatch)
     shape, strides = (8, 3, 4, 4), (48, 16, 4, 1)
     dispatch._decide.cache_clear()
-    auto = dispatch._decide(torch.device("cuda"), torch.float32, shape, strides, True, "auto", None,
-                            "default", True, True)
+    auto = dispatch._decide(
+        torch.device("cuda"), torch.float32, shape, strides, True, "auto", None, "default", True, True
+    )
     assert (auto.backend, auto.kernel) == ("torch", None)
     assert "torch measured 0.5 ms" in auto.tuning
     forced = tritonbn.explain(torch.randn(shape), backend="triton")
@@ -415,16 +450,30 @@ def _subset() -> list[list[object]]:
     """COMPILE_SUBSET's candidates; with TRITONBN_TUNE_FULL_COMPILE=1, every case's candidates
     that change what is compiled (the whole grid: minutes)."""
     if os.environ.get("TRITONBN_TUNE_FULL_COMPILE") == "1":
-        return [[list(case.shape), str(case.dtype).replace("torch.", ""), case.channels_last,
-                 case.training, [c.label for c in tune.candidates(case, 132)
-                                 if c.label != "torch" and "programs_per_sm" not in c.label]]
-                for case in tune.cases()]
+        return [
+            [
+                list(case.shape),
+                str(case.dtype).replace("torch.", ""),
+                case.channels_last,
+                case.training,
+                [
+                    c.label
+                    for c in tune.candidates(case, 132)
+                    if c.label != "torch" and "programs_per_sm" not in c.label
+                ],
+            ]
+            for case in tune.cases()
+        ]
     spec = []
     for shape, dtype, channels_last, training, wanted in COMPILE_SUBSET:
         case = tune.Case(shape, getattr(torch, dtype), channels_last, training)
-        labels = [c.label for c in tune.candidates(case, 132)
-                  if c.label != "torch" and "programs_per_sm" not in c.label
-                  and (c.label == wanted or c.label.partition("@")[0] in wanted.split("|"))]
+        labels = [
+            c.label
+            for c in tune.candidates(case, 132)
+            if c.label != "torch"
+            and "programs_per_sm" not in c.label
+            and (c.label == wanted or c.label.partition("@")[0] in wanted.split("|"))
+        ]
         spec.append([list(shape), dtype, channels_last, training, labels])
     return spec
 
@@ -445,9 +494,16 @@ def test_grid_candidates_compile_for_sm90_and_spilling_ones_are_dropped(tmp_path
     spec = _subset()
     halves = [spec[0::2], spec[1::2]]  # two processes: this machine has two cores
     env = standin_cuda.environment(folder)
-    children = [subprocess.Popen([sys.executable, "-c", SCREEN_SCRIPT, str(bench), json.dumps(half)],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for half in halves]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", SCREEN_SCRIPT, str(bench), json.dumps(half)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for half in halves
+    ]
     found = []
     for child in children:
         stdout, stderr = child.communicate(timeout=600)

@@ -77,8 +77,7 @@ def check_batch_norm_args(
             )
         if tensor.device != device:
             raise RuntimeError(
-                f"batch_norm: '{name}' must be on the same device as 'input' ({device}), "
-                f"got {tensor.device}"
+                f"batch_norm: '{name}' must be on the same device as 'input' ({device}), got {tensor.device}"
             )
         if tensor.dtype not in allowed:
             expected = " or ".join(sorted(_dtype_name(d) for d in allowed))
@@ -140,8 +139,7 @@ def check_input(input: object, owner: str = "batch_norm") -> None:
         )
     if input.dtype not in SUPPORTED_DTYPES:
         raise NotImplementedError(
-            f"{owner}: 'input' must be float16, bfloat16, float32 or float64, "
-            f"got {_dtype_name(input.dtype)}"
+            f"{owner}: 'input' must be float16, bfloat16, float32 or float64, got {_dtype_name(input.dtype)}"
         )
 
 
@@ -161,14 +159,17 @@ def _one_value_per_channel(input: torch.Tensor) -> ValueError:
 def momentum_value(momentum: object) -> object:
     """``momentum`` as the functional uses it: a 0-D real tensor (which torch's batch_norm accepts)
     becomes its Python float; anything else is returned unchanged for the checks to judge."""
-    if (isinstance(momentum, torch.Tensor) and momentum.dim() == 0 and not momentum.is_complex()
-            and momentum.dtype != torch.bool):
+    if (
+        isinstance(momentum, torch.Tensor)
+        and momentum.dim() == 0
+        and not momentum.is_complex()
+        and momentum.dtype != torch.bool
+    ):
         return float(momentum)
     return momentum
 
 
-def check_module_options(num_features: object, eps: object, momentum: object, *,
-                         lazy: bool = False) -> int:
+def check_module_options(num_features: object, eps: object, momentum: object, *, lazy: bool = False) -> int:
     """Validate a module constructor's options; return ``num_features`` as an ``int``.
 
     ``num_features``: a positive integer of any integral type (``int``, ``numpy.int64``, anything
@@ -209,8 +210,9 @@ def check_activation(activation: str | None, negative_slope: float) -> None:
         raise ValueError(f"'negative_slope' must be a finite number, got {negative_slope}")
 
 
-def check_module_input(module: object, input: object, dims: tuple[int, ...], expected: str,
-                       num_features: int) -> None:
+def check_module_input(
+    module: object, input: object, dims: tuple[int, ...], expected: str, num_features: int
+) -> None:
     """The checks of a BatchNorm module's ``_check_input_dim``: a tensor (TypeError) with a number
     of dimensions in ``dims``, described by ``expected`` (ValueError), and ``num_features``
     channels (RuntimeError). Messages start with the module's class name."""
@@ -219,8 +221,7 @@ def check_module_input(module: object, input: object, dims: tuple[int, ...], exp
         raise TypeError(f"{owner}: 'input' must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() not in dims:
         raise ValueError(
-            f"{owner}: 'input' must be {expected}, got a {input.dim()}D tensor of shape "
-            f"{tuple(input.shape)}"
+            f"{owner}: 'input' must be {expected}, got a {input.dim()}D tensor of shape {tuple(input.shape)}"
         )
     if input.shape[1] != num_features:
         raise RuntimeError(

@@ -17,7 +17,6 @@ from torch import nn
 BATCHNORM_HAS_BIAS_ARG = "bias" in inspect.signature(nn.modules.batchnorm._NormBase.__init__).parameters
 
 
-
 def _eval_accepts_zero_eps() -> bool:
     try:
         torch.nn.functional.batch_norm(

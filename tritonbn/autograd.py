@@ -60,9 +60,18 @@ def _forward_train(
     residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y, save = kernels.forward_train(
-        x, weight, bias, running_mean, running_var, momentum, eps,
-        plan=_resolved(plan, x, training=True), sm_count=sm_count(x.device), activation=activation,
-        negative_slope=negative_slope, residual=residual,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        plan=_resolved(plan, x, training=True),
+        sm_count=sm_count(x.device),
+        activation=activation,
+        negative_slope=negative_slope,
+        residual=residual,
     )
     if plan == RUNTIME_PLAN and save.shape[0] < RUNTIME_SAVED_ROWS:
         # The fake could not know the plan: every run-time plan returns the same rows.
@@ -81,8 +90,9 @@ def _resolved(plan: str, x: torch.Tensor, training: bool) -> str:
 
 
 @_forward_train.register_fake
-def _(x, weight, bias, running_mean, running_var, momentum, eps, plan, activation, negative_slope,
-      residual=None):
+def _(
+    x, weight, bias, running_mean, running_var, momentum, eps, plan, activation, negative_slope, residual=None
+):
     rows = RUNTIME_SAVED_ROWS if plan == RUNTIME_PLAN else kernels.saved_rows(plan)
     save = x.new_empty((rows, x.shape[1]), dtype=torch.float32)
     return torch.empty_like(x), save
@@ -102,15 +112,24 @@ def _forward_eval(
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return kernels.forward_eval(
-        x, weight, bias, running_mean, running_var, eps, sm_count=sm_count(x.device),
-        activation=activation, negative_slope=negative_slope,
-        plan=_resolved(plan, x, training=False), residual=residual,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        eps,
+        sm_count=sm_count(x.device),
+        activation=activation,
+        negative_slope=negative_slope,
+        plan=_resolved(plan, x, training=False),
+        residual=residual,
     )
 
 
 @_forward_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, eps, activation, negative_slope, plan="eval",
-      residual=None):
+def _(
+    x, weight, bias, running_mean, running_var, eps, activation, negative_slope, plan="eval", residual=None
+):
     return torch.empty_like(x)
 
 
@@ -140,16 +159,30 @@ def _backward(
     dy = _like(grad_output, x)
     needs = (need_input, need_weight, need_bias)
     plan = _resolved(plan, x, training=save is not None)
-    act = {"bias": bias, "activation": activation, "negative_slope": negative_slope,
-           "residual": residual, "need_residual": need_residual, "from_output": from_output}
+    act = {
+        "bias": bias,
+        "activation": activation,
+        "negative_slope": negative_slope,
+        "residual": residual,
+        "need_residual": need_residual,
+        "from_output": from_output,
+    }
     if save is not None:
         grads = kernels.backward_train(
             dy, x, weight, save, needs, plan=plan, sm_count=sm_count(x.device), **act
         )
     else:
         grads = kernels.backward_eval(
-            dy, x, weight, running_mean, running_var, eps, needs, sm_count=sm_count(x.device),
-            plan=plan, **act,
+            dy,
+            x,
+            weight,
+            running_mean,
+            running_var,
+            eps,
+            needs,
+            sm_count=sm_count(x.device),
+            plan=plan,
+            **act,
         )
     if not need_residual:
         grads = (*grads, None)
@@ -157,9 +190,25 @@ def _backward(
 
 
 @_backward.register_fake
-def _(grad_output, x, weight, bias, save, running_mean, running_var, eps, plan, activation,
-      negative_slope, need_input, need_weight, need_bias, residual=None, need_residual=False,
-      from_output=False):
+def _(
+    grad_output,
+    x,
+    weight,
+    bias,
+    save,
+    running_mean,
+    running_var,
+    eps,
+    plan,
+    activation,
+    negative_slope,
+    need_input,
+    need_weight,
+    need_bias,
+    residual=None,
+    need_residual=False,
+    from_output=False,
+):
     param_dtype = weight.dtype if weight is not None else torch.float32
     channels = x.shape[1]
     return (
@@ -184,8 +233,12 @@ def _device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def _differentiable_backward(ctx: Any, grad_output: torch.Tensor, inputs: tuple[torch.Tensor | None, ...],
-                             residual: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+def _differentiable_backward(
+    ctx: Any,
+    grad_output: torch.Tensor,
+    inputs: tuple[torch.Tensor | None, ...],
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
     """The backward as torch ops on the saved tensors, for ``create_graph=True`` (a gradient
     penalty, MAML): the result is itself differentiable, twice and more, as torch's is. Returns
     (dx, dγ, dβ, d residual); ``residual`` is the saved one (saved only with an activation)."""
@@ -246,22 +299,51 @@ class TritonBatchNorm(torch.autograd.Function):
             with _device_of(x):
                 if training:
                     y, save = kernels.forward_train(
-                        x, weight, bias, running_mean, running_var, momentum, eps, plan=plan,
-                        sm_count=sm_count(x.device), activation=activation,
-                        negative_slope=negative_slope, residual=residual,
+                        x,
+                        weight,
+                        bias,
+                        running_mean,
+                        running_var,
+                        momentum,
+                        eps,
+                        plan=plan,
+                        sm_count=sm_count(x.device),
+                        activation=activation,
+                        negative_slope=negative_slope,
+                        residual=residual,
                     )
                 else:
                     y = kernels.forward_eval(
-                        x, weight, bias, running_mean, running_var, eps,
-                        sm_count=sm_count(x.device), activation=activation,
-                        negative_slope=negative_slope, plan=plan, residual=residual,
+                        x,
+                        weight,
+                        bias,
+                        running_mean,
+                        running_var,
+                        eps,
+                        sm_count=sm_count(x.device),
+                        activation=activation,
+                        negative_slope=negative_slope,
+                        plan=plan,
+                        residual=residual,
                     )
         elif training:
-            y, save = _forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
-                                     plan, activation, negative_slope, residual)
+            y, save = _forward_train(
+                x,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                momentum,
+                eps,
+                plan,
+                activation,
+                negative_slope,
+                residual,
+            )
         else:
-            y = _forward_eval(x, weight, bias, running_mean, running_var, eps, activation,
-                              negative_slope, plan, residual)
+            y = _forward_eval(
+                x, weight, bias, running_mean, running_var, eps, activation, negative_slope, plan, residual
+            )
         # Memory-efficient: the output (which the next layer keeps anyway) instead of the input.
         kept = y if memory_efficient else x
         # The residual enters the backward only through act'(z + residual).
@@ -299,9 +381,14 @@ class TritonBatchNorm(torch.autograd.Function):
         if _eager():
             dy = _like(grad_output, x)
             needs = (need_input, need_weight, need_bias)
-            act = {"bias": bias, "activation": ctx.activation, "negative_slope": ctx.negative_slope,
-                   "residual": residual, "need_residual": kernel_dres,
-                   "from_output": ctx.memory_efficient}
+            act = {
+                "bias": bias,
+                "activation": ctx.activation,
+                "negative_slope": ctx.negative_slope,
+                "residual": residual,
+                "need_residual": kernel_dres,
+                "from_output": ctx.memory_efficient,
+            }
             with _device_of(x):
                 if save is not None:
                     dx, dw, db, *dres = kernels.backward_train(
@@ -309,20 +396,48 @@ class TritonBatchNorm(torch.autograd.Function):
                     )
                 else:
                     dx, dw, db, *dres = kernels.backward_eval(
-                        dy, x, weight, running_mean, running_var, ctx.eps, needs,
-                        sm_count=sm_count(x.device), plan=ctx.plan, **act,
+                        dy,
+                        x,
+                        weight,
+                        running_mean,
+                        running_var,
+                        ctx.eps,
+                        needs,
+                        sm_count=sm_count(x.device),
+                        plan=ctx.plan,
+                        **act,
                     )
             dres = dres[0] if dres else None
         else:
             dx, dw, db, dres = _backward(
-                grad_output, x, weight, bias, save, running_mean, running_var, ctx.eps, ctx.plan,
-                ctx.activation, ctx.negative_slope, need_input, need_weight, need_bias,
-                residual, kernel_dres, ctx.memory_efficient,
+                grad_output,
+                x,
+                weight,
+                bias,
+                save,
+                running_mean,
+                running_var,
+                ctx.eps,
+                ctx.plan,
+                ctx.activation,
+                ctx.negative_slope,
+                need_input,
+                need_weight,
+                need_bias,
+                residual,
+                kernel_dres,
+                ctx.memory_efficient,
             )
         if need_residual and residual is None:
             dres = grad_output
-        return (dx if need_input else None, dw if need_weight else None,
-                db if need_bias else None, *unused, dres if need_residual else None, None)
+        return (
+            dx if need_input else None,
+            dw if need_weight else None,
+            db if need_bias else None,
+            *unused,
+            dres if need_residual else None,
+            None,
+        )
 
 
 def triton_batch_norm(
@@ -348,6 +463,18 @@ def triton_batch_norm(
     ops see a plain string)."""
     if isinstance(plan, PlanName):
         plan = plan.token
-    return TritonBatchNorm.apply(x, weight, bias, running_mean, running_var, bool(training),
-                                 float(momentum), float(eps), plan, activation,
-                                 float(negative_slope), residual, bool(memory_efficient))
+    return TritonBatchNorm.apply(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        bool(training),
+        float(momentum),
+        float(eps),
+        plan,
+        activation,
+        float(negative_slope),
+        residual,
+        bool(memory_efficient),
+    )

@@ -49,6 +49,7 @@ def _replacements() -> dict[type[nn.Module], type[nn.Module]]:
         return _REPLACEMENTS
     return {**_REPLACEMENTS, frozen: FrozenBatchNorm2d}
 
+
 # Activation modules (exact classes: a subclass may change forward) and their fused names.
 _FUSABLE_ACTIVATIONS: dict[type[nn.Module], str] = {entry.module: entry.name for entry in ACTIVATION_TABLE}
 
@@ -60,9 +61,7 @@ def _has_hooks(module: nn.Module) -> bool:
     lazy_hook = getattr(module, "_initialize_hook", None)
     if lazy_hook is not None:
         pre_hooks.discard(lazy_hook.id)
-    return bool(
-        module._forward_hooks or pre_hooks or module._backward_hooks or module._backward_pre_hooks
-    )
+    return bool(module._forward_hooks or pre_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 
 def _fuse_in(sequential: nn.Sequential, uses: Counter[int]) -> None:
@@ -111,9 +110,7 @@ def convert(module: nn.Module, *, fuse_activations: bool = False) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert: 'module' must be a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(fuse_activations, bool):
-        raise TypeError(
-            f"convert: 'fuse_activations' must be a bool, got {type(fuse_activations).__name__}"
-        )
+        raise TypeError(f"convert: 'fuse_activations' must be a bool, got {type(fuse_activations).__name__}")
     replacements = _replacements()
     for submodule in module.modules():
         replacement = replacements.get(type(submodule))

@@ -49,8 +49,10 @@ IMAGE_MAGIC = 0x00000803  # idx: unsigned bytes (0x08), 3 dimensions
 LABEL_MAGIC = 0x00000801  # idx: unsigned bytes (0x08), 1 dimension
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
-SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+SPLITS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 FILE_NAMES = tuple(name for pair in SPLITS.values() for name in pair)
 SPLIT_SIZES = {"train": 60000, "t10k": 10000}
 # MD5 of each uncompressed file of the full data set, from Debian's dataset-fashion-mnist
@@ -92,8 +94,13 @@ class FashionMNISTTensors:
     def to(self, device: torch.device | str) -> FashionMNISTTensors:
         """The same data on ``device`` (images stay uint8)."""
         return FashionMNISTTensors(
-            self.train_images.to(device), self.train_labels.to(device),
-            self.test_images.to(device), self.test_labels.to(device), self.root, self.origin, self.verified,
+            self.train_images.to(device),
+            self.train_labels.to(device),
+            self.test_images.to(device),
+            self.test_labels.to(device),
+            self.root,
+            self.origin,
+            self.verified,
         )
 
 
@@ -316,8 +323,9 @@ def _download(root: Path) -> str:
     return check_raw_folder(root / "FashionMNIST" / "raw")
 
 
-def _locate(data_dir: str | os.PathLike[str] | None, download: bool,
-            debian_dir: Path) -> tuple[Path, str, str]:
+def _locate(
+    data_dir: str | os.PathLike[str] | None, download: bool, debian_dir: Path
+) -> tuple[Path, str, str]:
     """(torchvision root, origin, verdict of :func:`check_raw_folder`), searched in order."""
     env = os.environ.get("TRITONBN_DATA")
     for folder, origin in ((data_dir, "--data-dir"), (env or None, "$TRITONBN_DATA")):

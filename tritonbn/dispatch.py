@@ -176,8 +176,9 @@ class Plan:
         return "\n".join(lines)
 
 
-def _facts(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], layout: Layout,
-           training: bool) -> dict[str, object]:
+def _facts(
+    device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], layout: Layout, training: bool
+) -> dict[str, object]:
     return {
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
@@ -191,8 +192,9 @@ def _facts(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], lay
     }
 
 
-def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: torch.device,
-                 tuned: str = "") -> tuple[KernelPlan, str, str]:
+def _kernel_plan(
+    layout: Layout, training: bool, forced: str | None, device: torch.device, tuned: str = ""
+) -> tuple[KernelPlan, str, str]:
     """(plan, reason, encoded tunables) for the Triton backend: the tuning table's choice
     ``tuned`` (a plan token that ``tuning.choice`` checked can run this input), else the forced
     plan, or the first plan of ``KERNEL_PLANS`` that can run ``layout`` and prefers it, with the
@@ -204,8 +206,9 @@ def _kernel_plan(layout: Layout, training: bool, forced: str | None, device: tor
     return plan, reason, ""
 
 
-def _heuristic_plan(layout: Layout, training: bool, forced: str | None, device: torch.device
-                    ) -> tuple[KernelPlan, str]:
+def _heuristic_plan(
+    layout: Layout, training: bool, forced: str | None, device: torch.device
+) -> tuple[KernelPlan, str]:
     if forced is not None:
         plan = KERNEL_PLANS[forced]
         if not training and forced != "eval":
@@ -216,8 +219,11 @@ def _heuristic_plan(layout: Layout, training: bool, forced: str | None, device: 
         if refusal is not None:
             raise ValueError(f"plan {forced!r} {refusal}")
         return plan, f"plan {forced!r} forced"
-    plan = next(p for p in KERNEL_PLANS.values()
-                if p.refusal(layout, training) is None and p.preferred(layout, training))
+    plan = next(
+        p
+        for p in KERNEL_PLANS.values()
+        if p.refusal(layout, training) is None and p.preferred(layout, training)
+    )
     if plan.name == "eval":
         return plan, "eval mode: one elementwise pass with per-channel scale and shift"
     if plan.name == "fused-small":
@@ -245,15 +251,20 @@ _OFF_GPU = Plan(
 # cannot build a Plan (its facts are a MappingProxyType).
 _TRACED_REQUESTS = {
     (name, source): Plan(name, None, f"backend {name!r} requested by {source}")
-    for name in ("torch", "reference") for source in ("tritonbn.backend()", "TRITONBN_BACKEND")
+    for name in ("torch", "reference")
+    for source in ("tritonbn.backend()", "TRITONBN_BACKEND")
 }
 _JIT_TRACED = Plan(
-    "torch", None, "under torch.jit.trace: the traced graph records PyTorch's own batch_norm, "
-    "which TorchScript and ONNX consumers can run"
+    "torch",
+    None,
+    "under torch.jit.trace: the traced graph records PyTorch's own batch_norm, "
+    "which TorchScript and ONNX consumers can run",
 )
 _FUNCTORCH = Plan(
-    "torch", None, "inside a torch.func transform (vmap, grad, ...): PyTorch's own batch_norm, "
-    "which those transforms support as they document"
+    "torch",
+    None,
+    "inside a torch.func transform (vmap, grad, ...): PyTorch's own batch_norm, "
+    "which those transforms support as they document",
 )
 
 
@@ -288,8 +299,18 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
         if torch._C._get_tracing_state() is not None and requested != "reference":
             return _JIT_TRACED
         decide = _decide
-    return decide(x.device, x.dtype, shape, strides, bool(training), requested, forced, source,
-                  for_explain, kernels_run_here)
+    return decide(
+        x.device,
+        x.dtype,
+        shape,
+        strides,
+        bool(training),
+        requested,
+        forced,
+        source,
+        for_explain,
+        kernels_run_here,
+    )
 
 
 # The kernel plan of a call traced by torch.compile: the kernels' custom ops choose it when they
@@ -298,8 +319,11 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
 RUNTIME_PLAN = ""
 _TRACED = {
     copies: Plan(
-        "triton", RUNTIME_PLAN, "traced by torch.compile: the kernel plan is chosen as each call "
-        "runs, from its sizes (explain() on a real tensor shows it)", copies_input=copies,
+        "triton",
+        RUNTIME_PLAN,
+        "traced by torch.compile: the kernel plan is chosen as each call "
+        "runs, from its sizes (explain() on a real tensor shows it)",
+        copies_input=copies,
     )
     for copies in (False, True)
 }
@@ -316,23 +340,36 @@ def _traced_plan(x: torch.Tensor) -> Plan:
         return _TRACED_FLOAT64
     if x.numel() == 0:
         return _TRACED_EMPTY
-    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
-        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+    dense = (
+        x.is_contiguous()
+        or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+    )
     return _TRACED[not dense]
 
 
 def runtime_plan(x: torch.Tensor, training: bool) -> str:
     """The kernel plan (its token) for a call whose plan was left to run time (``RUNTIME_PLAN``):
     the Triton backend's decision for ``x``'s sizes, cached like every other."""
-    kernel = _decide(x.device, x.dtype, x.shape, x.stride(), bool(training), "triton", None,
-                     "torch.compile", False, True).kernel
+    kernel = _decide(
+        x.device, x.dtype, x.shape, x.stride(), bool(training), "triton", None, "torch.compile", False, True
+    ).kernel
     return kernel.token if isinstance(kernel, PlanName) else kernel
 
 
 @functools.lru_cache(maxsize=4096)
-def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
-            strides: tuple[int, ...], training: bool, requested: str, forced: str | None,
-            source: str, for_explain: bool, kernels_run_here: bool) -> Plan:
+def _decide(
+    device: torch.device,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    training: bool,
+    requested: str,
+    forced: str | None,
+    source: str,
+    for_explain: bool,
+    kernels_run_here: bool,
+) -> Plan:
     shape, strides = tuple(shape), tuple(strides)
     layout = describe_strides(shape, strides)
     facts = _facts(device, dtype, shape, layout, training)
@@ -344,7 +381,8 @@ def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
             return Plan("torch", None, f"{TRITON_MISSING}: PyTorch's own batch_norm runs", facts)
         if device.type != "cuda":
             return Plan(
-                "torch", None,
+                "torch",
+                None,
                 f"{device.type} tensor: PyTorch's own batch_norm is the fastest correct path there",
                 facts,
             )
@@ -377,15 +415,29 @@ def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
     # A tuning table's label for this case: "" (heuristics), "torch" or a plan token. Looked up
     # inside this cached function, so a table costs nothing after a shape's first call; under
     # torch.compile it is a constant of the graph, like the rest of this decision.
-    label, tuning = _tuning.choice(device, dtype, shape,
-                                   contiguous_strides(shape) if copies else strides, training,
-                                   forced if training else None, requested == "auto")
+    label, tuning = _tuning.choice(
+        device,
+        dtype,
+        shape,
+        contiguous_strides(shape) if copies else strides,
+        training,
+        forced if training else None,
+        requested == "auto",
+    )
     if label == "torch":
-        return Plan("torch", None, "a tuning table measured PyTorch's own batch_norm fastest here "
-                    "(see tuning)", facts, tuning=tuning)
+        return Plan(
+            "torch",
+            None,
+            "a tuning table measured PyTorch's own batch_norm fastest here (see tuning)",
+            facts,
+            tuning=tuning,
+        )
     kernel, reason, tunables = _kernel_plan(layout, training, forced, device, label)
-    facts["launches"] = (f"{kernel.forward_launches} forward, {kernel.backward_launches} backward"
-                         if training else f"{kernel.forward_launches} forward")
+    facts["launches"] = (
+        f"{kernel.forward_launches} forward, {kernel.backward_launches} backward"
+        if training
+        else f"{kernel.forward_launches} forward"
+    )
     token = f"{kernel.name}@{tunables}" if tunables else kernel.name
     if token == kernel.name:
         name: str = kernel.name
@@ -395,8 +447,7 @@ def _decide(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
         name = token
     else:
         name = PlanName(kernel.name, token)
-    return Plan("triton", name, reason, facts, copies_input=copies, tuning=tuning,
-                tunables=tunables)
+    return Plan("triton", name, reason, facts, copies_input=copies, tuning=tuning, tunables=tunables)
 
 
 def explain(input: torch.Tensor, training: bool = True, **options: object) -> Plan:

@@ -25,14 +25,11 @@ __all__ = ["batch_norm", "check_fusion", "check_memory_efficient"]
 INVERTIBLE_ACTIVATIONS = ("leaky_relu",)
 
 
-def check_memory_efficient(memory_efficient: object, activation: str | None,
-                           negative_slope: float) -> None:
+def check_memory_efficient(memory_efficient: object, activation: str | None, negative_slope: float) -> None:
     """``memory_efficient`` a bool (TypeError); when True, ``activation`` must be invertible:
     None, or ``"leaky_relu"`` with a positive ``negative_slope`` (ValueError otherwise)."""
     if not isinstance(memory_efficient, bool):
-        raise TypeError(
-            f"'memory_efficient' must be a bool, got {type(memory_efficient).__name__}"
-        )
+        raise TypeError(f"'memory_efficient' must be a bool, got {type(memory_efficient).__name__}")
     if not memory_efficient:
         return
     if activation is not None and activation not in INVERTIBLE_ACTIVATIONS:
@@ -47,8 +44,13 @@ def check_memory_efficient(memory_efficient: object, activation: str | None,
         )
 
 
-def check_fusion(input: torch.Tensor, residual: object, activation: str | None,
-                 negative_slope: float, memory_efficient: object) -> None:
+def check_fusion(
+    input: torch.Tensor,
+    residual: object,
+    activation: str | None,
+    negative_slope: float,
+    memory_efficient: object,
+) -> None:
     """The checks of the fused residual and of the memory-efficient mode (``input`` already
     checked to be a tensor): ``residual`` None or a tensor of ``input``'s shape, dtype and device;
     ``memory_efficient`` as ``check_memory_efficient``, and not together with a residual."""
@@ -70,8 +72,7 @@ def check_fusion(input: torch.Tensor, residual: object, activation: str | None,
         )
     if residual.device != input.device:
         raise ValueError(
-            f"batch_norm: 'residual' must be on the input's device {input.device}, got "
-            f"{residual.device}"
+            f"batch_norm: 'residual' must be on the input's device {input.device}, got {residual.device}"
         )
     if memory_efficient:
         raise ValueError(
@@ -139,13 +140,34 @@ def batch_norm(
     check_fusion(input, residual, activation, negative_slope, memory_efficient)
     plan = select_plan(input, training)
     if plan.backend == "torch":
-        return torch_fallback(input, running_mean, running_var, weight, bias, training, momentum,
-                              eps, activation, negative_slope, residual=residual,
-                              memory_efficient=memory_efficient)
+        return torch_fallback(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            activation,
+            negative_slope,
+            residual=residual,
+            memory_efficient=memory_efficient,
+        )
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return run_checked(
-        input, running_mean, running_var, weight, bias, training, momentum, eps,
-        activation=activation, negative_slope=negative_slope, plan=plan, residual=residual,
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        activation=activation,
+        negative_slope=negative_slope,
+        plan=plan,
+        residual=residual,
         memory_efficient=memory_efficient,
     )
 
@@ -181,7 +203,15 @@ def torch_fallback(
         check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if memory_efficient:
         return reference.memory_efficient_batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            activation,
             negative_slope,
         )
     try:
@@ -222,16 +252,22 @@ def run_checked(
         plan = select_plan(input, training)
     if plan.backend in ("torch", "reference") and memory_efficient:
         return reference.memory_efficient_batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            activation,
             negative_slope,
         )
     if plan.backend == "torch":
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch_activation(y if residual is None else y + residual, activation, negative_slope)
     if plan.backend == "reference":
-        y = reference.batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps
-        )
+        y = reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch_activation(y if residual is None else y + residual, activation, negative_slope)
     x = input.contiguous() if plan.copies_input else input
     if residual is not None and residual.stride() != x.stride():
@@ -244,8 +280,19 @@ def run_checked(
     dense_mean = None if running_mean is None else running_mean.contiguous()
     dense_var = None if running_var is None else running_var.contiguous()
     y = triton_batch_norm(
-        x, weight, bias, dense_mean, dense_var, training, momentum, eps, plan.kernel,
-        activation, negative_slope, residual=residual, memory_efficient=memory_efficient,
+        x,
+        weight,
+        bias,
+        dense_mean,
+        dense_var,
+        training,
+        momentum,
+        eps,
+        plan.kernel,
+        activation,
+        negative_slope,
+        residual=residual,
+        memory_efficient=memory_efficient,
     )
     for given, dense in ((running_mean, dense_mean), (running_var, dense_var)):
         if given is not None and dense is not given:

@@ -54,8 +54,10 @@ def _fused_class(name: str) -> type[nn.Module]:
 
         base_name, forward, _ = _BLOCKS[name]
         base = getattr(resnet, base_name)
-        doc = (f"torchvision's ``{base_name}`` with its tail (BatchNorm, residual add, ReLU) fused "
-               "into one tritonbn BatchNorm; made by ``tritonbn.fuse``.")
+        doc = (
+            f"torchvision's ``{base_name}`` with its tail (BatchNorm, residual add, ReLU) fused "
+            "into one tritonbn BatchNorm; made by ``tritonbn.fuse``."
+        )
         cls = type(name, (base,), {"forward": forward, "__module__": __name__, "__doc__": doc})
         cls.__qualname__ = name
         _classes[name] = cls

@@ -87,7 +87,13 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         check_activation(activation, negative_slope)
         check_memory_efficient(memory_efficient, activation, negative_slope)
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
             **batchnorm_bias_kwargs(type(self).__name__, bias),
         )
         self.activation = activation
@@ -99,8 +105,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         raise script_unsupported(self)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        check_module_input(self, input, self._expected_dims, self._expected_shape,
-                           self.num_features)
+        check_module_input(self, input, self._expected_dims, self._expected_shape, self.num_features)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(batch_norm(input) [+ residual])``; ``residual`` has ``input``'s shape, dtype and
@@ -126,17 +131,36 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         # The dispatcher may refuse the call too: ask it before anything changes.
         plan = select_plan(input, bn_training)
         if plan.backend == "torch":
-            y = torch_fallback(input, running_mean, running_var, weight, bias, bn_training,
-                               momentum, eps, activation, self.negative_slope, residual=residual,
-                               memory_efficient=memory_efficient)
-        else:
-            check_batch_norm_args(
-                input, running_mean, running_var, weight, bias, bn_training, momentum, eps
+            y = torch_fallback(
+                input,
+                running_mean,
+                running_var,
+                weight,
+                bias,
+                bn_training,
+                momentum,
+                eps,
+                activation,
+                self.negative_slope,
+                residual=residual,
+                memory_efficient=memory_efficient,
             )
+        else:
+            check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training, momentum, eps)
             y = run_checked(
-                input, running_mean, running_var, weight, bias, bn_training, momentum, eps,
-                activation=activation, negative_slope=self.negative_slope, plan=plan,
-                residual=residual, memory_efficient=memory_efficient,
+                input,
+                running_mean,
+                running_var,
+                weight,
+                bias,
+                bn_training,
+                momentum,
+                eps,
+                activation=activation,
+                negative_slope=self.negative_slope,
+                plan=plan,
+                residual=residual,
+                memory_efficient=memory_efficient,
             )
         # Counted once the call has succeeded: a refused call leaves the module as it was.
         if counts:
@@ -299,8 +323,7 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(frozen_batch_norm(input) [+ residual])``."""
         running_mean, running_var = self.running_mean, self.running_var
-        check_module_input(self, input, self._expected_dims, self._expected_shape,
-                           running_mean.shape[0])
+        check_module_input(self, input, self._expected_dims, self._expected_shape, running_mean.shape[0])
         weight, bias, eps = self.weight, self.bias, self.eps
         check_batch_norm_args(input, running_mean, running_var, weight, bias, False, 0.0, eps)
         activation = self.activation
@@ -309,8 +332,17 @@ class FrozenBatchNorm2d(nn.Module):
         if residual is not None:
             check_fusion(input, residual, activation, self.negative_slope, False)
         return run_checked(
-            input, running_mean, running_var, weight, bias, False, 0.0, eps,
-            activation=activation, negative_slope=self.negative_slope, residual=residual,
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            False,
+            0.0,
+            eps,
+            activation=activation,
+            negative_slope=self.negative_slope,
+            residual=residual,
         )
 
     def __repr__(self) -> str:
@@ -347,8 +379,17 @@ class BatchNorm(_TritonBatchNorm):
         if num_dims not in (2, 4):
             raise ValueError(f"'num_dims' must be 2 or 4, got {num_dims!r}")
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
-            activation=activation, negative_slope=negative_slope, memory_efficient=memory_efficient,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            activation=activation,
+            negative_slope=negative_slope,
+            memory_efficient=memory_efficient,
         )
         self.num_dims = num_dims
         self._expected_dims = (num_dims,)

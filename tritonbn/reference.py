@@ -99,8 +99,9 @@ class MemoryEfficientBatchNorm(torch.autograd.Function):
     half inputs compute in float32."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                activation, negative_slope):
+    def forward(
+        ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, activation, negative_slope
+    ):
         compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         xc = x.to(compute)
         reduce_dims = [0, *range(2, x.dim())]
@@ -150,10 +151,18 @@ class MemoryEfficientBatchNorm(torch.autograd.Function):
             dz = dz - x_hat * (grad_weight / (y.numel() // y.shape[1])).view(shape)
         dx = (dz * scale.view(shape)).to(y.dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (dx if need_x else None,
-                grad_weight.to(gamma.dtype) if need_w and gamma is not None else None,
-                grad_bias.to(bias.dtype) if need_b and bias is not None else None,
-                None, None, None, None, None, None, None)
+        return (
+            dx if need_x else None,
+            grad_weight.to(gamma.dtype) if need_w and gamma is not None else None,
+            grad_bias.to(bias.dtype) if need_b and bias is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def memory_efficient_batch_norm(
@@ -173,9 +182,19 @@ def memory_efficient_batch_norm(
     ``negative_slope``. Arguments must already be validated; an empty batch runs torch's batch
     norm (there is nothing to save)."""
     if input.numel() == 0:
-        y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                           training, momentum, eps)
+        y = torch.nn.functional.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
         return y if activation is None else torch.nn.functional.leaky_relu(y, negative_slope)
-    return MemoryEfficientBatchNorm.apply(input, weight, bias, running_mean, running_var,
-                                          bool(training), float(momentum), float(eps), activation,
-                                          float(negative_slope))
+    return MemoryEfficientBatchNorm.apply(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        bool(training),
+        float(momentum),
+        float(eps),
+        activation,
+        float(negative_slope),
+    )

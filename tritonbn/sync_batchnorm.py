@@ -235,7 +235,13 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         num_features = check_module_options(num_features, eps, momentum)
         check_activation(activation, negative_slope)
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
             **batchnorm_bias_kwargs(type(self).__name__, bias),
         )
         self.process_group = process_group
@@ -250,9 +256,13 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         raise script_unsupported(self)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        check_module_input(self, input, _SUPPORTED_DIMS,
-                           "2D (N, C), 3D (N, C, L), 4D (N, C, H, W) or 5D (N, C, D, H, W)",
-                           self.num_features)
+        check_module_input(
+            self,
+            input,
+            _SUPPORTED_DIMS,
+            "2D (N, C), 3D (N, C, L), 4D (N, C, H, W) or 5D (N, C, D, H, W)",
+            self.num_features,
+        )
 
     def _sync_group(self) -> tuple[Any, int] | None:
         """(group, world size) when training must synchronize, else None."""
@@ -281,23 +291,44 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         sync = self._sync_group()
         if sync is None:
             check_batch_norm_args(
-                input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                bn_training,
+                momentum,
                 self.eps,
             )
             # The dispatcher may refuse the call too: ask it before counting the batch.
             plan = select_plan(input, bn_training)
             momentum = self._count_batch(momentum)
             return run_checked(
-                input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-                self.eps, activation=self.activation, negative_slope=self.negative_slope, plan=plan,
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                bn_training,
+                momentum,
+                self.eps,
+                activation=self.activation,
+                negative_slope=self.negative_slope,
+                plan=plan,
             )
 
         group, world_size = sync
         # An empty view carries everything the checks read except the batch size; "more than one
         # value per channel" is a property of the global batch here, checked after the gather.
         check_batch_norm_args(
-            input.narrow(0, 0, 0), running_mean, running_var, self.weight, self.bias, True,
-            momentum, self.eps,
+            input.narrow(0, 0, 0),
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            True,
+            momentum,
+            self.eps,
         )
         moments = gather_global_moments(input, group, world_size)
         if moments.count == 0:
@@ -305,8 +336,17 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             plan = select_plan(input, True)
             momentum = self._count_batch(momentum)
             return run_checked(
-                input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps,
-                activation=self.activation, negative_slope=self.negative_slope, plan=plan,
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                True,
+                momentum,
+                self.eps,
+                activation=self.activation,
+                negative_slope=self.negative_slope,
+                plan=plan,
             )
         if moments.count == 1:
             raise ValueError(
@@ -320,7 +360,12 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         biased_var = moments.m2 / moments.count
         invstd = torch.rsqrt(biased_var + self.eps)
         output = SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, moments.mean.to(acc), invstd.to(acc), moments.count,
+            input,
+            self.weight,
+            self.bias,
+            moments.mean.to(acc),
+            invstd.to(acc),
+            moments.count,
             group,
         )
         # Normalize first, then update: a caller may have aliased the running statistics.
@@ -340,8 +385,14 @@ def _new_sync_batchnorm(module: nn.modules.batchnorm._BatchNorm, process_group: 
     device = tensors[0].device if tensors else None
     dtype = floats[0].dtype if floats else None
     converted = SyncBatchNorm(
-        module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-        process_group, device=device, dtype=dtype,
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        process_group,
+        device=device,
+        dtype=dtype,
         activation=getattr(module, "activation", None),
         negative_slope=getattr(module, "negative_slope", 0.01),
     )
@@ -395,9 +446,9 @@ def _fused_batchnorms(module: nn.Module) -> list[str]:
     """Names (``""`` for ``module`` itself) of the BatchNorm layers in ``module`` that carry a fused
     activation: torch's ``SyncBatchNorm.convert_sync_batchnorm`` would drop it."""
     return [
-        name for name, sub in module.named_modules()
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm)
-        and getattr(sub, "activation", None) is not None
+        name
+        for name, sub in module.named_modules()
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and getattr(sub, "activation", None) is not None
     ]
 
 

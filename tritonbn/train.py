@@ -39,8 +39,18 @@ from .dispatch import explain
 from .models import LeNet
 from .sync_batchnorm import convert_sync_batchnorm
 
-__all__ = ["TrainConfig", "TrainingError", "build_parser", "compile_model", "environment", "epoch_line",
-           "evaluate", "main", "plot_curves", "train_epoch"]
+__all__ = [
+    "TrainConfig",
+    "TrainingError",
+    "build_parser",
+    "compile_model",
+    "environment",
+    "epoch_line",
+    "evaluate",
+    "main",
+    "plot_curves",
+    "train_epoch",
+]
 
 BN_CHOICES = ("tritonbn", "torch", "reference")
 CHECKPOINT = "checkpoint.pt"
@@ -73,6 +83,7 @@ class TrainConfig:
 
 def _int_in(minimum: int, maximum: int = INT64_MAX):
     """An argparse type: an integer written in decimal digits, from ``minimum`` to ``maximum``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -81,6 +92,7 @@ def _int_in(minimum: int, maximum: int = INT64_MAX):
         if not minimum <= value <= maximum:
             raise argparse.ArgumentTypeError(f"expected an integer from {minimum} to {maximum}, got {value}")
         return value
+
     return parse
 
 
@@ -139,45 +151,92 @@ def build_parser() -> argparse.ArgumentParser:
         "after Ctrl-C, with the last finished epoch saved for --resume.",
     )
     defaults = TrainConfig()
-    parser.add_argument("--epochs", type=_int_in(1), default=None,
-                        help=f"total number of epochs (default {defaults.epochs}; with --resume, the "
-                        "checkpoint's total, and a larger value trains further)")
-    parser.add_argument("--batch-size", type=_int_in(2), default=None,
-                        help=f"images per batch (default {defaults.batch_size})")
-    parser.add_argument("--lr", type=_positive_float, default=None,
-                        help=f"Adam learning rate (default {defaults.lr})")
-    parser.add_argument("--bn", choices=BN_CHOICES, default=None,
-                        help="BatchNorm of the LeNet: tritonbn's modules on its automatic dispatcher "
-                        "(default; on a CPU they call PyTorch's own kernel), torch.nn's modules, or "
-                        "tritonbn's modules forced onto its plain-torch reference implementation")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where to train (default auto: cuda when available, else cpu)")
-    parser.add_argument("--data-dir", type=_folder, default=None,
-                        help="folder with the four Fashion-MNIST idx files (plain or .gz, or "
-                        "torchvision's <dir>/FashionMNIST/raw)")
-    parser.add_argument("--out", type=_run_folder, default=None,
-                        help="run folder for metrics.json, curves.png and checkpoint.pt (default a new "
-                        "runs/<date>-<time>-<bn> folder)")
-    parser.add_argument("--seed", type=_int_in(*SEED_RANGE), default=None,
-                        help="seed of the weight initialization and of the shuffling "
-                        f"(default {defaults.seed})")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its checkpoint (same options as that run)")
-    parser.add_argument("--fuse", action="store_const", const=True, default=None,
-                        help="fold each BatchNorm -> Sigmoid pair into one tritonbn module with the "
-                        "sigmoid fused into its kernels (tritonbn.convert(fuse_activations=True); "
-                        "not with --bn torch)")
-    parser.add_argument("--compile", action="store_const", const=True, default=None,
-                        help="train through torch.compile, so that each step runs as compiled graphs "
-                        "(on CUDA with mode='reduce-overhead': CUDA graphs, one host launch a step; on "
-                        "the CPU the default mode); the first steps of each batch shape compile")
-    parser.add_argument("--distributed", action="store_true",
-                        help="data-parallel training under torchrun (DistributedDataParallel, "
-                        "tritonbn.SyncBatchNorm; gloo on CPU, NCCL on CUDA): each global batch of "
-                        "--batch-size images is split across the processes, and rank 0 prints and "
-                        "saves, e.g. torchrun --nproc_per_node=2 -m tritonbn.train --distributed")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bar and no notes on stderr; the per-epoch lines still print")
+    parser.add_argument(
+        "--epochs",
+        type=_int_in(1),
+        default=None,
+        help=f"total number of epochs (default {defaults.epochs}; with --resume, the "
+        "checkpoint's total, and a larger value trains further)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_int_in(2),
+        default=None,
+        help=f"images per batch (default {defaults.batch_size})",
+    )
+    parser.add_argument(
+        "--lr", type=_positive_float, default=None, help=f"Adam learning rate (default {defaults.lr})"
+    )
+    parser.add_argument(
+        "--bn",
+        choices=BN_CHOICES,
+        default=None,
+        help="BatchNorm of the LeNet: tritonbn's modules on its automatic dispatcher "
+        "(default; on a CPU they call PyTorch's own kernel), torch.nn's modules, or "
+        "tritonbn's modules forced onto its plain-torch reference implementation",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to train (default auto: cuda when available, else cpu)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=_folder,
+        default=None,
+        help="folder with the four Fashion-MNIST idx files (plain or .gz, or "
+        "torchvision's <dir>/FashionMNIST/raw)",
+    )
+    parser.add_argument(
+        "--out",
+        type=_run_folder,
+        default=None,
+        help="run folder for metrics.json, curves.png and checkpoint.pt (default a new "
+        "runs/<date>-<time>-<bn> folder)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_int_in(*SEED_RANGE),
+        default=None,
+        help=f"seed of the weight initialization and of the shuffling (default {defaults.seed})",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (same options as that run)",
+    )
+    parser.add_argument(
+        "--fuse",
+        action="store_const",
+        const=True,
+        default=None,
+        help="fold each BatchNorm -> Sigmoid pair into one tritonbn module with the "
+        "sigmoid fused into its kernels (tritonbn.convert(fuse_activations=True); "
+        "not with --bn torch)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_const",
+        const=True,
+        default=None,
+        help="train through torch.compile, so that each step runs as compiled graphs "
+        "(on CUDA with mode='reduce-overhead': CUDA graphs, one host launch a step; on "
+        "the CPU the default mode); the first steps of each batch shape compile",
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel training under torchrun (DistributedDataParallel, "
+        "tritonbn.SyncBatchNorm; gloo on CPU, NCCL on CUDA): each global batch of "
+        "--batch-size images is split across the processes, and rank 0 prints and "
+        "saves, e.g. torchrun --nproc_per_node=2 -m tritonbn.train --distributed",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no notes on stderr; the per-epoch lines still print",
+    )
     parser.add_argument("--limit", type=_int_in(2), default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -249,8 +308,9 @@ def start_ranks(device_name: str, distributed: bool) -> Ranks:
     joins: NCCL with one GPU per local rank on CUDA, gloo on the CPU."""
     if not distributed:
         return Ranks(resolve_device(device_name))
-    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-               if name not in os.environ]
+    missing = [
+        name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ
+    ]
     if missing:
         raise TrainingError(
             f"--distributed: {', '.join(missing)} not set; start the processes with torchrun, e.g. "
@@ -275,8 +335,10 @@ def prepare_model(model: nn.Module, config: TrainConfig, ranks: Ranks) -> nn.Mod
         return model
     if config.bn == "torch":
         if ranks.device.type != "cuda":
-            raise TrainingError("--distributed --bn torch needs CUDA: torch.nn.SyncBatchNorm has no "
-                                "CPU implementation (tritonbn.SyncBatchNorm has: use --bn tritonbn)")
+            raise TrainingError(
+                "--distributed --bn torch needs CUDA: torch.nn.SyncBatchNorm has no "
+                "CPU implementation (tritonbn.SyncBatchNorm has: use --bn tritonbn)"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     else:
         model = convert_sync_batchnorm(model)
@@ -306,8 +368,9 @@ def as_inputs(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).to(torch.float32).div_(255.0)
 
 
-def shuffled_batches(count: int, batch_size: int, generator: torch.Generator,
-                     device: torch.device, min_size: int = 2) -> list[torch.Tensor]:
+def shuffled_batches(
+    count: int, batch_size: int, generator: torch.Generator, device: torch.device, min_size: int = 2
+) -> list[torch.Tensor]:
     """A fresh permutation of ``range(count)`` drawn from ``generator`` (on the CPU, so CPU and CUDA
     runs see the same order), cut into index batches on ``device``; the last one may be shorter,
     and is dropped below ``min_size`` images (BatchNorm cannot normalize a single image in training
@@ -319,9 +382,15 @@ def shuffled_batches(count: int, batch_size: int, generator: torch.Generator,
     return batches
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                labels: torch.Tensor, batches: Sequence[torch.Tensor],
-                progress: object | None = None, ranks: Ranks | None = None) -> tuple[float, float]:
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batches: Sequence[torch.Tensor],
+    progress: object | None = None,
+    ranks: Ranks | None = None,
+) -> tuple[float, float]:
     """One pass of Adam over the global ``batches`` (this rank trains on its shard of each);
     returns (mean over batches of the batch's mean cross-entropy, accuracy over the images seen,
     each batch counted with the weights before its step), over all ranks."""
@@ -354,8 +423,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-             ranks: Ranks | None = None) -> float:
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, ranks: Ranks | None = None
+) -> float:
     """Accuracy of ``model`` in eval mode over all ``images`` (each rank scores a contiguous share);
     the model's mode is restored."""
     ranks = ranks or Ranks(images.device)
@@ -412,8 +482,12 @@ def dispatch_plans(model: nn.Module, bn: str, sample: torch.Tensor) -> dict[str,
             with bn_backend(bn):
                 for mode, training in (("train", True), ("eval", False)):
                     plan = explain(x, training=training)
-                    entry[mode] = {"backend": plan.backend, "kernel": plan.kernel, "reason": plan.reason,
-                                   "explain": str(plan)}
+                    entry[mode] = {
+                        "backend": plan.backend,
+                        "kernel": plan.kernel,
+                        "reason": plan.reason,
+                        "explain": str(plan),
+                    }
         plans[name] = entry
     return plans
 
@@ -434,8 +508,10 @@ def environment(device: torch.device) -> dict[str, object]:
     from torch.utils import collect_env
 
     cpu_info = collect_env.get_cpu_info(collect_env.run) or ""
-    cpu_name = next((line.split(":", 1)[1].strip() for line in cpu_info.splitlines()
-                     if line.startswith("Model name:")), platform.processor() or platform.machine())
+    cpu_name = next(
+        (line.split(":", 1)[1].strip() for line in cpu_info.splitlines() if line.startswith("Model name:")),
+        platform.processor() or platform.machine(),
+    )
     info: dict[str, object] = {
         "device_type": device.type,
         "device_name": cpu_name,
@@ -532,9 +608,14 @@ def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, title: str 
         axes.xaxis.get_major_locator().set_params(integer=True)
     # One entry a run (its colour, on the loss plot); the accuracy plot's legend explains the styles.
     loss_axes.legend(fontsize="small")
-    acc_axes.legend(handles=[Line2D([], [], color="gray", marker="o", linestyle="-", label="train"),
-                             Line2D([], [], color="gray", marker="s", linestyle="--", label="test")],
-                    fontsize="small", loc="lower right")
+    acc_axes.legend(
+        handles=[
+            Line2D([], [], color="gray", marker="o", linestyle="-", label="train"),
+            Line2D([], [], color="gray", marker="s", linestyle="--", label="test"),
+        ],
+        fontsize="small",
+        loc="lower right",
+    )
     if title:
         figure.suptitle(title)
     with atomic_target(path) as tmp:
@@ -543,8 +624,10 @@ def plot_curves(runs: dict[str, list[dict[str, float]]], path: Path, title: str 
 
 def epoch_line(record: dict[str, float]) -> str:
     """The seed notebook's per-epoch line."""
-    return (f"epoch {record['epoch']}, loss {record['loss']:.4f}, train acc {record['train_acc']:.3f}, "
-            f"test acc {record['test_acc']:.3f}, time {record['time_sec']:.1f} sec")
+    return (
+        f"epoch {record['epoch']}, loss {record['loss']:.4f}, train acc {record['train_acc']:.3f}, "
+        f"test acc {record['test_acc']:.3f}, time {record['time_sec']:.1f} sec"
+    )
 
 
 def _new_run_dir(bn: str) -> Path:
@@ -577,8 +660,9 @@ def _progress(enabled: bool, total: int, description: str) -> Iterator[object | 
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=description, unit="batch", leave=False, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total, desc=description, unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True
+    ) as bar:
         yield bar
 
 
@@ -633,8 +717,13 @@ def run(args: argparse.Namespace) -> int:
         history = list(saved["metrics"])
         sessions = list(saved["sessions"])
     start_epoch = len(history)
-    sessions.append({"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                     "after_epoch": start_epoch, "device": str(device)})
+    sessions.append(
+        {
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "after_epoch": start_epoch,
+            "device": str(device),
+        }
+    )
 
     env = environment(device)
     record: dict[str, object] = {
@@ -644,9 +733,13 @@ def run(args: argparse.Namespace) -> int:
         "compile": {"enabled": config.compile, "mode": compile_mode(device) if config.compile else None},
         "device": device_description(env),
         "versions": versions(env),
-        "data": {"origin": data.origin, "root": str(data.root), "verified": data.verified,
-                 "train_images": data.train_images.shape[0],
-                 "test_images": data.test_images.shape[0]},
+        "data": {
+            "origin": data.origin,
+            "root": str(data.root),
+            "verified": data.verified,
+            "train_images": data.train_images.shape[0],
+            "test_images": data.test_images.shape[0],
+        },
         "distributed": {"world_size": ranks.world_size, "backend": ranks.backend},
         "sessions": sessions,
         "epochs": history,
@@ -654,14 +747,18 @@ def run(args: argparse.Namespace) -> int:
     }
     quiet = args.quiet or not ranks.main
     if ranks.main:
-        record["dispatch"] = dispatch_plans(model, config.bn,
-                                            as_inputs(data.train_images[:config.batch_size]))
+        record["dispatch"] = dispatch_plans(
+            model, config.bn, as_inputs(data.train_images[: config.batch_size])
+        )
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / METRICS, record)
         print(f"training on {device.type}", flush=True)
     if ranks.backend is not None:
-        _note(quiet, f"data-parallel over {ranks.world_size} processes ({ranks.backend}): "
-                     f"{config.batch_size} images a step in {ranks.world_size} shards")
+        _note(
+            quiet,
+            f"data-parallel over {ranks.world_size} processes ({ranks.backend}): "
+            f"{config.batch_size} images a step in {ranks.world_size} shards",
+        )
     if saved is not None:
         _note(quiet, f"resuming {run_dir} after epoch {start_epoch} of {config.epochs}")
     show_progress = not quiet and sys.stdout.isatty() and sys.stderr.isatty()
@@ -669,8 +766,11 @@ def run(args: argparse.Namespace) -> int:
     def publish() -> None:
         record["finished"] = len(history) >= config.epochs
         write_json(run_dir / METRICS, record)
-        plot_curves({f"--bn {config.bn} ({device.type})": history}, run_dir / CURVES,
-                    "tritonbn-train: LeNet with batch normalization on Fashion-MNIST")
+        plot_curves(
+            {f"--bn {config.bn} ({device.type})": history},
+            run_dir / CURVES,
+            "tritonbn-train: LeNet with batch normalization on Fashion-MNIST",
+        )
 
     # imported now, so that a Ctrl-C cannot land in a half-finished import that publish() needs later
     importlib.import_module("matplotlib.backends.backend_agg")
@@ -679,28 +779,48 @@ def run(args: argparse.Namespace) -> int:
         with bn_backend(config.bn):
             for epoch in range(start_epoch + 1, config.epochs + 1):
                 in_progress = epoch
-                batches = shuffled_batches(data.train_images.shape[0], config.batch_size, shuffle, device,
-                                           min_size=2 * ranks.world_size)
+                batches = shuffled_batches(
+                    data.train_images.shape[0],
+                    config.batch_size,
+                    shuffle,
+                    device,
+                    min_size=2 * ranks.world_size,
+                )
                 started = time.perf_counter()
                 with _progress(show_progress, len(batches), f"epoch {epoch}/{config.epochs}") as bar:
-                    loss, train_acc = train_epoch(net, optimizer, data.train_images, data.train_labels,
-                                                  batches, bar, ranks)
+                    loss, train_acc = train_epoch(
+                        net, optimizer, data.train_images, data.train_labels, batches, bar, ranks
+                    )
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 trained = time.perf_counter()
                 test_acc = evaluate(net, data.test_images, data.test_labels, config.batch_size, ranks)
                 finished = time.perf_counter()
-                entry = {"epoch": epoch, "loss": loss, "train_acc": train_acc, "test_acc": test_acc,
-                         "time_sec": finished - started, "train_time_sec": trained - started,
-                         "eval_time_sec": finished - trained, "load_avg_1min": _load_average(),
-                         "weights_sha256": weights_digest(model)}
+                entry = {
+                    "epoch": epoch,
+                    "loss": loss,
+                    "train_acc": train_acc,
+                    "test_acc": test_acc,
+                    "time_sec": finished - started,
+                    "train_time_sec": trained - started,
+                    "eval_time_sec": finished - trained,
+                    "load_avg_1min": _load_average(),
+                    "weights_sha256": weights_digest(model),
+                }
                 if ranks.main:
-                    save_checkpoint(run_dir / CHECKPOINT, {
-                        "format": FORMAT, "epoch": epoch, "config": dataclasses.asdict(config),
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "rng": _rng_states(shuffle, device), "metrics": [*history, entry],
-                        "sessions": sessions,
-                    })
+                    save_checkpoint(
+                        run_dir / CHECKPOINT,
+                        {
+                            "format": FORMAT,
+                            "epoch": epoch,
+                            "config": dataclasses.asdict(config),
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "rng": _rng_states(shuffle, device),
+                            "metrics": [*history, entry],
+                            "sessions": sessions,
+                        },
+                    )
                 history.append(entry)
                 in_progress = None
                 if ranks.main:
@@ -712,11 +832,18 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         if history:
             publish()
-            print(f"\ninterrupted {where}: the checkpoint in {run_dir} holds epoch {len(history)}; "
-                  f"continue with --resume --out {run_dir}", file=sys.stderr, flush=True)
+            print(
+                f"\ninterrupted {where}: the checkpoint in {run_dir} holds epoch {len(history)}; "
+                f"continue with --resume --out {run_dir}",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
-            print(f"\ninterrupted {where}: no epoch finished, nothing saved to resume",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\ninterrupted {where}: no epoch finished, nothing saved to resume",
+                file=sys.stderr,
+                flush=True,
+            )
         return EXIT_INTERRUPTED
     finally:
         if ranks.backend is not None:
@@ -756,9 +883,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     missing = _missing_extras()
     if missing:
-        print(f"{parser.prog}: error: the trainer needs tritonbn's train extra, missing here: "
-              f"{', '.join(missing)}; install it with: pip install 'tritonbn[train]'",
-              file=sys.stderr, flush=True)
+        print(
+            f"{parser.prog}: error: the trainer needs tritonbn's train extra, missing here: "
+            f"{', '.join(missing)}; install it with: pip install 'tritonbn[train]'",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     try:
         return run(args)

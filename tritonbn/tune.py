@@ -78,25 +78,40 @@ __all__ = [
 ]
 
 SHAPES: tuple[tuple[int, ...], ...] = (
-    (256, 6, 24, 24), (256, 16, 8, 8), (256, 120), (256, 84),  # LeNet
-    (32, 64, 56, 56), (32, 256, 14, 14), (32, 2048, 7, 7),  # ResNet-like
-    (8192, 1024), (4096, 64, 1, 1),  # 2-D and small-C
+    (256, 6, 24, 24),
+    (256, 16, 8, 8),
+    (256, 120),
+    (256, 84),  # LeNet
+    (32, 64, 56, 56),
+    (32, 256, 14, 14),
+    (32, 2048, 7, 7),  # ResNet-like
+    (8192, 1024),
+    (4096, 64, 1, 1),  # 2-D and small-C
 )
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One tunable at a time around the defaults, per plan (values other than the default).
 PLAN_GRID: dict[str, dict[str, tuple[int, ...]]] = {
     "fused-small": {"fused_max_tile": (32768, 65536), "num_warps": (8, 32)},
     "split-welford": {
-        "tile": (2048, 8192), "max_spatial_block": (256,), "reduction_programs_per_sm": (2, 8),
-        "elementwise_programs_per_sm": (4, 16), "num_warps": (4, 16),
+        "tile": (2048, 8192),
+        "max_spatial_block": (256,),
+        "reduction_programs_per_sm": (2, 8),
+        "elementwise_programs_per_sm": (4, 16),
+        "num_warps": (4, 16),
     },
     "column-tiled": {
-        "tile": (2048, 8192), "max_column_block": (32, 128), "reduction_programs_per_sm": (2, 8),
-        "elementwise_programs_per_sm": (4, 16), "num_warps": (4, 16),
+        "tile": (2048, 8192),
+        "max_column_block": (32, 128),
+        "reduction_programs_per_sm": (2, 8),
+        "elementwise_programs_per_sm": (4, 16),
+        "num_warps": (4, 16),
     },
     "eval": {
-        "tile": (2048, 8192), "max_spatial_block": (256,), "max_column_block": (128,),
-        "elementwise_programs_per_sm": (4, 16), "num_warps": (4, 16),
+        "tile": (2048, 8192),
+        "max_spatial_block": (256,),
+        "max_column_block": (128,),
+        "elementwise_programs_per_sm": (4, 16),
+        "num_warps": (4, 16),
     },
 }
 # Largest normalized error max|a - b| / max(1, max|reference|) a candidate may show.
@@ -144,8 +159,7 @@ class Candidate:
     tier: int
 
 
-def cases(shapes: Iterable[tuple[int, ...]] = SHAPES, dtypes: Iterable[torch.dtype] = DTYPES
-          ) -> list[Case]:
+def cases(shapes: Iterable[tuple[int, ...]] = SHAPES, dtypes: Iterable[torch.dtype] = DTYPES) -> list[Case]:
     """The sweep's cases in its order (see the module docstring); a channels_last case whose
     strides equal the contiguous one's (C×1×1 images, 2-D) is left out."""
     result = []
@@ -155,8 +169,9 @@ def cases(shapes: Iterable[tuple[int, ...]] = SHAPES, dtypes: Iterable[torch.dty
             for shape in shapes:
                 for channels_last in (False, True):
                     case = Case(tuple(shape), dtype, channels_last, training)
-                    if channels_last and (len(shape) != 4 or case.strides == replace(
-                            case, channels_last=False).strides):
+                    if channels_last and (
+                        len(shape) != 4 or case.strides == replace(case, channels_last=False).strides
+                    ):
                         continue
                     result.append(case)
     return result
@@ -168,10 +183,19 @@ def _geometries(case: Case, label: str, sm_count: int) -> tuple[object, ...]:
     layout = describe_strides(case.shape, case.strides)
     channel_major = plan.channel_major(layout)
     if plan.single_tile:
-        return (plan.name, geometry(layout, channel_major=channel_major, sm_count=sm_count,
-                                    single_tile=True, tunables=tunables))
-    elementwise = geometry(layout, channel_major=channel_major, sm_count=sm_count,
-                           programs_per_sm=tunables.elementwise_programs_per_sm, tunables=tunables)
+        return (
+            plan.name,
+            geometry(
+                layout, channel_major=channel_major, sm_count=sm_count, single_tile=True, tunables=tunables
+            ),
+        )
+    elementwise = geometry(
+        layout,
+        channel_major=channel_major,
+        sm_count=sm_count,
+        programs_per_sm=tunables.elementwise_programs_per_sm,
+        tunables=tunables,
+    )
     if not case.training:  # the eval forward is the elementwise launch alone
         return (plan.name, elementwise)
     reduction = geometry(layout, channel_major=channel_major, sm_count=sm_count, tunables=tunables)
@@ -276,18 +300,22 @@ def _check(case: Case, label: str, device: torch.device) -> str | None:
     except Exception as error:  # any failure drops the candidate; the report says which
         return f"raised {type(error).__name__}: {str(error)[:200]}"
     x64 = expected_inputs.x.double()
-    leaves = [t.detach().requires_grad_() for t in (x64, expected_inputs.weight.double(),
-                                                     expected_inputs.bias.double())]
+    leaves = [
+        t.detach().requires_grad_()
+        for t in (x64, expected_inputs.weight.double(), expected_inputs.bias.double())
+    ]
     mean64, var64 = expected_inputs.running_mean.double(), expected_inputs.running_var.double()
-    y64 = reference.batch_norm(leaves[0], mean64, var64, leaves[1], leaves[2], case.training,
-                               MOMENTUM, EPS)
+    y64 = reference.batch_norm(leaves[0], mean64, var64, leaves[1], leaves[2], case.training, MOMENTUM, EPS)
     expected: list[tuple[str, torch.Tensor, torch.Tensor]] = [("y", got[0], y64)]
     if case.training:
         grads = torch.autograd.grad(y64, leaves, expected_inputs.dy.double())
-        expected += [(name, g, e) for name, g, e in zip(("dx", "dweight", "dbias"), got[1:], grads,
-                                                         strict=True)]
-        expected += [("running_mean", inputs.running_mean, mean64),
-                     ("running_var", inputs.running_var, var64)]
+        expected += [
+            (name, g, e) for name, g, e in zip(("dx", "dweight", "dbias"), got[1:], grads, strict=True)
+        ]
+        expected += [
+            ("running_mean", inputs.running_mean, mean64),
+            ("running_var", inputs.running_var, var64),
+        ]
     tolerance = TOLERANCE[case.dtype]
     for name, value, want in expected:
         value = value.double()
@@ -336,23 +364,31 @@ def _read_resources(compiled: Any) -> dict[str, int]:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "kernel.cubin"
             path.write_bytes(cubin)
-            out = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True,
-                                 text=True, check=False).stdout
+            out = subprocess.run(
+                [tool, "--dump-resource-usage", str(path)], capture_output=True, text=True, check=False
+            ).stdout
         found = _RESOURCES.search(out)
         if found:
             reg, stack, static_shared, local = map(int, found.groups())
-            return {"registers": reg, "spill_bytes": stack + local,
-                    "shared": max(shared, static_shared)}
-    return {"registers": int(getattr(compiled, "n_regs", 0) or 0),
-            "spill_bytes": int(getattr(compiled, "n_spills", 0) or 0), "shared": shared}
+            return {"registers": reg, "spill_bytes": stack + local, "shared": max(shared, static_shared)}
+    return {
+        "registers": int(getattr(compiled, "n_regs", 0) or 0),
+        "spill_bytes": int(getattr(compiled, "n_spills", 0) or 0),
+        "shared": shared,
+    }
 
 
 def _jit_kernels() -> tuple[Any, ...]:
     from tritonbn.kernels import backward, fused_small, normalize, stats
 
-    return (stats.stats_kernel, normalize.normalize_kernel, backward.backward_sums_kernel,
-            backward.backward_dx_kernel, fused_small.fused_forward_kernel,
-            fused_small.fused_backward_kernel)
+    return (
+        stats.stats_kernel,
+        normalize.normalize_kernel,
+        backward.backward_sums_kernel,
+        backward.backward_dx_kernel,
+        fused_small.fused_forward_kernel,
+        fused_small.fused_backward_kernel,
+    )
 
 
 def launched_kernels(run: Callable[[], object]) -> list[Any]:
@@ -543,10 +579,15 @@ def run_sweep(
     per_case = {case: candidates(case, sms) for case in all_cases}
     # Sweep order: dtype by dtype; within one, tier by tier; within a tier, case order.
     dtype_order = list(dict.fromkeys(case.dtype for case in all_cases))
-    order = [(case, candidate)
-             for dtype in dtype_order for tier in (0, 1, 2)
-             for case in all_cases if case.dtype == dtype
-             for candidate in per_case[case] if candidate.tier == tier]
+    order = [
+        (case, candidate)
+        for dtype in dtype_order
+        for tier in (0, 1, 2)
+        for case in all_cases
+        if case.dtype == dtype
+        for candidate in per_case[case]
+        if candidate.tier == tier
+    ]
     bar = _Progress(len(order), progress)
     timings: dict[Case, dict[str, float]] = {case: {} for case in all_cases}
     failures: list[dict[str, str]] = []
@@ -581,20 +622,30 @@ def run_sweep(
         if "torch" not in measured or len(measured) < 2:
             continue
         best = min(sorted(measured), key=measured.__getitem__)
-        entries.append({
-            "layout": case.layout, "dtype": str(case.dtype).replace("torch.", ""),
-            "mode": case.mode, "shape": list(case.shape),
-            "per_channel": math.prod(case.shape) // case.shape[1], "channels": case.shape[1],
-            "choice": best, "timings_ms": dict(sorted(measured.items())),
-            "torch_ms": measured["torch"], "ratio_to_torch": measured[best] / measured["torch"],
-        })
+        entries.append(
+            {
+                "layout": case.layout,
+                "dtype": str(case.dtype).replace("torch.", ""),
+                "mode": case.mode,
+                "shape": list(case.shape),
+                "per_channel": math.prod(case.shape) // case.shape[1],
+                "channels": case.shape[1],
+                "choice": best,
+                "timings_ms": dict(sorted(measured.items())),
+                "torch_ms": measured["torch"],
+                "ratio_to_torch": measured[best] / measured["torch"],
+            }
+        )
     import triton
 
     table: dict[str, Any] = {
         "schema": 1,
         "device": {"name": identity[0], "capability": list(identity[1]), "sm_count": sms},
-        "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                     "tritonbn": tritonbn.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "tritonbn": tritonbn.__version__,
+        },
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "budget_s": budget_s,
         "elapsed_s": round(clock() - start, 3),
@@ -611,13 +662,18 @@ def run_sweep(
 
 
 def _describe_grid() -> str:
-    lines = ["grid:", "  shapes: " + ", ".join(str(s) for s in SHAPES),
-             "  dtypes: float32, bfloat16, float16; NCHW and channels_last; train and eval",
-             "  candidates: torch, every plan that can run the case, then one tunable at a time:"]
+    lines = [
+        "grid:",
+        "  shapes: " + ", ".join(str(s) for s in SHAPES),
+        "  dtypes: float32, bfloat16, float16; NCHW and channels_last; train and eval",
+        "  candidates: torch, every plan that can run the case, then one tunable at a time:",
+    ]
     for name, grid in PLAN_GRID.items():
         lines.append(f"    {name}: " + "; ".join(f"{k} in {v}" for k, v in grid.items()))
-    lines.append(f"  defaults: {DEFAULT_TUNABLES} (num_warps None: by tile size; elementwise "
-                 f"programs per SM {ELEMENTWISE_PROGRAMS_PER_SM})")
+    lines.append(
+        f"  defaults: {DEFAULT_TUNABLES} (num_warps None: by tile size; elementwise "
+        f"programs per SM {ELEMENTWISE_PROGRAMS_PER_SM})"
+    )
     return "\n".join(lines)
 
 
@@ -629,14 +685,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog=_describe_grid(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--budget-s", type=float, default=90.0,
-                        help="wall-time budget in seconds (default 90: the sweep's order says "
-                             "what a short budget leaves out)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="table file (default: <user tuning folder>/<device name>.json)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=90.0,
+        help="wall-time budget in seconds (default 90: the sweep's order says "
+        "what a short budget leaves out)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="table file (default: <user tuning folder>/<device name>.json)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
-    parser.add_argument("--list", action="store_true",
-                        help="print the cases and candidates (no GPU needed) and exit")
+    parser.add_argument(
+        "--list", action="store_true", help="print the cases and candidates (no GPU needed) and exit"
+    )
     args = parser.parse_args(argv)
     if args.budget_s <= 0:
         parser.error("--budget-s must be positive")
@@ -652,12 +714,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{total} candidates ({sms} SMs)")
         return 0
     if not torch.cuda.is_available():
-        print("tritonbn-tune: needs a CUDA GPU (it times the kernels with device events); "
-              "none is available here", file=sys.stderr)
+        print(
+            "tritonbn-tune: needs a CUDA GPU (it times the kernels with device events); "
+            "none is available here",
+            file=sys.stderr,
+        )
         return 2
     result = run_sweep(args.budget_s, args.out, progress=not args.no_progress)
-    print(f"wrote {result['out']}: {len(result['entries'])} entries, {len(result['failures'])} "
-          f"failed, {len(result['dropped'])} dropped, {result['skipped']} skipped by the budget")
+    print(
+        f"wrote {result['out']}: {len(result['entries'])} entries, {len(result['failures'])} "
+        f"failed, {len(result['dropped'])} dropped, {result['skipped']} skipped by the budget"
+    )
     return 0
 
 

@@ -91,9 +91,12 @@ class Entry:
     def ranked(self, *, plan: str | None = None, allow_torch: bool = True) -> list[str]:
         """The measured labels, fastest first (ties: label order), only kernel ``plan``'s when
         given, without torch unless ``allow_torch`` (and no ``plan``)."""
-        labels = [label for label in sorted(self.timings_ms)
-                  if (label == "torch" and allow_torch and plan is None)
-                  or (label != "torch" and plan in (None, label.partition("@")[0]))]
+        labels = [
+            label
+            for label in sorted(self.timings_ms)
+            if (label == "torch" and allow_torch and plan is None)
+            or (label != "torch" and plan in (None, label.partition("@")[0]))
+        ]
         return sorted(labels, key=self.timings_ms.__getitem__)
 
     def describe(self) -> str:
@@ -141,9 +144,14 @@ def _entry(raw: Mapping[str, object]) -> Entry:
     if per_channel < 1 or channels < 1:
         raise TableError("entry per_channel and channels must be positive")
     return Entry(
-        layout=str(raw["layout"]), dtype=str(raw["dtype"]), training=mode == "train",
-        shape=tuple(int(v) for v in raw["shape"]), per_channel=per_channel, channels=channels,
-        choice=choice, timings_ms=MappingProxyType(timings),
+        layout=str(raw["layout"]),
+        dtype=str(raw["dtype"]),
+        training=mode == "train",
+        shape=tuple(int(v) for v in raw["shape"]),
+        per_channel=per_channel,
+        channels=channels,
+        choice=choice,
+        timings_ms=MappingProxyType(timings),
     )
 
 
@@ -175,8 +183,13 @@ def load_table(path: Path, origin: str = "user") -> Table:
         if len(capability) != 2:
             raise TableError("device capability must be [major, minor]")
         entries = tuple(_entry(item) for item in raw["entries"])
-        return Table(path=path, origin=origin, device=str(device["name"]),
-                     capability=(capability[0], capability[1]), entries=entries)
+        return Table(
+            path=path,
+            origin=origin,
+            device=str(device["name"]),
+            capability=(capability[0], capability[1]),
+            entries=entries,
+        )
     except TableError as error:
         raise TableError(f"{path}: {error}") from error
     except (KeyError, TypeError, ValueError) as error:
@@ -244,8 +257,15 @@ def _distance(entry: Entry, per_channel: int, channels: int) -> float:
     return math.hypot(math.log2(per_channel / entry.per_channel), math.log2(channels / entry.channels))
 
 
-def lookup(identity: tuple[str, tuple[int, int]], layout: str, dtype: str, training: bool,
-           per_channel: int, channels: int, candidates: tuple[Table, ...] | None = None) -> Match | None:
+def lookup(
+    identity: tuple[str, tuple[int, int]],
+    layout: str,
+    dtype: str,
+    training: bool,
+    per_channel: int,
+    channels: int,
+    candidates: tuple[Table, ...] | None = None,
+) -> Match | None:
     """The entry for a call, or None (heuristics).
 
     Args:
@@ -265,8 +285,9 @@ def lookup(identity: tuple[str, tuple[int, int]], layout: str, dtype: str, train
     name, capability = identity
     pool = tables() if candidates is None else candidates
     ordered = [(t, "exact device") for t in pool if t.device == name]
-    ordered += [(t, "same compute capability") for t in pool
-                if t.device != name and t.capability == tuple(capability)]
+    ordered += [
+        (t, "same compute capability") for t in pool if t.device != name and t.capability == tuple(capability)
+    ]
     for table, kind in ordered:
         best, best_distance = None, None
         for entry in table.entries:
@@ -288,9 +309,15 @@ def _runs(label: str, layout: object, training: bool) -> bool:
 
 
 @torch.compiler.assume_constant_result
-def choice(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
-           strides: tuple[int, ...], training: bool, forced: str | None, allow_torch: bool
-           ) -> tuple[str, str]:
+def choice(
+    device: torch.device,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    training: bool,
+    forced: str | None,
+    allow_torch: bool,
+) -> tuple[str, str]:
     """(label, report) for a call on a dense tensor of ``shape`` and ``strides``: the label is
     ``""`` (use the heuristics), ``"torch"`` or a plan token that can run the input; the report
     is what ``explain()`` prints on its ``tuning`` line.
@@ -311,14 +338,21 @@ def choice(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
     dtype_name = str(dtype).replace("torch.", "")
     match = lookup(identity, layout, dtype_name, training, per_channel, channels)
     if match is None:
-        return "", (f"heuristics (no table entry for {identity[0]} within distance {MAX_DISTANCE} "
-                    f"of {'train' if training else 'eval'} {dtype_name} {layout}, "
-                    f"{per_channel} per channel, C={channels})")
+        return "", (
+            f"heuristics (no table entry for {identity[0]} within distance {MAX_DISTANCE} "
+            f"of {'train' if training else 'eval'} {dtype_name} {layout}, "
+            f"{per_channel} per channel, C={channels})"
+        )
     entry = match.entry
-    ranked = [label for label in entry.ranked(plan=forced, allow_torch=allow_torch)
-              if _runs(label, layout_facts, training)]
-    where = (f"table {match.table.path} ({match.table.origin}, {match.kind} {match.table.device}), "
-             f"entry {entry.describe()} at distance {match.distance:.2f}")
+    ranked = [
+        label
+        for label in entry.ranked(plan=forced, allow_torch=allow_torch)
+        if _runs(label, layout_facts, training)
+    ]
+    where = (
+        f"table {match.table.path} ({match.table.origin}, {match.kind} {match.table.device}), "
+        f"entry {entry.describe()} at distance {match.distance:.2f}"
+    )
     if not ranked:
         wanted = f"of plan {forced!r}" if forced else "of the kernels" if not allow_torch else ""
         return "", f"heuristics ({where} has no measured candidate {wanted} that can run this input)"

@@ -47,3 +47,46 @@ def test_host_overhead_runs_and_counts_each_plans_launches(tmp_path):
         ), row
         assert row["tritonbn_us"] > 0 and row["torch_us"] > 0
     assert {row["plan"] for row in layers} == {"split-welford", "fused-small"}
+
+
+LAUNCH_SITES = """
+import sys
+sys.path.insert(0, {bench!r})
+import standin_cuda
+standin_cuda.install()
+import torch
+from tritonbn import kernels
+from tritonbn.kernels.launch import launch_counts
+
+x = torch.randn(64, 3, 33, 33)
+def forward(sm_count):
+    kernels.forward_train(x, None, None, None, None, 0.1, 1e-5, plan="split-welford", sm_count=sm_count)
+    return launch_counts()
+first = forward(132)
+again = forward(132)
+other = forward(4)
+print(first["jit"], again["jit"], again["record"], other["jit"])
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("gcc") is None or torch.cuda.is_available(),
+    reason="the stand-in CUDA driver is built with gcc, and only without CUDA",
+)
+def test_launch_records_are_reused_only_for_the_same_launch_site(tmp_path):
+    # Under the stand-in driver the real launch path runs: the first call of a launch site goes
+    # through Triton's JIT (2 launches), the same call again through its records; another SM count
+    # changes the split, so it is another site (the JIT again), never a replay of the old grid.
+    import standin_cuda
+
+    folder = standin_cuda.build(tmp_path / "standin")
+    script = LAUNCH_SITES.format(bench=str(SCRIPT.parent))
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=standin_cuda.environment(folder),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.split() == ["2", "2", "2", "4"], result.stdout

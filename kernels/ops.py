@@ -84,15 +84,16 @@ def _site(
     *flags: object,
     tunables: Tunables = DEFAULT_TUNABLES,
 ) -> tuple[tuple[object, ...], Geometry, Geometry]:
-    """(launch-site key, reduction geometry, elementwise geometry) of a call on ``x``; the key
-    holds the tunables, which change block sizes and warps."""
+    """(launch-site key, reduction geometry, elementwise geometry) of a call on ``x``. The key holds
+    everything the geometry depends on — the SM count sets the split, the tunables block sizes and
+    warps — since a launch record replays its first call's grid."""
     shape, strides = tuple(x.shape), x.stride()
     if tunables is DEFAULT_TUNABLES:  # the common case pays no hash of the tunables
         reduction, elementwise = _geometries(plan, shape, strides, sm_count, force_int64)
-        key = (plan.name, x.device, x.dtype, shape, strides, force_int64, *flags)
+        key = (plan.name, x.device, x.dtype, shape, strides, sm_count, force_int64, *flags)
     else:
         reduction, elementwise = _geometries(plan, shape, strides, sm_count, force_int64, tunables)
-        key = (plan.name, tunables, x.device, x.dtype, shape, strides, force_int64, *flags)
+        key = (plan.name, tunables, x.device, x.dtype, shape, strides, sm_count, force_int64, *flags)
     return key, reduction, elementwise
 
 

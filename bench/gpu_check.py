@@ -6,7 +6,7 @@ Run from anywhere on a checkout; needs no network. The data travels with the che
 device call, ``mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz
 data/fashion-mnist/`` here (``data/`` is gitignored, so name it in the call's ``carry``). Each
 step has a time budget; a step that fails or runs out of time is recorded and the next one runs,
-all inside about seven minutes:
+all inside about eight minutes:
 
 1. versions and device: python, torch, triton, torchvision, driver, GPU, SMs, a copy bandwidth;
    a warning when torch and Triton are not a pair CI tests (``noxfile.py``'s VERSION_PAIRS);
@@ -53,15 +53,17 @@ import report
 ROOT = Path(__file__).resolve().parent.parent
 # Seconds for the whole check, and the most each step may take (normal, --quick). The benchmarks
 # get what is left before the deadline, less the time kept to collect, write and report.
-DEADLINE = 420
+DEADLINE = 480
 BUDGETS = {
     "install": (60, 60),
-    "tests": (120, 120),
+    # The suite compiles a few hundred kernel variants on a cold Triton cache (2 min 42 s for the
+    # 356 of tests/kernel_build.py on the 2-core dev box, compiling one at a time).
+    "tests": (180, 120),
     "sanitizer": (40, 30),
     "host": (30, 25),
     "tune": (45, 30),
-    "train": (40, 25),
-    "train-compile": (70, 60),
+    "train": (30, 25),
+    "train-compile": (60, 60),
 }
 BENCH_RESERVE = 10
 BENCH_WIND_DOWN = 40

@@ -18,7 +18,7 @@ from ._checks import (
     check_module_input,
     check_module_options,
 )
-from ._compat import BATCHNORM_HAS_BIAS_ARG, batchnorm_bias_kwargs
+from ._compat import batchnorm_bias_kwargs
 from .dispatch import select_plan
 from .functional import check_fusion, check_memory_efficient, run_checked, torch_fallback
 
@@ -232,8 +232,7 @@ class _TritonLazyBatchNorm:
         check_module_options(0, eps, momentum, lazy=True)
         check_activation(activation, negative_slope)
         check_memory_efficient(memory_efficient, activation, negative_slope)
-        batchnorm_bias_kwargs(type(self).__name__, bias)  # refuses bias=False where torch lacks it
-        kwargs = {"bias": bias} if BATCHNORM_HAS_BIAS_ARG else {}
+        kwargs = batchnorm_bias_kwargs(type(self).__name__, bias)  # refuses bias=False where torch lacks it
         nn.modules.batchnorm._LazyNormBase.__init__(
             self, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
         )

@@ -208,7 +208,7 @@ def fused_forward(
     launch site."""
     channels = x.shape[1]
     y = torch.empty_like(x)
-    save = torch.empty((2, channels), device=x.device, dtype=torch.float32)
+    save = x.new_empty((2, channels), dtype=torch.float32)
     launch_forward(
         key,
         geo.grid,

@@ -40,15 +40,16 @@ class Normalization(NamedTuple):
         self, x: torch.Tensor, need_weight: bool, need_bias: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Uninitialized (dγ, dβ) in the parameters' dtypes (float32 without one), or None."""
-
-        def grad_of(param: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+        grads = []
+        for param, needed in ((self.weight, need_weight), (self.bias, need_bias)):
             if not needed:
-                return None
-            if param is not None:
-                return torch.empty_like(param, memory_format=torch.contiguous_format)
-            return torch.empty(x.shape[1], device=x.device, dtype=torch.float32)
-
-        return grad_of(self.weight, need_weight), grad_of(self.bias, need_bias)
+                grads.append(None)
+            elif param is not None and param.is_contiguous():
+                grads.append(torch.empty_like(param))
+            else:
+                dtype = torch.float32 if param is None else param.dtype
+                grads.append(x.new_empty(x.shape[1], dtype=dtype))
+        return grads[0], grads[1]
 
     def meta(self) -> dict[str, object]:
         return {

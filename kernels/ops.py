@@ -20,7 +20,7 @@ default). The tunables are part of every launch-site key.
 
 from __future__ import annotations
 
-import functools
+import itertools
 
 import torch
 
@@ -31,13 +31,12 @@ from .launch import tensors_key
 from .layout import describe_strides
 from .normalization import FOLDED, RUNNING, SAVED, Normalization
 from .normalize import normalize
-from .plans import DEFAULT_TUNABLES, KERNEL_PLANS, Geometry, KernelPlan, Tunables, geometry, parse_plan
+from .plans import DEFAULT_TUNABLES, Geometry, KernelPlan, Tunables, geometry, parse_plan
 from .stats import batch_statistics
 
 __all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train", "saved_rows"]
 
 
-@functools.lru_cache(maxsize=4096)
 def _geometries(
     plan: KernelPlan,
     shape: tuple[int, ...],
@@ -76,25 +75,212 @@ def _geometries(
     return reduction, elementwise
 
 
-def _site(
+class Site:
+    """A launch site: one call signature's launches, prepared once.
+
+    ``id`` is the key of the launchers' records (a small int, cheap to hash on every launch),
+    ``key`` what the site was built from: everything the launches depend on — plan, tunables,
+    shape, strides, dtypes, pointer alignment, SM count (it sets the split), activation, flags —
+    since a launch record replays its first call's grid. The methods run the kernels of the
+    site's plan on tensors of that signature; :meth:`derived` gives the site of a launch that
+    shares this one's signature plus a few flags (the backward of a forward site).
+    """
+
+    __slots__ = ("_derived", "activation", "elementwise", "id", "key", "plan", "reduction")
+
+    def __init__(
+        self,
+        plan: KernelPlan,
+        reduction: Geometry,
+        elementwise: Geometry,
+        activation: int,
+        key: tuple[object, ...],
+    ) -> None:
+        self.id = next(_site_ids)
+        self.plan = plan
+        self.reduction = reduction
+        self.elementwise = elementwise
+        self.activation = activation
+        self.key = key
+        self._derived: dict[tuple[object, ...], Site] = {}
+
+    def derived(self, flags: tuple[object, ...]) -> Site:
+        """The site of this signature with ``flags`` added to its key."""
+        site = self._derived.get(flags)
+        if site is None:
+            site = Site(self.plan, self.reduction, self.elementwise, self.activation, (*self.key, flags))
+            self._derived[flags] = site
+        return site
+
+    def forward_train(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
+        eps: float,
+        slope: float,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward_train`` on this site's launches."""
+        if self.plan.single_tile:
+            return fused_forward(
+                x,
+                self.reduction,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                momentum,
+                eps,
+                activation=self.activation,
+                slope=slope,
+                key=self.id,
+                residual=residual,
+            )
+        # save[2], save[3] = invstd·weight, bias: folded before the running statistics change.
+        save = batch_statistics(
+            x, self.reduction, weight, bias, running_mean, running_var, momentum, eps, key=self.id
+        )
+        folded = Normalization(save, None, None, None, FOLDED, 0.0, self.activation, slope)
+        return normalize(x, self.elementwise, folded, key=self.id, residual=residual), save
+
+    def forward_eval(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+        slope: float,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``forward_eval`` on this site's launches."""
+        norm = Normalization(running_mean, running_var, weight, bias, RUNNING, eps, self.activation, slope)
+        return normalize(x, self.elementwise, norm, key=self.id, residual=residual)
+
+    def backward(
+        self,
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        norm: Normalization,
+        needs: tuple[bool, bool, bool],
+        *,
+        residual: torch.Tensor | None = None,
+        need_residual: bool = False,
+        from_output: bool = False,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """(dx, dγ, dβ, d residual) on this site's launches, each None unless asked for: the
+        training backward when ``norm`` holds a save (SAVED), else the eval one (RUNNING)."""
+        need_input, need_weight, need_bias = needs
+        training = norm.stats_source != RUNNING
+        if training and self.plan.single_tile:
+            return fused_backward(
+                dy,
+                x,
+                self.reduction,
+                norm,
+                need_input,
+                need_weight,
+                need_bias,
+                key=self.id,
+                residual=residual,
+                need_residual=need_residual,
+                from_output=from_output,
+            )
+        grad_weight = grad_bias = coef = dx = dres = None
+        if need_weight or need_bias or (training and need_input):
+            grad_weight, grad_bias, coef = backward_sums(
+                dy,
+                x,
+                self.reduction,
+                norm,
+                need_weight=need_weight,
+                need_bias=need_bias,
+                need_coef=training and need_input,
+                key=self.id,
+                residual=residual,
+                from_output=from_output,
+            )
+        if need_input or need_residual:
+            dx, dres = backward_dx(
+                dy,
+                x,
+                self.elementwise,
+                norm,
+                coef,
+                key=self.id,
+                need_input=need_input,
+                need_residual=need_residual,
+                residual=residual,
+                from_output=from_output,
+            )
+        return dx, grad_weight, grad_bias, dres
+
+
+# Sites kept before the oldest is dropped (a model has a few dozen; each batch size adds its own).
+MAX_SITES = 4096
+_sites: dict[tuple[object, ...], Site] = {}
+_site_ids = itertools.count()
+
+
+def site(
     x: torch.Tensor,
-    plan: KernelPlan,
+    plan: str,
     sm_count: int,
     force_int64: bool,
+    activation: str | None,
     *flags: object,
-    tunables: Tunables = DEFAULT_TUNABLES,
-) -> tuple[tuple[object, ...], Geometry, Geometry]:
-    """(launch-site key, reduction geometry, elementwise geometry) of a call on ``x``. The key holds
-    everything the geometry depends on — the SM count sets the split, the tunables block sizes and
-    warps — since a launch record replays its first call's grid."""
-    shape, strides = tuple(x.shape), x.stride()
-    if tunables is DEFAULT_TUNABLES:  # the common case pays no hash of the tunables
-        reduction, elementwise = _geometries(plan, shape, strides, sm_count, force_int64)
-        key = (plan.name, x.device, x.dtype, shape, strides, sm_count, force_int64, *flags)
-    else:
-        reduction, elementwise = _geometries(plan, shape, strides, sm_count, force_int64, tunables)
-        key = (plan.name, tunables, x.device, x.dtype, shape, strides, sm_count, force_int64, *flags)
-    return key, reduction, elementwise
+) -> Site:
+    """The launch site of a call on ``x`` with kernel ``plan`` (a name or a token with tunables)
+    and ``flags``: the dtypes and alignment of the other tensors, and which launches run."""
+    kernel_plan, tunables = parse_plan(plan)
+    code = activation_code(activation)
+    key = (
+        kernel_plan.name,
+        None if tunables is DEFAULT_TUNABLES else tunables,
+        x.device,
+        x.dtype,
+        x.shape,
+        x.stride(),
+        sm_count,
+        force_int64,
+        code,
+        *flags,
+    )
+    found = _sites.get(key)
+    if found is None:
+        shape, strides = tuple(x.shape), x.stride()
+        reduction, elementwise = _geometries(kernel_plan, shape, strides, sm_count, force_int64, tunables)
+        if len(_sites) >= MAX_SITES:
+            _sites.pop(next(iter(_sites)))
+        found = _sites[key] = Site(kernel_plan, reduction, elementwise, code, key)
+    return found
+
+
+def forward_site(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    *,
+    training: bool,
+    plan: str,
+    sm_count: int,
+    force_int64: bool = False,
+    activation: str | None = None,
+) -> Site:
+    """The launch site of ``forward_train`` (``training``) or ``forward_eval`` on these tensors;
+    its :meth:`Site.derived` sites serve the backward of the same call."""
+    flags = tensors_key(x, weight, bias, running_mean, running_var, residual)
+    if training:
+        return site(x, plan, sm_count, force_int64, activation, "train", flags)
+    return site(x, _eval_token(plan), sm_count, force_int64, activation, "eval", flags)
 
 
 def saved_rows(plan: str) -> int:
@@ -124,37 +310,22 @@ def forward_train(
     y = act((x − mean)·invstd·weight + bias [+ residual]) with the batch statistics; then updates
     the running statistics in place. ``residual`` must have x's shape and strides.
     """
-    kernel_plan, tunables = parse_plan(plan)
-    code = activation_code(activation)
-    key, geo, out_geo = _site(
+    found = forward_site(
         x,
-        kernel_plan,
-        sm_count,
-        force_int64,
-        "train",
-        code,
-        tensors_key(x, weight, bias, running_mean, running_var, residual),
-        tunables=tunables,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        residual,
+        training=True,
+        plan=plan,
+        sm_count=sm_count,
+        force_int64=force_int64,
+        activation=activation,
     )
-    if kernel_plan.single_tile:
-        return fused_forward(
-            x,
-            geo,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            momentum,
-            eps,
-            activation=code,
-            slope=negative_slope,
-            key=key,
-            residual=residual,
-        )
-    # save[2], save[3] = invstd·weight, bias: folded before the running statistics change.
-    save = batch_statistics(x, geo, weight, bias, running_mean, running_var, momentum, eps, key=key)
-    folded = Normalization(save, None, None, None, FOLDED, 0.0, code, negative_slope)
-    return normalize(x, out_geo, folded, key=key, residual=residual), save
+    return found.forward_train(
+        x, weight, bias, running_mean, running_var, momentum, eps, negative_slope, residual
+    )
 
 
 def forward_eval(
@@ -174,20 +345,25 @@ def forward_eval(
 ) -> torch.Tensor:
     """Eval forward in one launch: y = act((x − running_mean)/sqrt(running_var + eps)·γ + β
     [+ residual]). ``plan`` is ``"eval"`` or an eval token with tunables."""
-    code = activation_code(activation)
-    _, tunables = parse_plan(plan)  # eval always runs the eval plan, with the token's tunables
-    key, _, geo = _site(
+    found = forward_site(
         x,
-        KERNEL_PLANS["eval"],
-        sm_count,
-        force_int64,
-        "eval",
-        code,
-        tensors_key(x, weight, bias, running_mean, running_var, residual),
-        tunables=tunables,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        residual,
+        training=False,
+        plan=plan,
+        sm_count=sm_count,
+        force_int64=force_int64,
+        activation=activation,
     )
-    norm = Normalization(running_mean, running_var, weight, bias, RUNNING, eps, code, negative_slope)
-    return normalize(x, geo, norm, key=key, residual=residual)
+    return found.forward_eval(x, weight, bias, running_mean, running_var, eps, negative_slope, residual)
+
+
+def _eval_token(plan: str) -> str:
+    """Eval always runs the eval plan, with the token's tunables."""
+    return plan if parse_plan(plan)[0].name == "eval" else "eval"
 
 
 def backward_train(
@@ -215,55 +391,13 @@ def backward_train(
     activation's input from ``x``. With ``from_output``, ``x`` is the forward's output y (no
     residual; activation None or leaky_relu with a positive slope; no zero in ``weight``).
     """
-    need_input, need_weight, need_bias = needs
-    kernel_plan, tunables = parse_plan(plan)
-    code = activation_code(activation)
-    key, geo, out_geo = _site(
-        x,
-        kernel_plan,
-        sm_count,
-        force_int64,
-        "backward",
-        code,
-        needs,
-        need_residual,
-        from_output,
-        tensors_key(dy, x, weight, bias, residual),
-        tunables=tunables,
+    flags = (needs, need_residual, from_output, tensors_key(dy, x, weight, bias, residual))
+    found = site(x, plan, sm_count, force_int64, activation, "backward", *flags)
+    norm = Normalization(save, None, weight, bias, SAVED, 0.0, found.activation, negative_slope)
+    grads = found.backward(
+        dy, x, norm, needs, residual=residual, need_residual=need_residual, from_output=from_output
     )
-    norm = Normalization(save, None, weight, bias, SAVED, 0.0, code, negative_slope)
-    fused = {"residual": residual, "from_output": from_output}
-    if kernel_plan.single_tile:
-        *grads, dres = fused_backward(
-            dy,
-            x,
-            geo,
-            norm,
-            need_input,
-            need_weight,
-            need_bias,
-            key=key,
-            need_residual=need_residual,
-            **fused,
-        )
-        return (*grads, dres) if need_residual else tuple(grads)
-    grad_weight, grad_bias, coef = backward_sums(
-        dy,
-        x,
-        geo,
-        norm,
-        need_weight=need_weight,
-        need_bias=need_bias,
-        need_coef=need_input,
-        key=key,
-        **fused,
-    )
-    dx = dres = None
-    if need_input or need_residual:
-        dx, dres = backward_dx(
-            dy, x, out_geo, norm, coef, key=key, need_input=need_input, need_residual=need_residual, **fused
-        )
-    return (dx, grad_weight, grad_bias, dres) if need_residual else (dx, grad_weight, grad_bias)
+    return grads if need_residual else grads[:3]
 
 
 def backward_eval(
@@ -291,39 +425,17 @@ def backward_eval(
     an eval token with tunables. ``residual``, ``need_residual`` and ``from_output`` as in
     ``backward_train`` (a fourth entry, dz, when ``need_residual``).
     """
-    need_input, need_weight, need_bias = needs
-    code = activation_code(activation)
-    _, tunables = parse_plan(plan)
-    key, geo, out_geo = _site(
-        x,
-        KERNEL_PLANS["eval"],
-        sm_count,
-        force_int64,
-        "eval-backward",
-        code,
+    flags = (
         needs,
         need_residual,
         from_output,
         tensors_key(dy, x, weight, bias, running_mean, running_var, residual),
-        tunables=tunables,
     )
-    norm = Normalization(running_mean, running_var, weight, bias, RUNNING, eps, code, negative_slope)
-    fused = {"residual": residual, "from_output": from_output}
-    grad_weight = grad_bias = dx = dres = None
-    if need_weight or need_bias:
-        grad_weight, grad_bias, _ = backward_sums(
-            dy,
-            x,
-            geo,
-            norm,
-            need_weight=need_weight,
-            need_bias=need_bias,
-            need_coef=False,
-            key=key,
-            **fused,
-        )
-    if need_input or need_residual:
-        dx, dres = backward_dx(
-            dy, x, out_geo, norm, None, key=key, need_input=need_input, need_residual=need_residual, **fused
-        )
-    return (dx, grad_weight, grad_bias, dres) if need_residual else (dx, grad_weight, grad_bias)
+    found = site(x, _eval_token(plan), sm_count, force_int64, activation, "eval-backward", *flags)
+    norm = Normalization(
+        running_mean, running_var, weight, bias, RUNNING, eps, found.activation, negative_slope
+    )
+    grads = found.backward(
+        dy, x, norm, needs, residual=residual, need_residual=need_residual, from_output=from_output
+    )
+    return grads if need_residual else grads[:3]

@@ -144,12 +144,14 @@ def test_tunables_change_the_geometry_and_the_fused_refusal():
 
 def test_launch_site_keys_hold_the_tunables():
     x = torch.empty(64, 3, 32, 32)
-    plan = KERNEL_PLANS["split-welford"]
-    key, geo, _ = ops._site(x, plan, 4, False, "train")
-    tuned_key, tuned_geo, _ = ops._site(x, plan, 4, False, "train", tunables=Tunables(tile=2048))
+    tuned_token = plan_token("split-welford", Tunables(tile=2048))
+    default = ops.site(x, "split-welford", 4, False, None, "train")
+    tuned = ops.site(x, tuned_token, 4, False, None, "train")
+    geo, tuned_geo = default.reduction, tuned.reduction
     assert (geo.block_r * geo.block_k, tuned_geo.block_r * tuned_geo.block_k) == (TILE, 2048)
-    assert key != tuned_key
-    assert Tunables(tile=2048) in tuned_key
+    assert default.key != tuned.key and default.id != tuned.id
+    assert Tunables(tile=2048) in tuned.key
+    assert ops.site(x, tuned_token, 4, False, None, "train") is tuned
 
 
 # --- The sweep with an injected timer ---------------------------------------------------------

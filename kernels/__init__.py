@@ -18,7 +18,14 @@ from .runtime import interpreted
 
 # The entry points import Triton: loaded at first use, so that ``import tritonbn`` works where
 # Triton is not installed (the CPU fallback and the reference need none of it).
-_TRITON_ENTRY_POINTS = ("backward_eval", "backward_train", "forward_eval", "forward_train", "saved_rows")
+_TRITON_ENTRY_POINTS = (
+    "backward_eval",
+    "backward_train",
+    "forward_eval",
+    "forward_site",
+    "forward_train",
+    "saved_rows",
+)
 
 __all__ = [
     "FUSED_MAX_TILE",
@@ -30,6 +37,7 @@ __all__ = [
     "backward_train",
     "describe",
     "forward_eval",
+    "forward_site",
     "forward_train",
     "interpreted",
     "saved_rows",

@@ -226,44 +226,50 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
 def _device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     """Triton launches on the current CUDA device: make it ``x``'s."""
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
+    return _SAME_DEVICE
 
 
-def _differentiable_backward(
-    ctx: Any,
+def differentiable_backward(
     grad_output: torch.Tensor,
     inputs: tuple[torch.Tensor | None, ...],
+    needs: tuple[bool, bool, bool, bool],
+    *,
+    training: bool,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+    running: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """The backward as torch ops on the saved tensors, for ``create_graph=True`` (a gradient
-    penalty, MAML): the result is itself differentiable, twice and more, as torch's is. Returns
-    (dx, dγ, dβ, d residual); ``residual`` is the saved one (saved only with an activation)."""
+    penalty, MAML): the result is itself differentiable, twice and more, as torch's is.
+
+    ``inputs`` are the saved (x, weight, bias), ``running`` the running statistics an eval
+    forward normalized with, ``residual`` the saved one (saved only with an activation); ``needs``
+    says which of (dx, dγ, dβ, d residual) to return (None for the others)."""
     from .functional import torch_activation
 
-    if ctx.memory_efficient:
-        raise RuntimeError(
-            "batch_norm: memory_efficient=True saves only the output, so its backward cannot be "
-            "differentiated again (create_graph=True); use memory_efficient=False"
-        )
     x, weight, bias = inputs
-    if ctx.training:
-        y = F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps)
+    if training:
+        y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     else:
-        running_mean, running_var = ctx.saved_tensors[3:5]
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, ctx.eps)
-    need_residual = ctx.needs_input_grad[11]
+        y = F.batch_norm(x, running[0], running[1], weight, bias, False, 0.0, eps)
+    need_residual = needs[3]
     if residual is not None:
         y = y + residual
-    y = torch_activation(y, ctx.activation, ctx.negative_slope)
+    y = torch_activation(y, activation, negative_slope)
     sources = (*inputs, residual)
-    needs = (*ctx.needs_input_grad[:3], need_residual and residual is not None)
-    wanted = [t for t, need in zip(sources, needs, strict=True) if need]
+    wanted_needs = (*needs[:3], need_residual and residual is not None)
+    wanted = [t for t, need in zip(sources, wanted_needs, strict=True) if need]
     grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True) if wanted else ())
-    result = tuple(next(grads) if need else None for need in needs)
+    result = tuple(next(grads) if need else None for need in wanted_needs)
     if need_residual and residual is None:  # no activation: d residual = dy
         result = (*result[:3], grad_output)
     return result
@@ -366,7 +372,22 @@ class TritonBatchNorm(torch.autograd.Function):
             return (None, None, None, *unused, None, None)
         *saved, residual = ctx.saved_tensors
         if torch.is_grad_enabled():
-            *grads, dres = _differentiable_backward(ctx, grad_output, tuple(saved[:3]), residual)
+            if ctx.memory_efficient:
+                raise RuntimeError(
+                    "batch_norm: memory_efficient=True saves only the output, so its backward cannot "
+                    "be differentiated again (create_graph=True); use memory_efficient=False"
+                )
+            *grads, dres = differentiable_backward(
+                grad_output,
+                tuple(saved[:3]),
+                (need_input, need_weight, need_bias, need_residual),
+                training=ctx.training,
+                eps=ctx.eps,
+                activation=ctx.activation,
+                negative_slope=ctx.negative_slope,
+                running=(None, None) if ctx.training else tuple(saved[3:5]),
+                residual=residual,
+            )
             return (*grads, *unused, dres, None)
         if residual is None and need_residual and not (need_input or need_weight or need_bias):
             return (None, None, None, *unused, grad_output, None)  # no activation: dr = dy

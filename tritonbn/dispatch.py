@@ -97,7 +97,7 @@ def _current_override() -> tuple[str, str | None] | None:
     return _override.get()
 
 
-def _requested(device_type: str) -> tuple[str, str | None, str]:
+def requested_backend(device_type: str) -> tuple[str, str | None, str]:
     """(backend, forced plan, where the choice came from) for a tensor on ``device_type``.
 
     TRITONBN_PLAN is read only where a Triton kernel may run (backend ``triton``, or ``auto`` on
@@ -111,6 +111,22 @@ def _requested(device_type: str) -> tuple[str, str | None, str]:
     if name == "triton" or (name == "auto" and device_type == "cuda"):
         plan = _check_plan(os.environ.get("TRITONBN_PLAN") or None, "TRITONBN_PLAN")
     return name, plan, "TRITONBN_BACKEND" if name != "auto" else "default"
+
+
+_epoch = 0
+
+
+def epoch() -> int:
+    """How many times the cached decisions were dropped (:func:`forget_decisions`): whatever
+    remembers a decision remembers its epoch too."""
+    return _epoch
+
+
+def forget_decisions() -> None:
+    """Drop every cached decision (after the tuning tables changed)."""
+    global _epoch
+    _decide.cache_clear()
+    _epoch += 1
 
 
 _sm_counts: dict[torch.device, int] = {}
@@ -276,7 +292,7 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
     request, so a training loop pays for each layer's decision once.
     """
     device_type = x.device.type
-    requested, forced, source = _requested(device_type)
+    requested, forced, source = requested_backend(device_type)
     if requested == "auto" and device_type != "cuda" and not for_explain:
         # The hot path of every CPU training step: no layout facts are needed to run torch.
         return _OFF_GPU

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from . import eager
 from ._checks import (
     check_activation,
     check_batch_norm_args,
@@ -19,7 +20,7 @@ from ._checks import (
     check_module_options,
 )
 from ._compat import batchnorm_bias_kwargs
-from .dispatch import select_plan
+from .dispatch import Plan, select_plan, sm_count
 from .functional import check_fusion, check_memory_efficient, run_checked, torch_fallback
 
 __all__ = [
@@ -64,6 +65,8 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
     activation: str | None = None
     negative_slope: float = 0.01
     memory_efficient: bool = False
+    # The calls the eager fast path remembers (tritonbn.eager); created at the first one.
+    _eager_calls: eager.EagerCalls | None = None
 
     def __init__(
         self,
@@ -110,15 +113,23 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(batch_norm(input) [+ residual])``; ``residual`` has ``input``'s shape, dtype and
         device."""
+        # Parameters and buffers are read from their dicts: Module.__getattr__ costs a call each.
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params["weight"], params["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        key = None
+        if residual is None:
+            key = eager.signature(self, input, weight, bias, running_mean, running_var)
+            calls = self._eager_calls
+            call = None if key is None or calls is None else calls.get(key)
+            if call is not None:
+                return self._run_remembered(call, input, weight, bias, running_mean, running_var)
         self._check_input_dim(input)
-        # Parameters and buffers are read once: each read goes through Module.__getattr__.
-        weight, bias = self.weight, self.bias
-        running_mean, running_var = self.running_mean, self.running_var
         training, activation, eps = self.training, self.activation, self.eps
         bn_training = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
-        counter = self.num_batches_tracked
+        counter = buffers.get("num_batches_tracked")
         counts = training and self.track_running_stats and counter is not None
         momentum = self.momentum
         if momentum is None:  # a cumulative average: the factor of the batch about to be counted
@@ -162,8 +173,80 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
                 residual=residual,
                 memory_efficient=memory_efficient,
             )
+            if key is not None and plan.backend == "triton":
+                self._remember(key, plan, input, weight, bias, running_mean, running_var, bn_training, counts)
         # Counted once the call has succeeded: a refused call leaves the module as it was.
         if counts:
+            counter.add_(1)
+        return y
+
+    def _remember(
+        self,
+        key: tuple[object, ...],
+        plan: Plan,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        bn_training: bool,
+        counts: bool,
+    ) -> None:
+        """Remember a call that the checks accepted and the Triton kernels ran as they are (no
+        copy of the input or of a per-channel tensor), so that the same call skips them next
+        time (``tritonbn.eager``)."""
+        fixed_options = type(self.eps) is float and (self.momentum is None or type(self.momentum) is float)
+        if (
+            plan.copies_input
+            or not fixed_options
+            or not all(t is None or t.is_contiguous() for t in (weight, bias, running_mean, running_var))
+        ):
+            return
+        from . import kernels
+
+        site = kernels.forward_site(
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training=bn_training,
+            plan=plan.kernel,
+            sm_count=sm_count(input.device),
+            activation=self.activation,
+        )
+        call = eager.EagerCall(
+            site,
+            training=bn_training,
+            running=running_mean is not None,
+            eps=float(self.eps),
+            activation=self.activation,
+            slope=float(self.negative_slope),
+            momentum=None if self.momentum is None else float(self.momentum),
+            counts=counts,
+        )
+        if self._eager_calls is None:
+            self._eager_calls = eager.EagerCalls()
+        self._eager_calls.remember(key, call)
+
+    def _run_remembered(
+        self,
+        call: eager.EagerCall,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A remembered call (see ``_remember``): straight to its launch site."""
+        momentum = call.momentum
+        counter = self._buffers.get("num_batches_tracked")
+        if momentum is None:
+            momentum = 1.0 / (float(counter) + 1.0) if call.counts else 0.0
+        if not call.running:
+            running_mean = running_var = None
+        y = eager.EagerBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, call)
+        if call.counts:
             counter.add_(1)
         return y
 

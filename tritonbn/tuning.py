@@ -226,7 +226,7 @@ def reload() -> None:
 
     tables.cache_clear()
     _identities.clear()
-    dispatch._decide.cache_clear()
+    dispatch.forget_decisions()
 
 
 _identities: dict[torch.device, tuple[str, tuple[int, int]] | None] = {}

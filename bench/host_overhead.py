@@ -13,7 +13,14 @@ divided by 8. tritonbn runs its Triton path (``tritonbn.backend("triton")``), to
   Triton compiles the kernels for sm_90 and goes through its real launch path on CPU tensors of
   the layer's shape; nothing executes. torch's layer runs its CPU kernel on a tiny tensor of the
   same rank and channels, which is its host time plus a few microseconds of arithmetic. A real
-  driver adds about 2 µs a launch to tritonbn's figures.
+  driver adds about 2 µs a launch to tritonbn's figures. The child process keeps freed memory
+  (``GLIBC_TUNABLES``: no trimming, no mmap below 32 MiB), as CUDA's caching allocator does:
+  otherwise every layer-sized CPU output would cost a round trip to the kernel's memory
+  manager (about 8 µs a layer here) that no GPU run pays.
+
+Besides the layers alone, the "+ sigmoid" rows time the LeNet block as each library runs it:
+tritonbn's BatchNorm with the activation fused (``activation="sigmoid"``), torch's BatchNorm then
+``nn.Sigmoid``.
 
 It also counts the kernel launches of each pass and splits one forward into its parts. The
 results go to stdout and, with ``--json``, into a file that ``bench/render_benchmarks.py`` reads.
@@ -40,20 +47,45 @@ sys.path.insert(0, str(HERE))
 
 import standin_cuda  # noqa: E402  (the bench folder is not a package)
 
-# name: (module class name, shape, channels_last)
+# name: (module class name, shape, channels_last, activation)
 LAYERS = {
-    "conv1 (256,6,24,24)": ("BatchNorm2d", (256, 6, 24, 24), False),
-    "conv2 (256,16,8,8)": ("BatchNorm2d", (256, 16, 8, 8), False),
-    "conv2 channels_last": ("BatchNorm2d", (256, 16, 8, 8), True),
-    "fc1 (256,120)": ("BatchNorm1d", (256, 120), False),
-    "fc2 (256,84)": ("BatchNorm1d", (256, 84), False),
+    "conv1 (256,6,24,24)": ("BatchNorm2d", (256, 6, 24, 24), False, None),
+    "conv2 (256,16,8,8)": ("BatchNorm2d", (256, 16, 8, 8), False, None),
+    "conv2 channels_last": ("BatchNorm2d", (256, 16, 8, 8), True, None),
+    "fc1 (256,120)": ("BatchNorm1d", (256, 120), False, None),
+    "fc2 (256,84)": ("BatchNorm1d", (256, 84), False, None),
+    "conv1 + sigmoid": ("BatchNorm2d", (256, 6, 24, 24), False, "sigmoid"),
+    "conv2 + sigmoid": ("BatchNorm2d", (256, 16, 8, 8), False, "sigmoid"),
+    "fc1 + sigmoid": ("BatchNorm1d", (256, 120), False, "sigmoid"),
+    "fc2 + sigmoid": ("BatchNorm1d", (256, 84), False, "sigmoid"),
 }
 CHAIN = 8
 STAND_IN_FLAG = "TRITONBN_HOST_OVERHEAD_STAND_IN"
+# Keep freed memory in the process, as CUDA's caching allocator does (see the docstring).
+CACHING_MALLOC = "glibc.malloc.trim_threshold=4294967295:glibc.malloc.mmap_threshold=33554432"
 
 
-def _chain(module_class: type[torch.nn.Module], channels: int, device: torch.device) -> torch.nn.Sequential:
-    return torch.nn.Sequential(*(module_class(channels) for _ in range(CHAIN))).to(device)
+def _ours(
+    class_name: str, channels: int, activation: str | None, device: torch.device
+) -> torch.nn.Sequential:
+    import tritonbn
+
+    module_class = getattr(tritonbn, class_name)
+    return torch.nn.Sequential(*(module_class(channels, activation=activation) for _ in range(CHAIN))).to(
+        device
+    )
+
+
+def _theirs(
+    class_name: str, channels: int, activation: str | None, device: torch.device
+) -> torch.nn.Sequential:
+    module_class = getattr(torch.nn, class_name)
+    blocks = []
+    for _ in range(CHAIN):
+        blocks.append(module_class(channels))
+        if activation is not None:
+            blocks.append(torch.nn.Sigmoid() if activation == "sigmoid" else torch.nn.ReLU())
+    return torch.nn.Sequential(*blocks).to(device)
 
 
 def _input(shape: tuple[int, ...], channels_last: bool, device: torch.device) -> torch.Tensor:
@@ -95,8 +127,6 @@ def _launches(stand_in: bool) -> Callable[[], int]:
 
 def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
     """Time every layer of LAYERS; returns the results as plain data."""
-    import torch.nn as nn
-
     import tritonbn
 
     device = torch.device("cpu" if stand_in else "cuda")
@@ -105,11 +135,11 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     launches = _launches(stand_in)
     rows = []
-    for name, (class_name, shape, channels_last) in LAYERS.items():
+    for name, (class_name, shape, channels_last, activation) in LAYERS.items():
         channels = shape[1]
         torch_shape = (2, channels, *([2] * (len(shape) - 2))) if stand_in else shape
-        ours = _chain(getattr(tritonbn, class_name), channels, device)
-        theirs = _chain(getattr(nn, class_name), channels, device)
+        ours = _ours(class_name, channels, activation, device)
+        theirs = _theirs(class_name, channels, activation, device)
         x, x_torch = _input(shape, channels_last, device), _input(torch_shape, channels_last, device)
         grad, grad_torch = torch.ones_like(x), torch.ones_like(x_torch)
         with tritonbn.backend("triton"):
@@ -131,6 +161,7 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
                 "layer": name,
                 "shape": list(shape),
                 "channels_last": channels_last,
+                "activation": activation,
                 "plan": plan,
                 "launches_forward": forward_launches,
                 "launches_backward": backward_launches,
@@ -146,6 +177,9 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
         "what": "host time per BatchNorm layer, forward+backward, chain of 8, best of "
         f"{repeats} x {steps} steps",
         "driver": "stand-in CUDA driver (nothing executes)" if stand_in else "CUDA",
+        "allocator": f"CPU, freed memory kept (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')})"
+        if stand_in
+        else "CUDA caching allocator",
         "torch_input": "tiny tensor of the layer's rank and channels on the CPU"
         if stand_in
         else "the layer's shape",
@@ -232,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # No CUDA: rerun in a child process that loads the stand-in driver at start-up.
         folder = standin_cuda.build(Path(tempfile.gettempdir()) / "tritonbn-standin-cuda")
-        env = standin_cuda.environment(folder) | {STAND_IN_FLAG: "1"}
+        env = standin_cuda.environment(folder) | {STAND_IN_FLAG: "1", "GLIBC_TUNABLES": CACHING_MALLOC}
         return subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:])], env=env).returncode
     print(report(results))
     if args.json is not None:

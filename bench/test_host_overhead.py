@@ -38,6 +38,10 @@ def test_host_overhead_runs_and_counts_each_plans_launches(tmp_path):
         "conv2 channels_last",
         "fc1 (256,120)",
         "fc2 (256,84)",
+        "conv1 + sigmoid",
+        "conv2 + sigmoid",
+        "fc1 + sigmoid",
+        "fc2 + sigmoid",
     ]
     for row in layers:
         plan = KERNEL_PLANS[row["plan"]]

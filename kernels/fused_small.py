@@ -36,6 +36,7 @@ def fused_forward_kernel(
     running_mean_ptr,
     running_var_ptr,
     save_ptr,
+    counter_ptr,
     C,
     momentum,
     eps,
@@ -56,11 +57,15 @@ def fused_forward_kernel(
     HAS_RUNNING: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    HAS_COUNTER: tl.constexpr,
 ):
     # mean = Σx/n, var = Σ(x − mean)²/n over the slab in registers,
     # y = act((x − mean)·invstd·γ + β [+ r]), save[2, C] = (mean, invstd); running statistics
-    # updated last with the unbiased variance.
+    # updated last with the unbiased variance. With HAS_COUNTER program 0 counts the batch.
     pid_k = tl.program_id(0)
+    if HAS_COUNTER:  # noqa: SIM102 (a constexpr test, pruned at compile time)
+        if pid_k == 0:
+            tl.store(counter_ptr, tl.load(counter_ptr) + 1)
     offsets, mask = tile_offsets(
         pid_k, 0, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
     )
@@ -202,10 +207,12 @@ def fused_forward(
     slope: float = 0.0,
     key: object,
     residual: torch.Tensor | None = None,
+    counter: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch: returns (y in x's dtype and strides, save[2, C] fp32 = (mean, invstd)).
-    ``residual`` (x's shape and strides) is added before the activation. ``key`` names the
-    launch site."""
+    ``residual`` (x's shape and strides) is added before the activation; ``counter`` (a
+    module's int64 num_batches_tracked), when given, gets 1 added. ``key`` names the launch
+    site."""
     channels = x.shape[1]
     y = torch.empty_like(x)
     save = x.new_empty((2, channels), dtype=torch.float32)
@@ -221,6 +228,7 @@ def fused_forward(
             running_mean,
             running_var,
             save,
+            counter,
             channels,
             float(momentum),
             float(eps),
@@ -233,6 +241,7 @@ def fused_forward(
             "HAS_RUNNING": running_mean is not None,
             "ACTIVATION": activation,
             "HAS_RESIDUAL": residual is not None,
+            "HAS_COUNTER": counter is not None,
             **geo.meta(),
         },
     )

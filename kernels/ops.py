@@ -123,8 +123,10 @@ class Site:
         eps: float,
         slope: float,
         residual: torch.Tensor | None = None,
+        counter: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward_train`` on this site's launches."""
+        """``forward_train`` on this site's launches; ``counter`` (a module's int64
+        num_batches_tracked, given to the site too) gets 1 added by the first launch."""
         if self.plan.single_tile:
             return fused_forward(
                 x,
@@ -139,10 +141,20 @@ class Site:
                 slope=slope,
                 key=self.id,
                 residual=residual,
+                counter=counter,
             )
         # save[2], save[3] = invstd·weight, bias: folded before the running statistics change.
         save = batch_statistics(
-            x, self.reduction, weight, bias, running_mean, running_var, momentum, eps, key=self.id
+            x,
+            self.reduction,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            key=self.id,
+            counter=counter,
         )
         folded = Normalization(save, None, None, None, FOLDED, 0.0, self.activation, slope)
         return normalize(x, self.elementwise, folded, key=self.id, residual=residual), save
@@ -274,12 +286,14 @@ def forward_site(
     sm_count: int,
     force_int64: bool = False,
     activation: str | None = None,
+    counter: torch.Tensor | None = None,
 ) -> Site:
-    """The launch site of ``forward_train`` (``training``) or ``forward_eval`` on these tensors;
-    its :meth:`Site.derived` sites serve the backward of the same call."""
+    """The launch site of ``forward_train`` (``training``) or ``forward_eval`` on these tensors
+    (with ``counter``: a training forward that also counts the batch); its :meth:`Site.derived`
+    sites serve the backward of the same call."""
     flags = tensors_key(x, weight, bias, running_mean, running_var, residual)
     if training:
-        return site(x, plan, sm_count, force_int64, activation, "train", flags)
+        return site(x, plan, sm_count, force_int64, activation, "train", flags, tensors_key(counter))
     return site(x, _eval_token(plan), sm_count, force_int64, activation, "eval", flags)
 
 

@@ -32,6 +32,7 @@ def stats_kernel(
     running_mean_ptr,
     running_var_ptr,
     save_ptr,
+    counter_ptr,
     C,
     momentum,
     eps,
@@ -50,14 +51,19 @@ def stats_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RUNNING: tl.constexpr,
+    HAS_COUNTER: tl.constexpr,
 ):
     # Program (g, s) folds its range of tiles into fp32 (count, mean, M2) per channel (Chan's
     # merge of each tile's two-pass statistics) and stores them in row s of partials[3, SPLIT, C].
     # The last program of group g then merges rows 0..SPLIT-1 in order and computes
     #   var = M2/n, invstd = 1/sqrt(var + eps), scale = γ·invstd, shift = β  → save[4, C],
     #   running_mean ← (1−m)·running_mean + m·mean, running_var ← (1−m)·running_var + m·var·n/(n−1).
+    # With HAS_COUNTER, program (0, 0) also counts the batch: num_batches_tracked += 1.
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
+    if HAS_COUNTER:  # noqa: SIM102 (a constexpr test, pruned at compile time)
+        if pid_k == 0 and split == 0:
+            tl.store(counter_ptr, tl.load(counter_ptr) + 1)
     count = tl.zeros([BLOCK_K], dtype=tl.float32)
     mean = tl.zeros([BLOCK_K], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -128,9 +134,11 @@ def batch_statistics(
     eps: float,
     *,
     key: object,
+    counter: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One launch; returns save[4, C] fp32 = (mean, invstd, scale, shift) and updates
-    ``running_mean``/``running_var`` in place when given. ``key`` names the launch site."""
+    ``running_mean``/``running_var`` in place when given, and adds 1 to ``counter`` (a module's
+    int64 num_batches_tracked) when given. ``key`` names the launch site."""
     channels = x.shape[1]
     partials = torch.empty((3, geo.split, channels), device=x.device, dtype=torch.float32)
     save = torch.empty((4, channels), device=x.device, dtype=torch.float32)
@@ -146,6 +154,7 @@ def batch_statistics(
             running_mean,
             running_var,
             save,
+            counter,
             channels,
             float(momentum),
             float(eps),
@@ -156,6 +165,7 @@ def batch_statistics(
             "HAS_WEIGHT": weight is not None,
             "HAS_BIAS": bias is not None,
             "HAS_RUNNING": running_mean is not None,
+            "HAS_COUNTER": counter is not None,
             **geo.meta(),
         },
     )

@@ -17,6 +17,7 @@ compiled kernels lack the launcher API, every launch takes the JIT path.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -32,6 +33,8 @@ __all__ = ["Launcher", "launch_counts", "tensors_key"]
 MAX_RECORDS = 1024
 
 _counts = {"jit": 0, "record": 0}
+# While a ``replay.recording()`` block runs in a thread: the (launcher, key, args) of its launches.
+_recording = threading.local()
 
 
 def launch_counts() -> dict[str, int]:
@@ -91,6 +94,9 @@ class Launcher:
         args: Sequence[object],
         meta: dict[str, object] | Callable[[], dict[str, object]],
     ) -> None:
+        notes = getattr(_recording, "notes", None)
+        if notes is not None:
+            notes.append((self, key, tuple(args)))
         record = self.records.get(key)
         if record is not None and not _hooks_installed():
             device = driver.active.get_current_device()

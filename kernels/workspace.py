@@ -31,3 +31,8 @@ def tickets(device: torch.device, groups: int) -> torch.Tensor:
         counters = torch.zeros(max(groups, 256), device=device, dtype=torch.int32)
         _tickets[key] = counters
     return counters
+
+
+def is_workspace(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is one of the ticket counters (kept between calls, not allocated by one)."""
+    return any(tensor is counters for counters in _tickets.values())

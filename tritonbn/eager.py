@@ -15,20 +15,28 @@ another pointer: its next call is checked again); the requested backend; and the
 epoch, which moves when its cached decisions are dropped (``tuning.reload``). Calls that may not
 skip anything never look it up: under ``torch.compile`` or ``torch.jit.trace``, inside a
 ``torch.func`` transform, with a residual or ``memory_efficient=True``.
+
+Even that Function costs more host time than a whole ``torch.nn.BatchNorm`` layer, so where the
+kernels run compiled (a GPU, not the interpreter) the first remembered call also records its
+launches (``kernels.replay``) and hands the call to the C++ glue (``tritonbn.glue``): an autograd
+Function in C++ that replays them, and falls back to :class:`GluePasses`, the same Python code,
+for whatever it has no recording of. ``TRITONBN_GLUE=off`` keeps the Python Function.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from . import dispatch
+from . import dispatch, glue
 from .autograd import _device_of, _like, differentiable_backward
 from .kernels.normalization import RUNNING, SAVED, Normalization
+from .kernels.runtime import interpreted
 
-__all__ = ["EagerBatchNorm", "EagerCall", "EagerCalls", "signature"]
+__all__ = ["EagerBatchNorm", "EagerCall", "EagerCalls", "GluePasses", "run", "signature"]
 
 # Call signatures a module remembers before it starts over (a few batch sizes and modes).
 MAX_CALLS = 16
@@ -38,9 +46,23 @@ class EagerCall:
     """What a module's checked call decided, for the calls with its signature: the launch site
     (``kernels.ops.Site``), whether it normalizes with the batch statistics (``training``) and
     passes the running statistics, eps, the activation and its slope, the fixed momentum (None
-    for a cumulative average, computed a call) and whether the call counts a batch."""
+    for a cumulative average, computed a call) and whether the call counts a batch; then the C++
+    glue's call object once one is attached (``glue``, run by ``glue_run``), and whether the next
+    run should record its launches to attach one (``wants_glue``)."""
 
-    __slots__ = ("activation", "counts", "eps", "momentum", "running", "site", "slope", "training")
+    __slots__ = (
+        "activation",
+        "counts",
+        "eps",
+        "glue",
+        "glue_run",
+        "momentum",
+        "running",
+        "site",
+        "slope",
+        "training",
+        "wants_glue",
+    )
 
     def __init__(
         self,
@@ -62,6 +84,9 @@ class EagerCall:
         self.slope = slope
         self.momentum = momentum
         self.counts = counts
+        self.glue: Any = None
+        self.glue_run: Any = None
+        self.wants_glue = glue.enabled() and not interpreted()
 
 
 class EagerCalls(dict):
@@ -83,9 +108,11 @@ def signature(
     bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
+    counter: torch.Tensor | None,
 ) -> tuple[object, ...] | None:
-    """The fast path's key of ``module(x)`` with these parameters and buffers, or None where the
-    call must take the checked path every time (see the module docstring)."""
+    """The fast path's key of ``module(x)`` with these parameters and buffers (``counter``: its
+    num_batches_tracked), or None where the call must take the checked path every time (see the
+    module docstring)."""
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor or module.memory_efficient:
         return None
     if is_functorch_wrapped_tensor(x) or torch._C._get_tracing_state() is not None:
@@ -108,6 +135,7 @@ def signature(
         None if bias is None else (bias.dtype, bias.data_ptr()),
         None if running_mean is None else (running_mean.dtype, running_mean.data_ptr()),
         None if running_var is None else (running_var.dtype, running_var.data_ptr()),
+        None if counter is None else (counter.dtype, counter.data_ptr()),
         dispatch.requested_backend(device.type),
         dispatch.epoch(),
     )
@@ -115,8 +143,10 @@ def signature(
 
 class EagerBatchNorm(torch.autograd.Function):
     """Autograd over a remembered call's launch site: inputs (x, weight, bias, running_mean,
-    running_var, momentum, call). The same formulas as ``autograd.TritonBatchNorm``, whose
-    ``create_graph`` backward (torch ops, differentiable again) it shares."""
+    running_var, counter, momentum, call), where ``counter`` is the module's num_batches_tracked
+    when the call counts the batch (its first kernel adds 1) and None otherwise. The same
+    formulas as ``autograd.TritonBatchNorm``, whose ``create_graph`` backward (torch ops,
+    differentiable again) it shares."""
 
     @staticmethod
     def forward(
@@ -126,19 +156,21 @@ class EagerBatchNorm(torch.autograd.Function):
         bias: torch.Tensor | None,
         running_mean: torch.Tensor | None,
         running_var: torch.Tensor | None,
+        counter: torch.Tensor | None,
         momentum: float,
         call: EagerCall,
     ) -> torch.Tensor:
-        site = call.site
-        with _device_of(x):
-            if call.training:
-                y, save = site.forward_train(
-                    x, weight, bias, running_mean, running_var, momentum, call.eps, call.slope
-                )
-                ctx.save_for_backward(x, weight, bias, save)
-            else:
-                y = site.forward_eval(x, weight, bias, running_mean, running_var, call.eps, call.slope)
-                ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+        inputs = (x, weight, bias, running_mean, running_var, counter)
+        if call.wants_glue:  # the first run where the kernels run compiled: record it for the glue
+            from .kernels.replay import recording
+
+            with _device_of(x), recording() as notes:
+                y, saved = _forward(call, *inputs, momentum)
+            _attach_glue(call, notes, inputs, y, saved, momentum)
+        else:
+            with _device_of(x):
+                y, saved = _forward(call, *inputs, momentum)
+        ctx.save_for_backward(*saved)
         ctx.call = call
         return y
 
@@ -146,32 +178,172 @@ class EagerBatchNorm(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         needs = ctx.needs_input_grad[:3]
         if not (needs[0] or needs[1] or needs[2]):
-            return (None,) * 7
-        call = ctx.call
-        site = call.site
-        saved = ctx.saved_tensors
-        x, weight, bias = saved[:3]
-        if torch.is_grad_enabled():
-            running = (None, None) if call.training else saved[3:5]
-            dx, dw, db, _ = differentiable_backward(
-                grad_output,
-                (x, weight, bias),
-                (*needs, False),
-                training=call.training,
-                eps=call.eps,
-                activation=call.activation,
-                negative_slope=call.slope,
-                running=running,
-            )
-            return dx, dw, db, None, None, None, None
-        dy = _like(grad_output, x)
-        if call.training:
-            norm = Normalization(saved[3], None, weight, bias, SAVED, 0.0, site.activation, call.slope)
-        else:
-            norm = Normalization(
-                saved[3], saved[4], weight, bias, RUNNING, call.eps, site.activation, call.slope
-            )
-        launches = site.derived((needs, dy.dtype, dy.data_ptr() & 15))
+            return (None,) * 8
+        with _device_of(ctx.saved_tensors[0]):
+            dx, dw, db = _backward(ctx.call, grad_output, list(ctx.saved_tensors), needs)
+        return dx, dw, db, None, None, None, None, None
+
+
+def _forward(
+    call: EagerCall,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    counter: torch.Tensor | None,
+    momentum: float,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The forward on the call's launch site: (y, the tensors its backward needs)."""
+    site = call.site
+    if call.training:
+        y, save = site.forward_train(
+            x, weight, bias, running_mean, running_var, momentum, call.eps, call.slope, counter=counter
+        )
+        return y, [x, weight, bias, save]
+    y = site.forward_eval(x, weight, bias, running_mean, running_var, call.eps, call.slope)
+    return y, [x, weight, bias, running_mean, running_var]
+
+
+def _backward(
+    call: EagerCall,
+    grad_output: torch.Tensor,
+    saved: list[torch.Tensor | None],
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dγ, dβ) from the forward's ``saved`` tensors; with grad mode on (``create_graph``)
+    as torch ops, differentiable again."""
+    x, weight, bias = saved[:3]
+    if torch.is_grad_enabled():
+        dx, dw, db, _ = differentiable_backward(
+            grad_output,
+            (x, weight, bias),
+            (*needs, False),
+            training=call.training,
+            eps=call.eps,
+            activation=call.activation,
+            negative_slope=call.slope,
+            running=(None, None) if call.training else (saved[3], saved[4]),
+        )
+        return dx, dw, db
+    dy = _like(grad_output, x)
+    site = call.site
+    if call.training:
+        norm = Normalization(saved[3], None, weight, bias, SAVED, 0.0, site.activation, call.slope)
+    else:
+        norm = Normalization(saved[3], saved[4], weight, bias, RUNNING, call.eps, site.activation, call.slope)
+    dx, dw, db, _ = site.derived((needs, dy.dtype, dy.data_ptr() & 15)).backward(dy, x, norm, needs)
+    return dx, dw, db
+
+
+def run(
+    call: EagerCall,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    counter: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = batch_norm(x) for a remembered call, counting the batch in ``counter`` (a module's
+    num_batches_tracked, when the call counts; the call's site was made with one): through the
+    C++ glue when one is attached (and no launch hook watches: the glue calls the launchers
+    directly), else :class:`EagerBatchNorm`."""
+    if call.glue is not None and not _hooks_installed():
+        return call.glue_run(x, weight, bias, running_mean, running_var, momentum, call.glue, counter)
+    return EagerBatchNorm.apply(x, weight, bias, running_mean, running_var, counter, momentum, call)
+
+
+def _hooks_installed() -> bool:
+    """Whether a launch hook (a profiler) watches Triton's launches."""
+    global _hooks_installed
+    from .kernels.launch import _hooks_installed as installed
+
+    _hooks_installed = installed  # imported once: later calls go straight to it
+    return installed()
+
+
+def _attach_glue(
+    call: EagerCall,
+    notes: list[tuple[object, ...]],
+    inputs: tuple[torch.Tensor | None, ...],
+    y: torch.Tensor,
+    saved: list[torch.Tensor | None],
+    momentum: float,
+) -> None:
+    """Give ``call`` a C++ glue call object that replays the forward recorded in ``notes``
+    (nothing when the launches have no records or the glue cannot be built)."""
+    from .kernels.replay import program
+
+    call.wants_glue = False
+    forward = program(notes, inputs, [y], saved, momentum)
+    module = glue.extension() if forward is not None else None
+    if module is None:
+        return
+    current_stream = _stream_reader(inputs[0])
+    passes = GluePasses(call)
+    glue_call = module.Call(current_stream, current_stream(), passes.forward, passes.backward)
+    glue_call.set_forward(*forward)
+    call.glue, call.glue_run = glue_call, module.batch_norm
+
+
+def _stream_reader(x: torch.Tensor) -> Any:
+    """() → the raw handle of the current stream of ``x``'s device, as Triton's launches read it."""
+    from triton.runtime import driver
+
+    active = driver.active
+    device = x.device.index if x.is_cuda else active.get_current_device()
+    return functools.partial(active.get_current_stream, device)
+
+
+class GluePasses:
+    """The Python passes the C++ glue falls back to, with what they need of an :class:`EagerCall`
+    copied (not the call itself, which holds the glue: no reference cycle through C++)."""
+
+    def __init__(self, call: EagerCall) -> None:
+        self.call = EagerCall(
+            call.site,
+            training=call.training,
+            running=call.running,
+            eps=call.eps,
+            activation=call.activation,
+            slope=call.slope,
+            momentum=call.momentum,
+            counts=call.counts,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        counter: torch.Tensor | None,
+        momentum: float,
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The forward the glue could not replay (another stream): (y, saved)."""
         with _device_of(x):
-            dx, dw, db, _ = launches.backward(dy, x, norm, needs)
-        return dx, dw, db, None, None, None, None
+            return _forward(self.call, x, weight, bias, running_mean, running_var, counter, momentum)
+
+    def backward(
+        self, glue_call: Any, grad_output: torch.Tensor, saved: list[torch.Tensor | None], needs_bits: int
+    ) -> list[torch.Tensor | None]:
+        """The backward the glue has no recording of: run it, recorded, and give the glue the
+        program (keyed by the gradients asked for and the gradient's alignment)."""
+        from .kernels.replay import program, recording
+
+        needs = (bool(needs_bits & 1), bool(needs_bits & 2), bool(needs_bits & 4))
+        x = saved[0]
+        stream = _stream_reader(x)
+        with _device_of(x), recording() as notes:
+            dx, dw, db = _backward(self.call, grad_output, saved, needs)
+        dy_matches = grad_output.dtype == x.dtype and grad_output.stride() == x.stride()
+        if dy_matches and not torch.is_grad_enabled():
+            found = program(notes, [grad_output, *saved], [dx, dw, db])
+            if found is not None and stream() == glue_call.stream:
+                allocations, launches, outputs, _ = found
+                aligned = grad_output.data_ptr() % 16 == 0
+                glue_call.set_backward(needs_bits | aligned << 3, allocations, launches, outputs)
+        return [dx, dw, db]

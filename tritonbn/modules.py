@@ -119,11 +119,19 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         key = None
         if residual is None:
-            key = eager.signature(self, input, weight, bias, running_mean, running_var)
+            key = eager.signature(
+                self, input, weight, bias, running_mean, running_var, buffers["num_batches_tracked"]
+            )
             calls = self._eager_calls
             call = None if key is None or calls is None else calls.get(key)
-            if call is not None:
-                return self._run_remembered(call, input, weight, bias, running_mean, running_var)
+            if call is not None:  # the fast path (tritonbn.eager): no check, no decision
+                momentum = call.momentum
+                counter = buffers["num_batches_tracked"] if call.counts else None
+                if momentum is None:
+                    momentum = 1.0 / (float(counter) + 1.0) if counter is not None else 0.0
+                if not call.running:
+                    running_mean = running_var = None
+                return eager.run(call, input, weight, bias, running_mean, running_var, momentum, counter)
         self._check_input_dim(input)
         training, activation, eps = self.training, self.activation, self.eps
         bn_training = training or (running_mean is None and running_var is None)
@@ -204,6 +212,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             return
         from . import kernels
 
+        # A call that counts the batch gives the counter to the kernels, which add 1.
         site = kernels.forward_site(
             input,
             weight,
@@ -214,6 +223,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             plan=plan.kernel,
             sm_count=sm_count(input.device),
             activation=self.activation,
+            counter=self._buffers["num_batches_tracked"] if counts else None,
         )
         call = eager.EagerCall(
             site,
@@ -228,27 +238,6 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self._eager_calls is None:
             self._eager_calls = eager.EagerCalls()
         self._eager_calls.remember(key, call)
-
-    def _run_remembered(
-        self,
-        call: eager.EagerCall,
-        input: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """A remembered call (see ``_remember``): straight to its launch site."""
-        momentum = call.momentum
-        counter = self._buffers.get("num_batches_tracked")
-        if momentum is None:
-            momentum = 1.0 / (float(counter) + 1.0) if call.counts else 0.0
-        if not call.running:
-            running_mean = running_var = None
-        y = eager.EagerBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, call)
-        if call.counts:
-            counter.add_(1)
-        return y
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + activation_repr(self.activation, self.negative_slope)

@@ -1,0 +1,265 @@
+// The eager fast path's autograd Function in C++ (tritonbn/glue.py builds this file on demand).
+//
+// A Python autograd Function costs more host time than a whole torch.nn.BatchNorm layer, so a
+// remembered call (tritonbn/eager.py) runs here: a torch::autograd::Function whose forward and
+// backward replay *programs* that tritonbn/kernels/replay.py recorded from the Python path of the
+// same launch site. A program allocates the call's tensors (shapes, strides and dtypes are fixed by
+// the site), then calls each launch's compiled Triton launcher with a prepared argument tuple whose
+// slots take this call's data pointers, stream and momentum. Whatever a program cannot run —
+// another stream than the one its workspace belongs to, a gradient of another dtype or alignment,
+// a backward with create_graph, gradients asked in a combination not yet recorded — goes to the
+// Python implementation (the call object's fallbacks), which records the missing program.
+
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/extension.h>
+
+#include <array>
+#include <map>
+#include <vector>
+
+namespace py = pybind11;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+// What a slot of a launch's argument tuple receives.
+enum Slot : int64_t { kPointer = 0, kStream = 1, kMomentum = 2 };
+
+struct Allocation {
+  std::vector<int64_t> shape, strides;
+  at::ScalarType dtype;
+};
+
+struct Launch {
+  py::object run;                                // the compiled kernel's launcher
+  py::tuple args;                                // its arguments, slots included
+  std::vector<std::array<int64_t, 3>> slots;     // (position, Slot, tensor index)
+};
+
+// One pass of a launch site. Tensor indices: the pass's inputs first (forward: x, weight, bias,
+// running_mean, running_var, the batch counter; backward: dy, then the saved tensors), then its
+// allocations.
+struct Program {
+  std::vector<Allocation> allocations;
+  std::vector<Launch> launches;
+  std::vector<int64_t> outputs;  // returned (-1: an undefined tensor)
+  std::vector<int64_t> saved;    // forward only: kept for the backward
+};
+
+struct Call : torch::CustomClassHolder {
+  Program forward;
+  std::map<int64_t, Program> backward;  // by (needs bits | dy aligned << 3)
+  py::object current_stream;            // () -> the raw handle of the current stream (non-CUDA devices)
+  int64_t stream = 0;                   // the stream the programs' workspace belongs to
+  py::object fallback_forward;          // (x, w, b, rm, rv, counter, momentum) -> (y, [saved])
+  py::object fallback_backward;         // (call, dy, [saved], needs bits) -> [dx, dw, db]
+
+  // The last reference may go with an autograd graph, freed where the GIL is not held.
+  ~Call() override {
+    if (!Py_IsInitialized()) return;
+    py::gil_scoped_acquire gil;
+    forward = Program();
+    backward.clear();
+    current_stream = py::object();
+    fallback_forward = py::object();
+    fallback_backward = py::object();
+  }
+};
+
+std::vector<at::Tensor> run(const Program& program, std::vector<at::Tensor> tensors, const at::Device& device,
+                            int64_t stream, double momentum) {
+  for (const auto& a : program.allocations) {
+    tensors.push_back(at::empty_strided(a.shape, a.strides, at::TensorOptions().dtype(a.dtype).device(device)));
+  }
+  for (const auto& launch : program.launches) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(launch.args.ptr());
+    py::tuple args(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyTuple_GET_ITEM(launch.args.ptr(), i);
+      Py_INCREF(item);
+      PyTuple_SET_ITEM(args.ptr(), i, item);
+    }
+    for (const auto& [position, kind, index] : launch.slots) {
+      PyObject* value;
+      if (kind == kStream) {
+        value = PyLong_FromLongLong(stream);
+      } else if (kind == kMomentum) {
+        value = PyFloat_FromDouble(momentum);
+      } else {
+        value = PyLong_FromUnsignedLongLong(reinterpret_cast<uintptr_t>(tensors[index].data_ptr()));
+      }
+      if (value == nullptr) throw py::error_already_set();
+      Py_DECREF(PyTuple_GET_ITEM(args.ptr(), position));
+      PyTuple_SET_ITEM(args.ptr(), position, value);
+    }
+    PyObject* result = PyObject_Call(launch.run.ptr(), args.ptr(), nullptr);
+    if (result == nullptr) throw py::error_already_set();
+    Py_DECREF(result);
+  }
+  return tensors;
+}
+
+Call* call_of(const c10::intrusive_ptr<torch::CustomClassHolder>& holder) { return static_cast<Call*>(holder.get()); }
+
+// The stream Triton launches on: the current CUDA stream of x's device, read in C++; elsewhere
+// (a stand-in driver's CPU tensors) whatever the call's reader says.
+int64_t current_stream(const Call& call, const at::Tensor& x) {
+  if (x.is_cuda()) {
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    return reinterpret_cast<int64_t>(impl->getStream(x.device()).native_handle());
+  }
+  return call.current_stream().cast<int64_t>();
+}
+
+// Stands for an absent weight or bias among the Function's inputs (autograd inputs must be
+// defined tensors); programs never read it.
+const at::Tensor& absent() {
+  static const at::Tensor tensor = at::empty({0});
+  return tensor;
+}
+
+at::Tensor or_absent(const c10::optional<at::Tensor>& tensor) { return tensor.has_value() ? *tensor : absent(); }
+
+at::Tensor or_undefined(const at::Tensor& tensor) { return tensor.is_same(absent()) ? at::Tensor() : tensor; }
+
+struct EagerBatchNorm : public torch::autograd::Function<EagerBatchNorm> {
+  // weight and bias (or absent()) are the inputs autograd differentiates; the running statistics
+  // and the batch counter never need a gradient and pass as plain arguments.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight_input,
+                            const at::Tensor& bias_input, const c10::optional<at::Tensor>& running_mean_input,
+                            const c10::optional<at::Tensor>& running_var_input,
+                            const c10::optional<at::Tensor>& counter_input, double momentum,
+                            const c10::intrusive_ptr<Call>& call) {
+    const at::Tensor weight = or_undefined(weight_input), bias = or_undefined(bias_input);
+    const at::Tensor running_mean = running_mean_input.value_or(at::Tensor());
+    const at::Tensor running_var = running_var_input.value_or(at::Tensor());
+    const at::Tensor counter = counter_input.value_or(at::Tensor());
+    py::gil_scoped_acquire gil;
+    c10::OptionalDeviceGuard device_guard;  // Triton launches on the current device: x's
+    if (x.is_cuda()) device_guard.reset_device(x.device());
+    const int64_t stream = current_stream(*call, x);
+    at::Tensor y;
+    std::vector<at::Tensor> saved;
+    if (stream == call->stream) {
+      auto tensors =
+          run(call->forward, {x, weight, bias, running_mean, running_var, counter}, x.device(), stream, momentum);
+      y = tensors[call->forward.outputs[0]];
+      for (int64_t index : call->forward.saved) saved.push_back(index < 0 ? at::Tensor() : tensors[index]);
+    } else {
+      auto optional = [](const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); };
+      auto result = call->fallback_forward(x, optional(weight), optional(bias), optional(running_mean),
+                                           optional(running_var), optional(counter), momentum)
+                        .cast<py::tuple>();
+      y = result[0].cast<at::Tensor>();
+      for (auto item : result[1].cast<py::list>()) {
+        saved.push_back(item.is_none() ? at::Tensor() : item.cast<at::Tensor>());
+      }
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["call"] = c10::IValue::make_capsule(call);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1),
+               need_bias = ctx->needs_input_grad(2);
+    variable_list result(8);
+    if (!(need_input || need_weight || need_bias)) return result;
+    auto saved = ctx->get_saved_variables();
+    auto holder = ctx->saved_data["call"].toCapsule();
+    Call* call = call_of(holder);
+    const at::Tensor& x = saved[0];
+    at::Tensor dy = grads[0];
+    const int64_t needs = int64_t(need_input) | int64_t(need_weight) << 1 | int64_t(need_bias) << 2;
+    py::gil_scoped_acquire gil;
+    if (!at::GradMode::is_enabled() && dy.scalar_type() == x.scalar_type()) {
+      if (dy.strides() != x.strides()) dy = at::empty_like(x).copy_(dy);
+      const bool aligned = reinterpret_cast<uintptr_t>(dy.data_ptr()) % 16 == 0;
+      auto found = call->backward.find(needs | int64_t(aligned) << 3);
+      c10::OptionalDeviceGuard device_guard;
+      if (x.is_cuda()) device_guard.reset_device(x.device());
+      const int64_t stream = current_stream(*call, x);
+      if (found != call->backward.end() && stream == call->stream) {
+        std::vector<at::Tensor> inputs{dy};
+        inputs.insert(inputs.end(), saved.begin(), saved.end());
+        auto tensors = run(found->second, std::move(inputs), x.device(), stream, 0.0);
+        for (size_t i = 0; i < 3; ++i) {
+          const int64_t index = found->second.outputs[i];
+          if (index >= 0) result[i] = tensors[index];
+        }
+        return result;
+      }
+    }
+    py::list saved_list;
+    for (const auto& tensor : saved) {
+      saved_list.append(tensor.defined() ? py::cast(tensor) : py::none());
+    }
+    auto grads_out = call->fallback_backward(py::cast(c10::intrusive_ptr<Call>::reclaim_copy(call)), grads[0],
+                                             saved_list, needs)
+                         .cast<py::list>();
+    for (size_t i = 0; i < 3; ++i) {
+      if (!grads_out[i].is_none()) result[i] = grads_out[i].cast<at::Tensor>();
+    }
+    return result;
+  }
+};
+
+Program make_program(const py::list& allocations, const py::list& launches, std::vector<int64_t> outputs,
+                     std::vector<int64_t> saved) {
+  Program program;
+  for (auto item : allocations) {
+    auto spec = item.cast<py::tuple>();
+    program.allocations.push_back(Allocation{spec[0].cast<std::vector<int64_t>>(),
+                                             spec[1].cast<std::vector<int64_t>>(),
+                                             spec[2].cast<at::ScalarType>()});
+  }
+  for (auto item : launches) {
+    auto spec = item.cast<py::tuple>();
+    program.launches.push_back(
+        Launch{spec[0], spec[1].cast<py::tuple>(), spec[2].cast<std::vector<std::array<int64_t, 3>>>()});
+  }
+  program.outputs = std::move(outputs);
+  program.saved = std::move(saved);
+  return program;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tritonbn's eager autograd Function in C++: replays recorded launch programs";
+  py::class_<Call, c10::intrusive_ptr<Call>>(m, "Call")
+      .def(py::init([](py::object current_stream, int64_t stream, py::object fallback_forward,
+                       py::object fallback_backward) {
+        auto call = c10::make_intrusive<Call>();
+        call->current_stream = std::move(current_stream);
+        call->stream = stream;
+        call->fallback_forward = std::move(fallback_forward);
+        call->fallback_backward = std::move(fallback_backward);
+        return call;
+      }))
+      .def("set_forward",
+           [](Call& call, py::list allocations, py::list launches, std::vector<int64_t> outputs,
+              std::vector<int64_t> saved) { call.forward = make_program(allocations, launches, outputs, saved); })
+      .def("set_backward", [](Call& call, int64_t key, py::list allocations, py::list launches,
+                              std::vector<int64_t> outputs) {
+        call.backward[key] = make_program(allocations, launches, outputs, {});
+      })
+      .def_readonly("stream", &Call::stream)
+      .def("backward_keys", [](const Call& call) {
+        std::vector<int64_t> keys;
+        for (const auto& entry : call.backward) keys.push_back(entry.first);
+        return keys;
+      });
+  m.def(
+      "batch_norm",
+      [](const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+         const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+         double momentum, const c10::intrusive_ptr<Call>& call, const c10::optional<at::Tensor>& counter) {
+        return EagerBatchNorm::apply(x, or_absent(weight), or_absent(bias), running_mean, running_var, counter,
+                                     momentum, call);
+      },
+      "y = batch_norm(x) through a recorded call (the counter, num_batches_tracked, counted by its kernel)");
+}

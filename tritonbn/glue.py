@@ -1,0 +1,172 @@
+"""The C++ glue of the eager fast path: built once per torch version, loaded when present.
+
+``csrc/eager_glue.cpp`` is tritonbn's eager autograd Function in C++ (see ``tritonbn.eager``): a
+Python autograd Function alone costs more host time than a whole ``torch.nn.BatchNorm`` layer.
+It is compiled with the machine's C++ compiler against the installed torch, once, into
+``$XDG_CACHE_HOME/tritonbn/glue`` (``~/.cache`` by default; the file name holds the torch version,
+the Python version and a hash of the source), then loaded by every later process.
+
+``TRITONBN_GLUE`` says when: ``auto`` (the default) builds it the first time a remembered call
+could use it (a launch site with compiled launchers: a GPU, never the interpreter), printing one
+line on stderr; ``off`` never uses it (the Python Function runs). :func:`build` builds it at
+once, for scripts that prefer to pay the compile up front (``python -m tritonbn.glue``).
+Without a compiler, or when the build fails, the Python Function runs and :func:`status` says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["build", "enabled", "extension", "status"]
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "eager_glue.cpp"
+ENV = "TRITONBN_GLUE"
+
+_module: ModuleType | None = None
+_failure: str | None = None
+
+
+def enabled() -> bool:
+    """Whether ``TRITONBN_GLUE`` lets the glue run (anything but ``off``)."""
+    return os.environ.get(ENV, "auto").strip().lower() not in ("off", "0", "false", "no")
+
+
+def _cache_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tritonbn" / "glue"
+
+
+def _name() -> str:
+    """The module's name: one a torch version, Python version and source."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    torch_tag = "".join(c if c.isalnum() else "_" for c in torch.__version__)
+    return f"tritonbn_glue_t{torch_tag}_py{sys.version_info[0]}{sys.version_info[1]}_{digest}"
+
+
+def _command(name: str, target: Path) -> list[str]:
+    """The compiler call that builds the extension, with the flags torch's own
+    ``cpp_extension`` uses for a CPU extension."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++ or g++, or $CXX) on PATH")
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    libraries = cpp_extension.library_paths()
+    return [
+        compiler,
+        "-shared",
+        "-fPIC",
+        "-O2",
+        "-std=c++20",
+        f"-DTORCH_EXTENSION_NAME={name}",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-isystem{path}" for path in includes),
+        str(SOURCE),
+        *(f"-L{path}" for path in libraries),
+        *(f"-Wl,-rpath,{path}" for path in libraries),
+        "-lc10",
+        "-ltorch",
+        "-ltorch_cpu",
+        "-ltorch_python",
+        "-o",
+        str(target),
+    ]
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(*, quiet: bool = False) -> ModuleType:
+    """The glue's module, compiled first if this torch has no build of it yet (about 30 s).
+
+    Raises RuntimeError, with the compiler's output, when it cannot be built."""
+    global _module, _failure
+    if _module is not None:
+        return _module
+    name = _name()
+    folder = _cache_folder()
+    target = folder / f"{name}.so"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        if not quiet:
+            print(
+                f"tritonbn: compiling the C++ glue of the eager path for torch {torch.__version__} "
+                f"(once, into {folder}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            partial = Path(scratch) / target.name
+            try:
+                result = subprocess.run(_command(name, partial), capture_output=True, text=True)
+            except (OSError, RuntimeError) as error:
+                _failure = f"cannot compile the C++ glue: {error}"
+                raise RuntimeError(_failure) from error
+            if result.returncode != 0:
+                _failure = "compiling the C++ glue failed:\n" + (result.stderr or result.stdout)[-4000:]
+                raise RuntimeError(_failure)
+            os.replace(partial, target)  # atomic: another process sees all of it or nothing
+        if not quiet:
+            print(f"tritonbn: C++ glue built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    _module = _load(target, name)
+    _failure = None
+    return _module
+
+
+def extension() -> ModuleType | None:
+    """The glue's module when the eager path may use it: built (now, the first time, unless
+    ``TRITONBN_GLUE=off``) and loaded; None when it is off or cannot be built."""
+    if _module is not None or not enabled():
+        return _module if enabled() else None
+    if _failure is not None:
+        return None
+    try:
+        return build()
+    except RuntimeError:
+        return None
+
+
+def status() -> str:
+    """One line: whether remembered calls run the C++ glue, and if not, why."""
+    if not enabled():
+        return f"off ({ENV}=off): remembered calls run the Python autograd Function"
+    if _module is not None:
+        return "C++ (tritonbn/csrc/eager_glue.cpp, loaded)"
+    if _failure is not None:
+        return f"Python autograd Function ({_failure.splitlines()[0]})"
+    return "not loaded yet: built or loaded at the first remembered call on compiled kernels"
+
+
+def main() -> int:
+    """``python -m tritonbn.glue``: build (or find) the glue and say where it stands."""
+    try:
+        build()
+    except RuntimeError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(status())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

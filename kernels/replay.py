@@ -9,12 +9,13 @@ argument tuple. :func:`program` turns the notes of one pass into what the glue r
 * each launch as its compiled launcher (the launch record's ``run``) and the full argument tuple
   it takes — grid, stream, kernel, metadata, hooks, the kernel's arguments, its constexprs — with
   *slots* where a call's values go: data pointers of inputs and allocations, the stream, the
-  momentum (recognized as the very float object the pass was given);
+  momentum (recognized as the very float object the pass was given). Pointers go to the launcher
+  as integers, which it takes without asking the driver about them;
 * which tensors are the pass's outputs and, for a forward, which are saved for the backward.
 
 A pass whose launches have no record (the interpreter, launch hooks installed) has no program.
-Workspace tensors stay in the tuple as the tensors themselves (kept alive, stream-specific: the
-glue runs a program only on the stream it was recorded on).
+Workspace tensors enter the tuple as their addresses, the launch keeping the tensors alive; they are
+stream-specific, so the glue runs a program only on the stream it was recorded on.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def program(
             return None
         full = [*record.grid, None, record.function, record.metadata, None, None, None]
         slots = [(_STREAM_POSITION, STREAM, 0)]
+        kept: list[torch.Tensor] = []
         for position, arg in enumerate(args, start=_HEAD):
             if isinstance(arg, torch.Tensor) and not is_workspace(arg):
                 index = index_of(arg)
@@ -84,13 +86,16 @@ def program(
                     allocations.append((tuple(arg.shape), arg.stride(), arg.dtype))
                 full.append(None)
                 slots.append((position, POINTER, index))
+            elif isinstance(arg, torch.Tensor):  # a workspace: its address, the tensor kept alive
+                full.append(arg.data_ptr())
+                kept.append(arg)
             elif momentum is not None and arg is momentum:
                 full.append(arg)
                 slots.append((position, MOMENTUM, 0))
             else:
                 full.append(arg)
         full.extend(record.constants)
-        launches.append((record.run, tuple(full), slots))
+        launches.append((record.run, tuple(full), slots, tuple(kept)))
 
     def indices(wanted: Sequence[torch.Tensor | None]) -> list[int] | None:
         found = [-1 if t is None else index_of(t) for t in wanted]

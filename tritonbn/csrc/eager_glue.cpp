@@ -37,6 +37,7 @@ struct Launch {
   py::object run;                                // the compiled kernel's launcher
   py::tuple args;                                // its arguments, slots included
   std::vector<std::array<int64_t, 3>> slots;     // (position, Slot, tensor index)
+  py::object kept;                               // workspaces whose addresses args holds
 };
 
 // One pass of a launch site. Tensor indices: the pass's inputs first (forward: x, weight, bias,
@@ -219,7 +220,7 @@ Program make_program(const py::list& allocations, const py::list& launches, std:
   for (auto item : launches) {
     auto spec = item.cast<py::tuple>();
     program.launches.push_back(
-        Launch{spec[0], spec[1].cast<py::tuple>(), spec[2].cast<std::vector<std::array<int64_t, 3>>>()});
+        Launch{spec[0], spec[1].cast<py::tuple>(), spec[2].cast<std::vector<std::array<int64_t, 3>>>(), spec[3]});
   }
   program.outputs = std::move(outputs);
   program.saved = std::move(saved);

@@ -312,6 +312,7 @@ class GluePasses:
             momentum=call.momentum,
             counts=call.counts,
         )
+        self.call.wants_glue = False
 
     def forward(
         self,

@@ -203,7 +203,10 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         """Remember a call that the checks accepted and the Triton kernels ran as they are (no
         copy of the input or of a per-channel tensor), so that the same call skips them next
         time (``tritonbn.eager``)."""
-        fixed_options = type(self.eps) is float and (self.momentum is None or type(self.momentum) is float)
+        # Plain numbers only: a 0-d tensor momentum may change in place, unseen by the signature.
+        fixed_options = type(self.eps) in (int, float) and (
+            self.momentum is None or type(self.momentum) in (int, float)
+        )
         if (
             plan.copies_input
             or not fixed_options

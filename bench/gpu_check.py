@@ -11,6 +11,8 @@ all inside about eight minutes:
 1. versions and device: python, torch, triton, torchvision, driver, GPU, SMs, a copy bandwidth;
    a warning when torch and Triton are not a pair CI tests (``noxfile.py``'s VERSION_PAIRS);
 2. ``pip install --no-deps --no-build-isolation -e .`` (the machine's torch and triton stay);
+   then ``python -m tritonbn.glue``, which compiles the eager path's C++ glue for this torch
+   (the later steps use it; where it cannot be built they run the Python Function);
 3. ``pytest -q --maxfail=10 tests`` on CUDA, its output in OUTDIR/tests.log;
 4. ``compute-sanitizer --tool memcheck`` over a small selection of kernel tests (every plan,
    ragged shapes, the int64 path), recorded as unavailable where the tool is missing;
@@ -56,6 +58,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 480
 BUDGETS = {
     "install": (60, 60),
+    # One C++ file against torch's headers: 31 s on the 2-core dev box.
+    "glue": (60, 60),
     # The suite compiles a few hundred kernel variants on a cold Triton cache (2 min 42 s for the
     # 356 of tests/kernel_build.py on the 2-core dev box, compiling one at a time).
     "tests": (180, 120),
@@ -322,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         install["status"] += "; running from the checkout through PYTHONPATH instead"
     steps.append(install)
+    steps.append(run_step("glue", [python, "-m", "tritonbn.glue"], budget("glue"), log))
     tests = ["tests/test_compat.py"] if args.dry_run else ["tests"]
     steps.append(
         run_step(

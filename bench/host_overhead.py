@@ -4,8 +4,9 @@
 
 For each LeNet BatchNorm layer (and conv2 in channels_last), a chain of 8 layers is run forward
 and backward; the host time per layer is the best of ``--repeats`` timings of ``--steps`` steps,
-divided by 8, tritonbn's and torch's timings taken in turns. tritonbn runs its Triton path
-(``tritonbn.backend("triton")``), torch its own ``nn.BatchNorm``.
+divided by 8, tritonbn's and torch's timings taken in turns. tritonbn runs its Triton path (the
+default on a GPU; ``tritonbn.backend("triton")`` under the stand-in driver), torch its own
+``nn.BatchNorm``.
 
 * On a CUDA machine: real tensors of the layer's shape, wall-clock over the loop, synchronized
   once at its end (so the GPU time of a layer is hidden whenever the host is slower).
@@ -126,22 +127,31 @@ def _best_pair(
     sync: Callable[[], None],
 ) -> tuple[float, float]:
     """Best of ``repeats`` timings of ``steps`` calls each of ``ours`` and ``theirs``, taken in
-    turns (seconds a call): a slow spell of a shared machine hits both alike. ``ours`` runs on
-    tritonbn's Triton path."""
-    import tritonbn
-
-    with tritonbn.backend("triton"):
-        for _ in range(3):
-            ours()
+    turns (seconds a call): a slow spell of a shared machine hits both alike."""
     for _ in range(3):
+        ours()
         theirs()
     sync()
     best_ours = best_theirs = float("inf")
     for _ in range(repeats):
-        with tritonbn.backend("triton"):
-            best_ours = min(best_ours, _timed(ours, steps, sync))
+        best_ours = min(best_ours, _timed(ours, steps, sync))
         best_theirs = min(best_theirs, _timed(theirs, steps, sync))
     return best_ours, best_theirs
+
+
+def _on_triton(run: Callable[[], None], stand_in: bool) -> Callable[[], None]:
+    """``run`` on tritonbn's Triton path: under the stand-in driver the CPU tensors need
+    ``tritonbn.backend("triton")``; on a GPU the default (``auto``) is that path, and what a
+    user runs."""
+    if not stand_in:
+        return run
+    import tritonbn
+
+    def forced() -> None:
+        with tritonbn.backend("triton"):
+            run()
+
+    return forced
 
 
 def _timed(run: Callable[[], None], steps: int, sync: Callable[[], None]) -> float:
@@ -163,6 +173,7 @@ def _launches(stand_in: bool) -> Callable[[], int]:
 def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
     """Time every layer of LAYERS; returns the results as plain data."""
     import tritonbn
+    from tritonbn import glue
 
     device = torch.device("cpu" if stand_in else "cuda")
     if stand_in:
@@ -178,7 +189,7 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
         x, x_torch = _input(shape, channels_last, device), _input(torch_shape, channels_last, device)
         grad, grad_torch = torch.ones_like(x), torch.ones_like(x_torch)
         ours_s, torch_s = _best_pair(
-            functools.partial(_step, ours, x, grad),
+            _on_triton(functools.partial(_step, ours, x, grad), stand_in),
             functools.partial(_step, theirs, x_torch, grad_torch),
             repeats=repeats,
             steps=steps,
@@ -221,6 +232,7 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
         else "the layer's shape",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
+        "eager_path": glue.status(),
         "layers": rows,
     }
 
@@ -272,8 +284,13 @@ def _forward_breakdown(
 
 def report(results: dict[str, object]) -> str:
     """The results as a Markdown table."""
+    head = f"{results['what']}; tritonbn on the {results['driver']}, torch on {results['torch_input']}."
+    if "allocator" in results:
+        head += f" Allocator: {results['allocator']}."
+    if "eager_path" in results:
+        head += f" tritonbn's remembered calls: {results['eager_path']}."
     lines = [
-        f"{results['what']}; tritonbn on the {results['driver']}, torch on {results['torch_input']}.",
+        head,
         "",
         "| layer | plan | launches fwd/bwd | tritonbn µs | torch µs | ratio |",
         "|---|---|---|---|---|---|",

@@ -136,10 +136,10 @@ def build(*, quiet: bool = False) -> ModuleType:
 def extension() -> ModuleType | None:
     """The glue's module when the eager path may use it: built (now, the first time, unless
     ``TRITONBN_GLUE=off``) and loaded; None when it is off or cannot be built."""
-    if _module is not None or not enabled():
-        return _module if enabled() else None
-    if _failure is not None:
+    if not enabled():
         return None
+    if _module is not None or _failure is not None:
+        return _module
     try:
         return build()
     except RuntimeError:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from . import dispatch, glue
+from . import dispatch
 from .autograd import _device_of, _like, differentiable_backward
 from .kernels.normalization import RUNNING, SAVED, Normalization
 from .kernels.runtime import interpreted
@@ -86,7 +86,7 @@ class EagerCall:
         self.counts = counts
         self.glue: Any = None
         self.glue_run: Any = None
-        self.wants_glue = glue.enabled() and not interpreted()
+        self.wants_glue = _glue().enabled() and not interpreted()
 
 
 class EagerCalls(dict):
@@ -278,7 +278,7 @@ def _attach_glue(
 
     call.wants_glue = False
     forward = program(notes, inputs, [y], saved, momentum)
-    module = glue.extension() if forward is not None else None
+    module = _glue().extension() if forward is not None else None
     if module is None:
         return
     current_stream = _stream_reader(inputs[0])
@@ -286,6 +286,14 @@ def _attach_glue(
     glue_call = module.Call(current_stream, current_stream(), passes.forward, passes.backward)
     glue_call.set_forward(*forward)
     call.glue, call.glue_run = glue_call, module.batch_norm
+
+
+def _glue() -> Any:
+    """``tritonbn.glue``, imported when first needed (``python -m tritonbn.glue`` runs it as a
+    script, which must find it not yet imported)."""
+    from . import glue
+
+    return glue
 
 
 def _stream_reader(x: torch.Tensor) -> Any:

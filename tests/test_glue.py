@@ -155,23 +155,31 @@ def test_glue_off_and_status(monkeypatch):
 
 BUILD_FAILS = r"""
 import os, sys
-import tritonbn
 from tritonbn import glue
-os.environ["CXX"] = sys.executable + "-no-such-compiler"
+os.environ["CXX"] = sys.argv[2]
 os.environ["XDG_CACHE_HOME"] = sys.argv[1]
 assert glue.extension() is None
+assert glue.extension() is None  # the failure is remembered, not retried
 print(glue.status())
 """
 
 
-def test_a_failed_build_leaves_the_python_function(tmp_path):
+@pytest.mark.parametrize("why", ["no compiler", "cache not writable"])
+def test_a_failed_build_leaves_the_python_function(tmp_path, why):
+    cache = tmp_path / "cache"
+    compiler = sys.executable + "-no-such-compiler"
+    if why == "cache not writable":
+        cache.write_text("a file where the cache folder should be")
+        compiler = shutil.which("c++") or compiler
     result = subprocess.run(
-        [sys.executable, "-c", BUILD_FAILS, str(tmp_path)],
+        [sys.executable, "-c", BUILD_FAILS, str(cache), compiler],
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, "TRITONBN_GLUE": "auto"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.startswith("Python autograd Function (cannot compile the C++ glue"), result.stdout
-    assert not list((tmp_path / "tritonbn" / "glue").glob("*.so"))
+    assert result.stdout.startswith("Python autograd Function (cannot build or load the C++ glue"), (
+        result.stdout
+    )
+    assert not list(tmp_path.rglob("*.so"))

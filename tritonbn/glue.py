@@ -98,39 +98,47 @@ def _load(path: Path, name: str) -> ModuleType:
 def build(*, quiet: bool = False) -> ModuleType:
     """The glue's module, compiled first if this torch has no build of it yet (about 30 s).
 
-    Raises RuntimeError, with the compiler's output, when it cannot be built."""
+    Raises RuntimeError, with the compiler's output or the error met, when it cannot be built or
+    loaded (no compiler, a cache folder that cannot be written, a library that will not load)."""
     global _module, _failure
     if _module is not None:
         return _module
     name = _name()
-    folder = _cache_folder()
-    target = folder / f"{name}.so"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        if not quiet:
-            print(
-                f"tritonbn: compiling the C++ glue of the eager path for torch {torch.__version__} "
-                f"(once, into {folder}) ...",
-                file=sys.stderr,
-                flush=True,
-            )
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=folder) as scratch:
-            partial = Path(scratch) / target.name
-            try:
-                result = subprocess.run(_command(name, partial), capture_output=True, text=True)
-            except (OSError, RuntimeError) as error:
-                _failure = f"cannot compile the C++ glue: {error}"
-                raise RuntimeError(_failure) from error
-            if result.returncode != 0:
-                _failure = "compiling the C++ glue failed:\n" + (result.stderr or result.stdout)[-4000:]
-                raise RuntimeError(_failure)
-            os.replace(partial, target)  # atomic: another process sees all of it or nothing
-        if not quiet:
-            print(f"tritonbn: C++ glue built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    _module = _load(target, name)
-    _failure = None
-    return _module
+    target = _cache_folder() / f"{name}.so"
+    try:
+        if not target.exists():
+            _compile(name, target, quiet)
+        module = _load(target, name)
+    except (OSError, ImportError) as error:
+        _failure = f"cannot build or load the C++ glue: {error}"
+        raise RuntimeError(_failure) from error
+    except RuntimeError as error:
+        _failure = str(error)
+        raise
+    _module, _failure = module, None
+    return module
+
+
+def _compile(name: str, target: Path, quiet: bool) -> None:
+    """Compile the glue into ``target``, which appears whole or not at all."""
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(
+            f"tritonbn: compiling the C++ glue of the eager path for torch {torch.__version__} "
+            f"(once, into {folder}) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        partial = Path(scratch) / target.name
+        result = subprocess.run(_command(name, partial), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError("compiling the C++ glue failed:\n" + (result.stderr or result.stdout)[-4000:])
+        os.replace(partial, target)  # atomic: another process sees all of it or nothing
+    if not quiet:
+        print(f"tritonbn: C++ glue built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
 def extension() -> ModuleType | None:

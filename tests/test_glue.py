@@ -4,7 +4,8 @@ Its replays need compiled kernels, so these tests run Triton's real launch path 
 stand-in CUDA driver (bench/standin_cuda.py), where nothing executes: what they prove is that
 the glue launches exactly what the Python path launches — the same launchers, grids and
 arguments, each pointer the same tensor's — step after step, forward and backward, for every
-plan, mode and combination of gradients. On a GPU the whole suite runs over the glue as well.
+plan and mode, as the gradients asked for change, and with a create_graph backward. On a GPU
+the whole suite runs over the glue as well.
 """
 
 from __future__ import annotations
@@ -67,37 +68,43 @@ def named(args, names):
 
 def run(case, use_glue):
     os.environ["TRITONBN_GLUE"] = "auto" if use_glue else "off"
-    shape, cls, training, activation, needs = case
+    shape, cls, training, activation, phases = case
     torch.manual_seed(0)
     module = getattr(tritonbn, cls)(shape[1], activation=activation)
     module.train(training)
-    module.weight.requires_grad_(needs[1])
-    module.bias.requires_grad_(needs[2])
-    x = torch.randn(shape).requires_grad_(needs[0])
+    x = torch.randn(shape)
     dy = torch.randn(shape)
-    with tritonbn.backend("triton"):
-        for step in range(4):
-            del log[:]
-            y = module(x)
-            forward = list(log)
-            del log[:]
-            y.backward(dy)
-            backward = list(log)
+    logged = []
+    for needs in phases:  # a few steps with each combination of gradients, the last one logged
+        x.requires_grad_(needs != "create_graph" and needs[0])
+        module.weight.requires_grad_(needs == "create_graph" or needs[1])
+        module.bias.requires_grad_(needs == "create_graph" or needs[2])
+        with tritonbn.backend("triton"):
+            for step in range(3):
+                del log[:]
+                y = module(x)
+                forward = list(log)
+                del log[:]
+                if needs == "create_graph":  # a gradient penalty: the backward as torch ops
+                    (dw,) = torch.autograd.grad(y, module.weight, dy, create_graph=True)
+                    dw.square().sum().backward()
+                else:
+                    y.backward(dy)
+                backward = list(log)
+        known = {}
+        for tensor, name in ((x, "x"), (dy, "dy"), (y, "y"), (x.grad, "dx"), (module.weight, "w"),
+                             (module.bias, "b"), (module.weight.grad, "dw"), (module.bias.grad, "db"),
+                             (module.running_mean, "rm"), (module.running_var, "rv"),
+                             (module.num_batches_tracked, "counter")):
+            if tensor is not None:
+                known[tensor.data_ptr()] = name
+        # Other pointers are named in order of appearance, afresh in each pass: memory a pass
+        # frees may come back to the next one, as the two paths free and allocate differently.
+        for launches in (forward, backward):
+            names = dict(known)
+            logged.append([named(args, names) for args in launches])
     call = next(iter(module._eager_calls.values()))
-    known = {}
-    for tensor, name in ((x, "x"), (dy, "dy"), (y, "y"), (x.grad, "dx"), (module.weight, "w"),
-                         (module.bias, "b"), (module.weight.grad, "dw"), (module.bias.grad, "db"),
-                         (module.running_mean, "rm"), (module.running_var, "rv"),
-                         (module.num_batches_tracked, "counter")):
-        if tensor is not None:
-            known[tensor.data_ptr()] = name
-    # Other pointers are named in order of appearance, afresh in each pass: memory a pass frees
-    # may come back to the next one, as the two paths free and allocate in different orders.
-    passes = []
-    for launches in (forward, backward):
-        names = dict(known)
-        passes.append([named(args, names) for args in launches])
-    return passes, call.glue is not None
+    return logged, call.glue is not None
 
 results = []
 for case in json.loads(sys.argv[2]):
@@ -107,13 +114,14 @@ for case in json.loads(sys.argv[2]):
 print(json.dumps(results))
 """
 
+ALL, INPUT_ONLY, PARAMETERS_ONLY = (True, True, True), (True, False, False), (False, True, True)
 CASES = [
-    # (shape, module, training, activation, (needs dx, dγ, dβ))
-    ((64, 16, 8, 8), "BatchNorm2d", True, None, (True, True, True)),  # fused-small
-    ((64, 3, 40, 40), "BatchNorm2d", True, "relu", (True, True, True)),  # split-welford
-    ((256, 120), "BatchNorm1d", True, "sigmoid", (True, False, True)),
-    ((64, 16, 8, 8), "BatchNorm2d", False, None, (True, True, True)),  # eval
-    ((64, 3, 40, 40), "BatchNorm2d", False, "silu", (False, True, True)),
+    # (shape, module, training, activation, phases: the gradients asked for, or a create_graph step)
+    ((64, 16, 8, 8), "BatchNorm2d", True, None, [ALL, INPUT_ONLY, ALL, "create_graph"]),  # fused-small
+    ((64, 3, 40, 40), "BatchNorm2d", True, "relu", [ALL, PARAMETERS_ONLY, "create_graph"]),  # split
+    ((256, 120), "BatchNorm1d", True, "sigmoid", [(True, False, True)]),
+    ((64, 16, 8, 8), "BatchNorm2d", False, None, [ALL, INPUT_ONLY]),  # eval
+    ((64, 3, 40, 40), "BatchNorm2d", False, "silu", [PARAMETERS_ONLY, ALL]),
 ]
 
 
@@ -131,7 +139,11 @@ def test_the_glue_launches_what_the_python_path_launches(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     for found in json.loads(result.stdout.splitlines()[-1]):
         assert found["glued"], f"{found['case']}: no glue attached"
-        assert all(found["python"]), f"{found['case']}: a pass launched nothing"
+        for phase, needs in enumerate(found["case"][4]):
+            forward, backward = found["python"][2 * phase : 2 * phase + 2]
+            assert forward, f"{found['case']}: a forward launched nothing"
+            # A create_graph backward runs as torch ops: no kernel at all.
+            assert bool(backward) == (needs != "create_graph"), found["case"]
         assert found["glue"] == found["python"], found["case"]
 
 

@@ -15,7 +15,13 @@ from torch import nn
 import tritonbn
 from tritonbn import eager, modules, tuning
 
-from .helpers import assert_module_unchanged, assert_modules_match, module_state, twin_modules
+from .helpers import (
+    assert_module_unchanged,
+    assert_modules_match,
+    module_state,
+    randomize_state,
+    twin_modules,
+)
 
 SHAPES = {
     "fused-small": (6, 3, 5, 7),
@@ -229,3 +235,29 @@ def test_copies_and_pickles_start_with_nothing_remembered():
     assert len(restored._eager_calls) == 0
     assert "_eager_calls" not in module.state_dict()
     torch.testing.assert_close(restored(x), module(x))
+
+
+def test_frozen_parameters_and_a_loaded_state_after_remembered_calls(remembered):
+    module, oracle = twin_modules(tritonbn.BatchNorm2d, nn.BatchNorm2d, 3, torch.float32)
+    shape = SHAPES["split"]
+    for step in range(2):
+        x, dy = _data(shape, step)
+        assert_modules_match(module, oracle, x, dy, torch.float32)
+    for m in (module, oracle):  # fine-tuning with frozen parameters: only dx is asked for
+        m.weight.requires_grad_(False)
+        m.bias.requires_grad_(False)
+    x, dy = _data(shape, 5)
+    x32, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    (got,) = torch.autograd.grad(module(x32), x32, dy)
+    (want,) = torch.autograd.grad(oracle(x64), x64, dy.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    # load_state_dict copies into the same tensors: the remembered call stays, with the new values.
+    source = nn.BatchNorm2d(3, dtype=torch.float64)
+    randomize_state(source, seed=7)
+    module.load_state_dict(source.state_dict())
+    oracle.load_state_dict(source.state_dict())
+    before = remembered.calls
+    module.eval(), oracle.eval()
+    module(x), module(x)
+    torch.testing.assert_close(module(x).double(), oracle(x.double()), rtol=1e-4, atol=1e-4)
+    assert remembered.calls > before

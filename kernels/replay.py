@@ -62,13 +62,12 @@ def program(
     """(allocations, launches, output indices, saved indices) of the pass whose launches are
     ``notes``, or None when a launch has no record. Tensors are numbered inputs first, then the
     allocations in the order the launches meet them; an absent output or saved tensor is -1."""
-    tensors: list[torch.Tensor] = []
+    tensors: list[torch.Tensor | None] = list(inputs)  # an absent input keeps its index, as None
     allocations: list[tuple[object, ...]] = []
 
     def index_of(tensor: torch.Tensor) -> int | None:
         return next((i for i, known in enumerate(tensors) if known is tensor), None)
 
-    tensors.extend(t if t is not None else _ABSENT for t in inputs)
     launches = []
     for launcher, key, args in notes:
         record = launcher.records.get(key)
@@ -105,7 +104,3 @@ def program(
     if output_indices is None or saved_indices is None:
         return None
     return allocations, launches, output_indices, saved_indices
-
-
-# Stands for an absent input (an optional tensor the call does not pass): never a launch argument.
-_ABSENT = torch.empty(0)

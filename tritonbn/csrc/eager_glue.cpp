@@ -248,12 +248,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                               std::vector<int64_t> outputs) {
         call.backward[key] = make_program(allocations, launches, outputs, {});
       })
-      .def_readonly("stream", &Call::stream)
-      .def("backward_keys", [](const Call& call) {
-        std::vector<int64_t> keys;
-        for (const auto& entry : call.backward) keys.push_back(entry.first);
-        return keys;
-      });
+      .def_readonly("stream", &Call::stream);
   m.def(
       "batch_norm",
       [](const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

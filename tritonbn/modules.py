@@ -117,31 +117,25 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         params, buffers = self._parameters, self._buffers
         weight, bias = params["weight"], params["bias"]
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        counter = buffers["num_batches_tracked"]
         key = None
         if residual is None:
-            key = eager.signature(
-                self, input, weight, bias, running_mean, running_var, buffers["num_batches_tracked"]
-            )
+            key = eager.signature(self, input, weight, bias, running_mean, running_var, counter)
             calls = self._eager_calls
             call = None if key is None or calls is None else calls.get(key)
             if call is not None:  # the fast path (tritonbn.eager): no check, no decision
-                momentum = call.momentum
-                counter = buffers["num_batches_tracked"] if call.counts else None
-                if momentum is None:
-                    momentum = 1.0 / (float(counter) + 1.0) if counter is not None else 0.0
+                counted = counter if call.counts else None
+                momentum = _batch_momentum(call.momentum, counted)
                 if not call.running:
                     running_mean = running_var = None
-                return eager.run(call, input, weight, bias, running_mean, running_var, momentum, counter)
+                return eager.run(call, input, weight, bias, running_mean, running_var, momentum, counted)
         self._check_input_dim(input)
         training, activation, eps = self.training, self.activation, self.eps
         bn_training = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None
-        counter = buffers.get("num_batches_tracked")
-        counts = training and self.track_running_stats and counter is not None
-        momentum = self.momentum
-        if momentum is None:  # a cumulative average: the factor of the batch about to be counted
-            momentum = 1.0 / (float(counter) + 1.0) if counts else 0.0
+        counted = counter if training and self.track_running_stats else None  # the batch is counted
+        momentum = _batch_momentum(self.momentum, counted)
         if activation is not None:
             check_activation(activation, self.negative_slope)
         memory_efficient = self.memory_efficient
@@ -182,10 +176,12 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
                 memory_efficient=memory_efficient,
             )
             if key is not None and plan.backend == "triton":
-                self._remember(key, plan, input, weight, bias, running_mean, running_var, bn_training, counts)
+                self._remember(
+                    key, plan, input, weight, bias, running_mean, running_var, bn_training, counted
+                )
         # Counted once the call has succeeded: a refused call leaves the module as it was.
-        if counts:
-            counter.add_(1)
+        if counted is not None:
+            counted.add_(1)
         return y
 
     def _remember(
@@ -198,11 +194,12 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         running_mean: torch.Tensor | None,
         running_var: torch.Tensor | None,
         bn_training: bool,
-        counts: bool,
+        counter: torch.Tensor | None,
     ) -> None:
         """Remember a call that the checks accepted and the Triton kernels ran as they are (no
         copy of the input or of a per-channel tensor), so that the same call skips them next
-        time (``tritonbn.eager``)."""
+        time (``tritonbn.eager``). ``counter`` is num_batches_tracked when the call counts the
+        batch, else None."""
         # Plain numbers only: a 0-d tensor momentum may change in place, unseen by the signature.
         fixed_options = type(self.eps) in (int, float) and (
             self.momentum is None or type(self.momentum) in (int, float)
@@ -226,7 +223,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             plan=plan.kernel,
             sm_count=sm_count(input.device),
             activation=self.activation,
-            counter=self._buffers["num_batches_tracked"] if counts else None,
+            counter=counter,
         )
         call = eager.EagerCall(
             site,
@@ -236,7 +233,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             activation=self.activation,
             slope=float(self.negative_slope),
             momentum=None if self.momentum is None else float(self.momentum),
-            counts=counts,
+            counts=counter is not None,
         )
         if self._eager_calls is None:
             self._eager_calls = eager.EagerCalls()
@@ -245,6 +242,14 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
     def extra_repr(self) -> str:
         text = super().extra_repr() + activation_repr(self.activation, self.negative_slope)
         return text + (", memory_efficient=True" if self.memory_efficient else "")
+
+
+def _batch_momentum(momentum: float | None, counter: torch.Tensor | None) -> float:
+    """``momentum``; for a cumulative average (None) the factor of the batch about to be counted in
+    ``counter`` (num_batches_tracked; None when the call counts no batch: 0.0)."""
+    if momentum is not None:
+        return momentum
+    return 1.0 / (float(counter) + 1.0) if counter is not None else 0.0
 
 
 def activation_repr(activation: str | None, negative_slope: float) -> str:

@@ -179,8 +179,9 @@ class EagerBatchNorm(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         if not (needs[0] or needs[1] or needs[2]):
             return (None,) * 8
-        with _device_of(ctx.saved_tensors[0]):
-            dx, dw, db = _backward(ctx.call, grad_output, list(ctx.saved_tensors), needs)
+        saved = list(ctx.saved_tensors)  # each read of saved_tensors unpacks them again
+        with _device_of(saved[0]):
+            dx, dw, db = _backward(ctx.call, grad_output, saved, needs)
         return dx, dw, db, None, None, None, None, None
 
 

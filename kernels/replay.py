@@ -6,11 +6,13 @@ argument tuple. :func:`program` turns the notes of one pass into what the glue r
 
 * the tensors the pass allocated (every tensor argument that is neither one of the pass's inputs
   nor a workspace of ``workspace.py``), as (shape, strides, dtype) to allocate again each call;
-* each launch as its compiled launcher (the launch record's ``run``) and the full argument tuple
-  it takes — grid, stream, kernel, metadata, hooks, the kernel's arguments, its constexprs — with
-  *slots* where a call's values go: data pointers of inputs and allocations, the stream, the
-  momentum (recognized as the very float object the pass was given). Pointers go to the launcher
-  as integers, which it takes without asking the driver about them;
+* each launch as the launch record's call (Triton's C launch function where ``launch._direct``
+  found its layout, else the compiled kernel's launcher) and the full argument list it takes —
+  grid, stream, kernel, metadata and whatever else the layout has, the kernel's arguments, its
+  constexprs — with *slots* where a call's values go: data pointers of inputs and allocations,
+  the stream, the momentum (recognized as the very float object the pass was given), and the
+  position from which the arguments go as one tuple (-1: flat). Pointers go to the launcher as
+  integers, which it takes without asking the driver about them;
 * which tensors are the pass's outputs and, for a forward, which are saved for the backward.
 
 A pass whose launches have no record (the interpreter, launch hooks installed) has no program.
@@ -32,9 +34,6 @@ __all__ = ["MOMENTUM", "POINTER", "STREAM", "Program", "program", "recording"]
 
 # Slot kinds (eager_glue.cpp's enum Slot).
 POINTER, STREAM, MOMENTUM = 0, 1, 2
-# The launcher's leading arguments: grid x, y, z, stream, kernel, metadata, launch metadata, hooks.
-_HEAD = 9
-_STREAM_POSITION = 3
 
 Program = tuple[list[tuple[object, ...]], list[tuple[object, ...]], list[int], list[int]]
 
@@ -73,10 +72,11 @@ def program(
         record = launcher.records.get(key)
         if record is None:
             return None
-        full = [*record.grid, None, record.function, record.metadata, None, None, None]
-        slots = [(_STREAM_POSITION, STREAM, 0)]
+        full = [*record.before, None, *record.after]
+        slots = [(len(record.before), STREAM, 0)]
+        nest_from = len(full) if record.nested else -1
         kept: list[torch.Tensor] = []
-        for position, arg in enumerate(args, start=_HEAD):
+        for position, arg in enumerate(args, start=len(full)):
             if isinstance(arg, torch.Tensor) and not is_workspace(arg):
                 index = index_of(arg)
                 if index is None:
@@ -94,7 +94,7 @@ def program(
             else:
                 full.append(arg)
         full.extend(record.constants)
-        launches.append((record.run, tuple(full), slots, tuple(kept)))
+        launches.append((record.launch, tuple(full), slots, tuple(kept), nest_from))
 
     def indices(wanted: Sequence[torch.Tensor | None]) -> list[int] | None:
         found = [-1 if t is None else index_of(t) for t in wanted]

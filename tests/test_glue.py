@@ -2,8 +2,9 @@
 
 Its replays need compiled kernels, so these tests run Triton's real launch path under the
 stand-in CUDA driver (bench/standin_cuda.py), where nothing executes: what they prove is that
-the glue launches exactly what the Python path launches — the same launchers, grids and
-arguments, each pointer the same tensor's — step after step, forward and backward, for every
+the glue, and the launch records that call Triton's C launch functions directly, launch exactly
+what the compiled launchers of the Python path launch — the same kernels, grids and arguments,
+each pointer the same tensor's — step after step, forward and backward, for every
 plan and mode, as the gradients asked for change, and with a create_graph backward. On a GPU
 the whole suite runs over the glue as well.
 """
@@ -29,32 +30,39 @@ needs_standin = pytest.mark.skipif(
     reason="the stand-in CUDA driver and the glue are built with gcc/c++, and only without CUDA",
 )
 
-# Runs a few steps of one module through the Python path and of its twin through the glue, logs
-# every launch of the last step's forward and backward (launcher arguments with pointers named
-# by the tensor they point into) and prints both logs.
+# Runs a few steps of one module through each route — the Python path launching through Triton's
+# compiled launchers, the Python path calling their C launch functions directly (launch._direct),
+# the glue — logs every launch of the last step's forward and backward where it reaches Triton's C
+# launch function (arguments flattened, pointers named by the tensor they point into) and prints
+# the logs.
 SAME_LAUNCHES = r"""
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import standin_cuda
 standin_cuda.install()
 import torch
+import triton
+from triton.backends.nvidia import driver as nvidia
+triton.runtime.driver.active.get_current_stream = lambda device=None: 4242  # seen in the logs
 import tritonbn
-from tritonbn.kernels import launch
+from tritonbn.kernels import backward, fused_small, launch, normalize, stats
 
 log = []
-original_init = launch._Record.__init__
+original_init = nvidia.CudaLauncher.__init__
 
-def logged_record(self, compiled, grid, constants):
-    original_init(self, compiled, grid, constants)
-    run = self.run
+def logged_launcher(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    c_launch = self.launch
 
     def logged(*args):
-        log.append(args)
-        return run(*args)
+        log.append((*args[:-1], *args[-1]) if isinstance(args[-1], tuple) else args)
+        return c_launch(*args)
 
-    self.run = logged
+    self.launch = logged
 
-launch._Record.__init__ = logged_record
+nvidia.CudaLauncher.__init__ = logged_launcher
+LAUNCHERS = [value for module in (backward, fused_small, normalize, stats) for value in vars(module).values()
+             if isinstance(value, launch.Launcher)]
 
 def named(args, names):
     out = []
@@ -66,8 +74,11 @@ def named(args, names):
         out.append(value if isinstance(value, (int, float, str, type(None), bool)) else repr(type(value)))
     return out
 
-def run(case, use_glue):
-    os.environ["TRITONBN_GLUE"] = "auto" if use_glue else "off"
+def run(case, route):
+    os.environ["TRITONBN_GLUE"] = "auto" if route == "glue" else "off"
+    launch._DIRECT = route != "python through the compiled launchers"
+    for launcher in LAUNCHERS:  # records of the previous route go
+        launcher.records.clear()
     shape, cls, training, activation, phases = case
     torch.manual_seed(0)
     module = getattr(tritonbn, cls)(shape[1], activation=activation)
@@ -104,14 +115,13 @@ def run(case, use_glue):
             names = dict(known)
             logged.append([named(args, names) for args in launches])
     call = next(iter(module._eager_calls.values()))
-    return logged, call.glue is not None
+    records = [record for launcher in LAUNCHERS for record in launcher.records.values()]
+    direct = all(not isinstance(record.launch, nvidia.CudaLauncher) for record in records)
+    return {"log": logged, "glued": call.glue is not None, "direct": bool(records) and direct}
 
-results = []
-for case in json.loads(sys.argv[2]):
-    python_log, _ = run(case, False)
-    glue_log, glued = run(case, True)
-    results.append({"case": case, "python": python_log, "glue": glue_log, "glued": glued})
-print(json.dumps(results))
+ROUTES = ["python through the compiled launchers", "python", "glue"]
+print(json.dumps([{"case": case, **{route: run(case, route) for route in ROUTES}}
+                  for case in json.loads(sys.argv[2])]))
 """
 
 ALL, INPUT_ONLY, PARAMETERS_ONLY = (True, True, True), (True, False, False), (False, True, True)
@@ -138,13 +148,16 @@ def test_the_glue_launches_what_the_python_path_launches(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     for found in json.loads(result.stdout.splitlines()[-1]):
-        assert found["glued"], f"{found['case']}: no glue attached"
-        for phase, needs in enumerate(found["case"][4]):
-            forward, backward = found["python"][2 * phase : 2 * phase + 2]
-            assert forward, f"{found['case']}: a forward launched nothing"
+        case, reference = found["case"], found["python through the compiled launchers"]
+        assert found["glue"]["glued"], f"{case}: no glue attached"
+        assert not reference["direct"] and found["python"]["direct"] and found["glue"]["direct"], case
+        for phase, needs in enumerate(case[4]):
+            forward, backward = reference["log"][2 * phase : 2 * phase + 2]
+            assert forward, f"{case}: a forward launched nothing"
             # A create_graph backward runs as torch ops: no kernel at all.
-            assert bool(backward) == (needs != "create_graph"), found["case"]
-        assert found["glue"] == found["python"], found["case"]
+            assert bool(backward) == (needs != "create_graph"), case
+        assert found["python"]["log"] == reference["log"], case
+        assert found["glue"]["log"] == reference["log"], case
 
 
 def _standin():

@@ -1,14 +1,14 @@
 // The eager fast path's autograd Function in C++ (tritonbn/glue.py builds this file on demand).
 //
-// A Python autograd Function costs more host time than a whole torch.nn.BatchNorm layer, so a
-// remembered call (tritonbn/eager.py) runs here: a torch::autograd::Function whose forward and
-// backward replay *programs* that tritonbn/kernels/replay.py recorded from the Python path of the
-// same launch site. A program allocates the call's tensors (shapes, strides and dtypes are fixed by
-// the site), then calls each launch's compiled Triton launcher with a prepared argument tuple whose
-// slots take this call's data pointers, stream and momentum. Whatever a program cannot run —
-// another stream than the one its workspace belongs to, a gradient of another dtype or alignment,
-// a backward with create_graph, gradients asked in a combination not yet recorded — goes to the
-// Python implementation (the call object's fallbacks), which records the missing program.
+// A Python autograd Function costs more host time than a whole torch.nn.BatchNorm layer, so a remembered call
+// (tritonbn/eager.py) runs here: a torch::autograd::Function whose forward and backward replay *programs*
+// that tritonbn/kernels/replay.py recorded from the Python path of the same launch site. A program allocates
+// the call's tensors (shapes, strides and dtypes are fixed by the site), then calls each launch's Triton
+// launch function (the C function behind the compiled kernel's launcher, see kernels/launch.py) with prepared
+// arguments whose slots take this call's data pointers, stream and momentum. Whatever a program cannot run —
+// another stream than the one its workspace belongs to, a gradient of another dtype or alignment, a backward
+// with create_graph, gradients asked in a combination not yet recorded — goes to the Python implementation
+// (the call object's fallbacks), which records the missing program.
 
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -34,10 +34,11 @@ struct Allocation {
 };
 
 struct Launch {
-  py::object run;                                // the compiled kernel's launcher
+  py::object run;                                // Triton's launch function (or the compiled launcher)
   py::tuple args;                                // its arguments, slots included
   std::vector<std::array<int64_t, 3>> slots;     // (position, Slot, tensor index)
   py::object kept;                               // workspaces whose addresses args holds
+  Py_ssize_t nest_from;                          // args from here go as one tuple (-1: all flat)
 };
 
 // One pass of a launch site. Tensor indices: the pass's inputs first (forward: x, weight, bias,
@@ -76,12 +77,22 @@ std::vector<at::Tensor> run(const Program& program, std::vector<at::Tensor> tens
     tensors.push_back(at::empty_strided(a.shape, a.strides, at::TensorOptions().dtype(a.dtype).device(device)));
   }
   for (const auto& launch : program.launches) {
+    // The recorded arguments, a slot's taking this call's value; those from nest_from on go in a
+    // tuple of their own, the last argument (Triton 3.8's layout).
     const Py_ssize_t n = PyTuple_GET_SIZE(launch.args.ptr());
-    py::tuple args(n);
+    const bool nested = launch.nest_from >= 0;
+    const Py_ssize_t flat = nested ? launch.nest_from : n;
+    py::tuple args(nested ? flat + 1 : n), inner(nested ? n - flat : 0);
+    auto place = [&](Py_ssize_t i, PyObject* value) {  // steals value
+      PyObject* tuple = i < flat ? args.ptr() : inner.ptr();
+      const Py_ssize_t at = i < flat ? i : i - flat;
+      Py_XDECREF(PyTuple_GET_ITEM(tuple, at));
+      PyTuple_SET_ITEM(tuple, at, value);
+    };
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PyTuple_GET_ITEM(launch.args.ptr(), i);
       Py_INCREF(item);
-      PyTuple_SET_ITEM(args.ptr(), i, item);
+      place(i, item);
     }
     for (const auto& [position, kind, index] : launch.slots) {
       PyObject* value;
@@ -93,9 +104,9 @@ std::vector<at::Tensor> run(const Program& program, std::vector<at::Tensor> tens
         value = PyLong_FromUnsignedLongLong(reinterpret_cast<uintptr_t>(tensors[index].data_ptr()));
       }
       if (value == nullptr) throw py::error_already_set();
-      Py_DECREF(PyTuple_GET_ITEM(args.ptr(), position));
-      PyTuple_SET_ITEM(args.ptr(), position, value);
+      place(position, value);
     }
+    if (nested) PyTuple_SET_ITEM(args.ptr(), flat, inner.release().ptr());
     PyObject* result = PyObject_Call(launch.run.ptr(), args.ptr(), nullptr);
     if (result == nullptr) throw py::error_already_set();
     Py_DECREF(result);
@@ -219,8 +230,9 @@ Program make_program(const py::list& allocations, const py::list& launches, std:
   }
   for (auto item : launches) {
     auto spec = item.cast<py::tuple>();
-    program.launches.push_back(
-        Launch{spec[0], spec[1].cast<py::tuple>(), spec[2].cast<std::vector<std::array<int64_t, 3>>>(), spec[3]});
+    program.launches.push_back(Launch{spec[0], spec[1].cast<py::tuple>(),
+                                      spec[2].cast<std::vector<std::array<int64_t, 3>>>(), spec[3],
+                                      spec[4].cast<Py_ssize_t>()});
   }
   program.outputs = std::move(outputs);
   program.saved = std::move(saved);

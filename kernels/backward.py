@@ -24,7 +24,7 @@ from .launch import Launcher
 from .normalization import Normalization
 from .plans import Geometry
 from .tiling import affine_rows, as_row, channel_affine, load_channel, store_channel, tile_offsets
-from .workspace import tickets
+from .workspace import partials, tickets
 
 
 @triton.jit
@@ -273,7 +273,6 @@ def backward_sums(
     names the launch site."""
     channels = x.shape[1]
     count = float(x.numel() // channels)
-    partials = torch.empty((2, geo.split, channels), device=x.device, dtype=torch.float32)
     grad_weight, grad_bias = norm.parameter_grads(x, need_weight, need_bias)
     coef = torch.empty((2, channels), device=x.device, dtype=torch.float32) if need_coef else None
     launch_sums(
@@ -283,7 +282,7 @@ def backward_sums(
             dy,
             x,
             residual,
-            partials,
+            partials(x.device, 2 * geo.split * channels),  # [2, SPLIT, C]
             tickets(x.device, geo.groups),
             grad_weight,
             grad_bias,

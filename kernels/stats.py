@@ -19,7 +19,7 @@ from .tiling import (
     tile_offsets,
     tile_welford,
 )
-from .workspace import tickets
+from .workspace import partials, tickets
 
 
 @triton.jit
@@ -140,14 +140,13 @@ def batch_statistics(
     ``running_mean``/``running_var`` in place when given, and adds 1 to ``counter`` (a module's
     int64 num_batches_tracked) when given. ``key`` names the launch site."""
     channels = x.shape[1]
-    partials = torch.empty((3, geo.split, channels), device=x.device, dtype=torch.float32)
     save = torch.empty((4, channels), device=x.device, dtype=torch.float32)
     launch_stats(
         key,
         geo.grid,
         (
             x,
-            partials,
+            partials(x.device, 3 * geo.split * channels),  # [3, SPLIT, C]
             tickets(x.device, geo.groups),
             weight,
             bias,

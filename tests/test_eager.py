@@ -143,6 +143,36 @@ def test_what_the_signature_holds_sends_the_call_back_through_the_checks(checks,
     assert checks.calls == 5
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_running_statistics_given_after_remembered_calls_are_used(mode, checks):
+    # Without tracked statistics the buffers are None: the remembered calls normalize with the
+    # batch's. Buffers registered later are used as torch uses them (in eval; a tracking module
+    # in training updates them), and taken away again, they are no longer.
+    module, oracle = twin_modules(
+        tritonbn.BatchNorm2d, nn.BatchNorm2d, 3, torch.float32, track_running_stats=False
+    )
+    module.train(mode == "train"), oracle.train(mode == "train")
+    shape = SHAPES["fused-small"]
+    seeds = iter(range(100))
+
+    def steps():
+        for _ in range(2):
+            x, dy = _data(shape, next(seeds))
+            assert_modules_match(module, oracle, x, dy, torch.float32)
+
+    steps()
+    mean, var = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    for m, dtype in ((module, torch.float32), (oracle, torch.float64)):
+        m.running_mean, m.running_var = mean.to(dtype), var.to(dtype)
+        m.num_batches_tracked = torch.tensor(0)
+        m.track_running_stats = True
+    steps()
+    for m in (module, oracle):
+        m.running_mean = m.running_var = m.num_batches_tracked = None
+    steps()
+    assert checks.calls == 3
+
+
 def test_a_cast_or_replaced_buffer_is_checked_again_and_refused_unchanged():
     module = tritonbn.BatchNorm2d(3)
     x, _ = _data(SHAPES["fused-small"])

@@ -61,6 +61,9 @@ def logged_launcher(self, *args, **kwargs):
     self.launch = logged
 
 nvidia.CudaLauncher.__init__ = logged_launcher
+checked = []  # the module calls that went through the checks
+original_check = tritonbn.modules._TritonBatchNorm._check_input_dim
+tritonbn.modules._TritonBatchNorm._check_input_dim = lambda *args: checked.append(1) or original_check(*args)
 LAUNCHERS = [value for module in (backward, fused_small, normalize, stats) for value in vars(module).values()
              if isinstance(value, launch.Launcher)]
 
@@ -79,6 +82,7 @@ def run(case, route):
     launch._DIRECT = route != "python through the compiled launchers"
     for launcher in LAUNCHERS:  # records of the previous route go
         launcher.records.clear()
+    del checked[:]
     shape, cls, training, activation, phases = case
     torch.manual_seed(0)
     module = getattr(tritonbn, cls)(shape[1], activation=activation)
@@ -115,9 +119,14 @@ def run(case, route):
             names = dict(known)
             logged.append([named(args, names) for args in launches])
     call = next(iter(module._eager_calls.values()))
+    glued = call.glue is not None
     records = [record for launcher in LAUNCHERS for record in launcher.records.values()]
     direct = all(not isinstance(record.launch, nvidia.CudaLauncher) for record in records)
-    return {"log": logged, "glued": call.glue is not None, "direct": bool(records) and direct}
+    module.bias = torch.nn.Parameter(module.bias.detach().clone())  # another tensor: checked again
+    with tritonbn.backend("triton"):
+        for step in range(2):
+            module(x)
+    return {"log": logged, "glued": glued, "direct": bool(records) and direct, "checked": len(checked)}
 
 ROUTES = ["python through the compiled launchers", "python", "glue"]
 print(json.dumps([{"case": case, **{route: run(case, route) for route in ROUTES}}
@@ -158,6 +167,9 @@ def test_the_glue_launches_what_the_python_path_launches(tmp_path):
             assert bool(backward) == (needs != "create_graph"), case
         assert found["python"]["log"] == reference["log"], case
         assert found["glue"]["log"] == reference["log"], case
+        # Checked once, and once again after the bias was reassigned: every other call was run
+        # as remembered, the glue's included.
+        assert [found[route]["checked"] for route in found if route != "case"] == [2, 2, 2], case
 
 
 def _standin():

@@ -8,13 +8,15 @@ signature*, what its first such call decided (an :class:`EagerCall`); later call
 signature skip the checks and the dispatcher and run :class:`EagerBatchNorm`, an autograd
 Function with the fewest inputs that calls the prepared launch site.
 
-The signature holds everything the skipped work depends on: the input's shape, strides, dtype,
-device and pointer alignment; the module's mode and options (training, eps, momentum, activation);
-the dtype and data pointer of each parameter and buffer (a moved, cast or reassigned tensor has
-another pointer: its next call is checked again); the requested backend; and the dispatcher's
-epoch, which moves when its cached decisions are dropped (``tuning.reload``). Calls that may not
-skip anything never look it up: under ``torch.compile`` or ``torch.jit.trace``, inside a
-``torch.func`` transform, with a residual or ``memory_efficient=True``.
+The signature holds everything the skipped work depends on but the module's tensors: the input's
+shape, strides, dtype, device and pointer alignment; the module's mode and options (training, eps,
+momentum, activation); the requested backend; and the dispatcher's epoch, which moves when its
+cached decisions are dropped (``tuning.reload``). The dtype and data pointer of each parameter and
+buffer of the module are the call's *tensors*, compared on every run (in C++ when the glue runs
+it): a moved, cast or reassigned tensor has another pointer, and the call goes back through the
+checks. Calls that may not skip anything never look it up: under ``torch.compile`` or
+``torch.jit.trace``, inside a ``torch.func`` transform, with a residual or
+``memory_efficient=True``.
 
 Even that Function costs more host time than a whole ``torch.nn.BatchNorm`` layer, so where the
 kernels run compiled (a GPU, not the interpreter) the first remembered call also records its
@@ -36,7 +38,7 @@ from .autograd import _device_of, _like, differentiable_backward
 from .kernels.normalization import RUNNING, SAVED, Normalization
 from .kernels.runtime import interpreted
 
-__all__ = ["EagerBatchNorm", "EagerCall", "EagerCalls", "GluePasses", "run", "signature"]
+__all__ = ["EagerBatchNorm", "EagerCall", "EagerCalls", "GluePasses", "identity", "run", "signature"]
 
 # Call signatures a module remembers before it starts over (a few batch sizes and modes).
 MAX_CALLS = 16
@@ -48,7 +50,8 @@ class EagerCall:
     passes the running statistics, eps, the activation and its slope, the fixed momentum (None
     for a cumulative average, computed a call) and whether the call counts a batch; then the C++
     glue's call object once one is attached (``glue``, run by ``glue_run``), and whether the next
-    run should record its launches to attach one (``wants_glue``)."""
+    run should record its launches to attach one (``wants_glue``). ``tensors`` is the
+    :func:`identity` of the parameters and buffers the call passes, which a run must find again."""
 
     __slots__ = (
         "activation",
@@ -60,6 +63,7 @@ class EagerCall:
         "running",
         "site",
         "slope",
+        "tensors",
         "training",
         "wants_glue",
     )
@@ -75,8 +79,10 @@ class EagerCall:
         slope: float,
         momentum: float | None,
         counts: bool,
+        tensors: tuple[object, ...],
     ) -> None:
         self.site = site
+        self.tensors = tensors
         self.training = training
         self.running = running
         self.eps = eps
@@ -101,18 +107,9 @@ class EagerCalls(dict):
         self[key] = call
 
 
-def signature(
-    module: torch.nn.Module,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    counter: torch.Tensor | None,
-) -> tuple[object, ...] | None:
-    """The fast path's key of ``module(x)`` with these parameters and buffers (``counter``: its
-    num_batches_tracked), or None where the call must take the checked path every time (see the
-    module docstring)."""
+def signature(module: torch.nn.Module, x: torch.Tensor) -> tuple[object, ...] | None:
+    """The fast path's key of ``module(x)``, or None where the call must take the checked path
+    every time (see the module docstring)."""
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor or module.memory_efficient:
         return None
     if is_functorch_wrapped_tensor(x) or torch._C._get_tracing_state() is not None:
@@ -130,15 +127,15 @@ def signature(
         module.eps,
         module.activation,
         module.negative_slope,
-        # A tensor's dtype and address: another tensor, or this one moved or cast, has another.
-        None if weight is None else (weight.dtype, weight.data_ptr()),
-        None if bias is None else (bias.dtype, bias.data_ptr()),
-        None if running_mean is None else (running_mean.dtype, running_mean.data_ptr()),
-        None if running_var is None else (running_var.dtype, running_var.data_ptr()),
-        None if counter is None else (counter.dtype, counter.data_ptr()),
         dispatch.requested_backend(device.type),
         dispatch.epoch(),
     )
+
+
+def identity(*tensors: torch.Tensor | None) -> tuple[object, ...]:
+    """Each tensor's dtype and data pointer (None for an absent one): another tensor, or this one
+    moved or cast, has another."""
+    return tuple([None if t is None else (t.dtype, t.data_ptr()) for t in tensors])
 
 
 class EagerBatchNorm(torch.autograd.Function):
@@ -244,16 +241,23 @@ def run(
     bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
+    counter: torch.Tensor | None,
     momentum: float,
-    counter: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y = batch_norm(x) for a remembered call, counting the batch in ``counter`` (a module's
-    num_batches_tracked, when the call counts; the call's site was made with one): through the
-    C++ glue when one is attached (and no launch hook watches: the glue calls the launchers
-    directly), else :class:`EagerBatchNorm`."""
+) -> torch.Tensor | None:
+    """y = batch_norm(x) for a remembered call of the module whose parameters and buffers these
+    are (``counter``: its num_batches_tracked), through the C++ glue when one is attached (and no
+    launch hook watches: the glue calls the launchers directly), else :class:`EagerBatchNorm`.
+    The call passes the running statistics and counts the batch (the first kernel adds 1 to the
+    counter) as it was remembered to. None, with nothing done, when the tensors are not the
+    call's (``EagerCall.tensors``)."""
     if call.glue is not None and not _hooks_installed():
         return call.glue_run(x, weight, bias, running_mean, running_var, momentum, call.glue, counter)
-    return EagerBatchNorm.apply(x, weight, bias, running_mean, running_var, counter, momentum, call)
+    if identity(weight, bias, running_mean, running_var, counter) != call.tensors:
+        return None
+    if not call.running:
+        running_mean = running_var = None
+    counted = counter if call.counts else None
+    return EagerBatchNorm.apply(x, weight, bias, running_mean, running_var, counted, momentum, call)
 
 
 def _hooks_installed() -> bool:
@@ -285,6 +289,7 @@ def _attach_glue(
     current_stream = _stream_reader(inputs[0])
     passes = GluePasses(call)
     glue_call = module.Call(current_stream, current_stream(), passes.forward, passes.backward)
+    glue_call.set_tensors(list(call.tensors), call.running, call.counts)
     glue_call.set_forward(*forward)
     call.glue, call.glue_run = glue_call, module.batch_norm
 
@@ -320,6 +325,7 @@ class GluePasses:
             slope=call.slope,
             momentum=call.momentum,
             counts=call.counts,
+            tensors=call.tensors,
         )
         self.call.wants_glue = False
 

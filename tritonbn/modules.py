@@ -120,15 +120,14 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         counter = buffers["num_batches_tracked"]
         key = None
         if residual is None:
-            key = eager.signature(self, input, weight, bias, running_mean, running_var, counter)
+            key = eager.signature(self, input)
             calls = self._eager_calls
             call = None if key is None or calls is None else calls.get(key)
             if call is not None:  # the fast path (tritonbn.eager): no check, no decision
-                counted = counter if call.counts else None
-                momentum = _batch_momentum(call.momentum, counted)
-                if not call.running:
-                    running_mean = running_var = None
-                return eager.run(call, input, weight, bias, running_mean, running_var, momentum, counted)
+                momentum = _batch_momentum(call.momentum, counter if call.counts else None)
+                y = eager.run(call, input, weight, bias, running_mean, running_var, counter, momentum)
+                if y is not None:
+                    return y
         self._check_input_dim(input)
         training, activation, eps = self.training, self.activation, self.eps
         bn_training = training or (running_mean is None and running_var is None)
@@ -234,6 +233,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             slope=float(self.negative_slope),
             momentum=None if self.momentum is None else float(self.momentum),
             counts=counter is not None,
+            tensors=eager.identity(weight, bias, *_statistics_buffers(self)),
         )
         if self._eager_calls is None:
             self._eager_calls = eager.EagerCalls()
@@ -242,6 +242,13 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
     def extra_repr(self) -> str:
         text = super().extra_repr() + activation_repr(self.activation, self.negative_slope)
         return text + (", memory_efficient=True" if self.memory_efficient else "")
+
+
+def _statistics_buffers(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    """The module's running_mean, running_var and num_batches_tracked, whether a call passes them
+    or not."""
+    buffers = module._buffers
+    return buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
 
 
 def _batch_momentum(momentum: float | None, counter: torch.Tensor | None) -> float:

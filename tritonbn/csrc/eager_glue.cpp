@@ -51,7 +51,25 @@ struct Program {
   std::vector<int64_t> saved;    // forward only: kept for the backward
 };
 
+// A tensor as a remembered call knew it: absent, or its dtype and data pointer (a tensor moved,
+// cast or reassigned since has another).
+struct Identity {
+  bool defined = false;
+  at::ScalarType dtype = at::ScalarType::Undefined;
+  uint64_t data = 0;
+  bool operator==(const Identity&) const = default;
+};
+
+Identity identity_of(const c10::optional<at::Tensor>& tensor) {
+  if (!tensor.has_value() || !tensor->defined()) return {};
+  return {true, tensor->scalar_type(), reinterpret_cast<uint64_t>(tensor->data_ptr())};
+}
+
 struct Call : torch::CustomClassHolder {
+  // The module's weight, bias, running_mean, running_var and num_batches_tracked when the call
+  // was remembered; whether it passes the running statistics and counts the batch.
+  std::array<Identity, 5> tensors;
+  bool running = true, counts = false;
   Program forward;
   std::map<int64_t, Program> backward;  // by (needs bits | dy aligned << 3)
   py::object current_stream;            // () -> the raw handle of the current stream (non-CUDA devices)
@@ -253,6 +271,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         call->fallback_backward = std::move(fallback_backward);
         return call;
       }))
+      .def("set_tensors",
+           [](Call& call, const py::list& tensors, bool running, bool counts) {
+             if (tensors.size() != call.tensors.size()) throw py::value_error("set_tensors: five tensors expected");
+             for (size_t i = 0; i < call.tensors.size(); ++i) {
+               if (tensors[i].is_none()) {
+                 call.tensors[i] = Identity{};
+               } else {
+                 auto pair = tensors[i].cast<py::tuple>();
+                 call.tensors[i] = Identity{true, pair[0].cast<at::ScalarType>(), pair[1].cast<uint64_t>()};
+               }
+             }
+             call.running = running;
+             call.counts = counts;
+           })
       .def("set_forward",
            [](Call& call, py::list allocations, py::list launches, std::vector<int64_t> outputs,
               std::vector<int64_t> saved) { call.forward = make_program(allocations, launches, outputs, saved); })
@@ -265,9 +297,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "batch_norm",
       [](const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
          const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
-         double momentum, const c10::intrusive_ptr<Call>& call, const c10::optional<at::Tensor>& counter) {
-        return EagerBatchNorm::apply(x, or_absent(weight), or_absent(bias), running_mean, running_var, counter,
-                                     momentum, call);
+         double momentum, const c10::intrusive_ptr<Call>& call,
+         const c10::optional<at::Tensor>& counter) -> py::object {
+        const std::array<Identity, 5> found{identity_of(weight), identity_of(bias), identity_of(running_mean),
+                                            identity_of(running_var), identity_of(counter)};
+        if (found != call->tensors) return py::none();
+        const c10::optional<at::Tensor> none;
+        return py::cast(EagerBatchNorm::apply(x, or_absent(weight), or_absent(bias),
+                                              call->running ? running_mean : none, call->running ? running_var : none,
+                                              call->counts ? counter : none, momentum, call));
       },
-      "y = batch_norm(x) through a recorded call (the counter, num_batches_tracked, counted by its kernel)");
+      "y = batch_norm(x) through a recorded call of the module whose parameters and buffers these are (the "
+      "counter, num_batches_tracked, counted by the first kernel when the call counts), or None when they are "
+      "not the call's");
 }

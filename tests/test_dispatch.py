@@ -3,6 +3,8 @@ forced (environment, context manager), and that calls really run where the plan 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,23 @@ def test_environment_forces_plan(monkeypatch):
     monkeypatch.setenv("TRITONBN_BACKEND", "triton")
     monkeypatch.setenv("TRITONBN_PLAN", "split-welford")
     assert tritonbn.explain(cpu_input(8, 6, 4, 4)).kernel == "split-welford"
+
+
+def test_environment_is_read_on_every_call(monkeypatch):
+    x = cpu_input(8, 6, 4, 4)
+    for value, expected in (("reference", "reference"), ("", "torch"), ("triton", "triton"), (None, "torch")):
+        if value is None:
+            monkeypatch.delenv("TRITONBN_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("TRITONBN_BACKEND", value)
+        assert tritonbn.explain(x).backend == expected
+    # The dispatcher's quick read agrees with os.environ on unset, empty and non-ASCII values.
+    for value in (None, "", "plan-é"):
+        if value is None:
+            monkeypatch.delenv("TRITONBN_PLAN", raising=False)
+        else:
+            monkeypatch.setenv("TRITONBN_PLAN", value)
+        assert tritonbn.dispatch._environment("TRITONBN_PLAN") == os.environ.get("TRITONBN_PLAN")
 
 
 def test_context_manager_wins_over_environment(monkeypatch):

@@ -101,16 +101,34 @@ def requested_backend(device_type: str) -> tuple[str, str | None, str]:
     """(backend, forced plan, where the choice came from) for a tensor on ``device_type``.
 
     TRITONBN_PLAN is read only where a Triton kernel may run (backend ``triton``, or ``auto`` on
-    CUDA): an environment read costs about half a microsecond, on every call of the CPU fallback.
+    CUDA): even through :func:`_environment`, a read is a cost on every call of the CPU fallback.
     """
     override = _current_override()
     if override is not None:
         return override[0], override[1], "tritonbn.backend()"
-    name = _check_backend(os.environ.get("TRITONBN_BACKEND", "auto") or "auto", "TRITONBN_BACKEND")
+    name = _check_backend(_environment("TRITONBN_BACKEND") or "auto", "TRITONBN_BACKEND")
     plan = None
     if name == "triton" or (name == "auto" and device_type == "cuda"):
-        plan = _check_plan(os.environ.get("TRITONBN_PLAN") or None, "TRITONBN_PLAN")
+        plan = _check_plan(_environment("TRITONBN_PLAN") or None, "TRITONBN_PLAN")
     return name, plan, "TRITONBN_BACKEND" if name != "auto" else "default"
+
+
+_encoded_names: dict[str, object] = {}
+
+
+def _environment(name: str) -> str | None:
+    """``os.environ.get(name)``, read where CPython's ``os.environ`` keeps it (its ``_data``, by
+    encoded name): ``get`` of an unset variable raises and catches a KeyError, about 0.6 µs of
+    the host time of every call that may run a Triton kernel."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if data is None or not hasattr(environ, "encodekey"):
+        return environ.get(name)
+    key = _encoded_names.get(name)
+    if key is None:
+        key = _encoded_names[name] = environ.encodekey(name)
+    value = data.get(key)
+    return None if value is None else environ.decodevalue(value)
 
 
 _epoch = 0

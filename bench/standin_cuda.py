@@ -7,6 +7,12 @@ compile every kernel for sm_90 for real and go through its whole launch path —
 specialization, cache lookup, the compiled launcher, ``cuLaunchKernelEx`` — on CPU tensors.
 Nothing runs: outputs are garbage, so use it to time host work and count launches, never to
 check a result. A real driver adds about 2 µs a launch.
+
+Each kernel the stand-in loads gets a handle of its own (1, 2, ... in load order), and it keeps a
+log of launches for tests that compare what two launch paths hand the driver: ``standin_log(1)``
+empties and starts it, ``standin_param_sizes(handle, sizes, count)`` says how many parameters of
+which sizes a kernel takes (from its PTX), and ``standin_logged()`` / ``standin_logged_launch(i)``
+read it (``struct standin_launch`` in the C file; ``tests/test_glue.py`` reads it with ctypes).
 """
 
 from __future__ import annotations

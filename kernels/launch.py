@@ -19,6 +19,7 @@ compiled kernels lack the launcher API, every launch takes the JIT path.
 from __future__ import annotations
 
 import copy
+import re
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -64,10 +65,12 @@ class _Record:
     the rest before the kernel's arguments, whether those go as one tuple (see :func:`_direct`),
     and the constexpr tail of the arguments."""
 
-    __slots__ = ("after", "before", "constants", "launch", "nested")
+    __slots__ = ("after", "before", "compiled", "constants", "grid", "launch", "nested")
 
     def __init__(self, compiled: Any, grid: tuple[int, int, int], constants: tuple[object, ...], count: int):
         self.launch, self.before, self.after, self.nested = _direct(compiled, grid, count)
+        self.compiled = compiled
+        self.grid = grid
         self.constants = constants
 
 
@@ -114,6 +117,38 @@ def _direct(compiled: Any, grid: tuple[int, int, int], count: int) -> tuple[Any,
         return fallback
     (at,) = markers
     return run.launch, head[:at], head[at + 1 :], nested
+
+
+# PTX parameter types by size in bytes.
+_PTX_SIZES = {
+    **dict.fromkeys(("u64", "s64", "b64", "f64"), 8),
+    **dict.fromkeys(("u32", "s32", "b32", "f32"), 4),
+    **dict.fromkeys(("u16", "s16", "b16", "f16"), 2),
+    **dict.fromkeys(("u8", "s8", "b8"), 1),
+}
+
+
+def parameter_sizes(compiled: Any) -> list[int] | None:
+    """The size in bytes of each parameter of ``compiled``'s kernel, in order, as its PTX
+    declares them: what the driver reads from a launch's parameter array. None without PTX or
+    with a parameter that is not a plain scalar or pointer (an aligned byte array)."""
+    try:
+        ptx = compiled.asm["ptx"]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    entry = re.search(r"\.entry\s+\w+\s*\(([^)]*)\)", ptx if isinstance(ptx, str) else "")
+    if entry is None:
+        return None
+    sizes = []
+    for declaration in entry.group(1).split(","):
+        if not declaration.strip():
+            continue
+        found = re.match(r"\s*\.param\s+\.(\w+)\s", declaration)
+        size = _PTX_SIZES.get(found.group(1)) if found else None
+        if size is None:
+            return None
+        sizes.append(size)
+    return sizes
 
 
 class Launcher:

@@ -32,17 +32,20 @@ needs_standin = pytest.mark.skipif(
 
 # Runs a few steps of one module through each route — the Python path launching through Triton's
 # compiled launchers, the Python path calling their C launch functions directly (launch._direct),
-# the glue — logs every launch of the last step's forward and backward where it reaches Triton's C
-# launch function (arguments flattened, pointers named by the tensor they point into) and prints
-# the logs.
+# the glue, which launches through the driver itself (replay._driver_launch) — and logs every
+# launch of the last step's forward and backward twice: where it reaches Triton's C launch function
+# (arguments flattened), and where it reaches the driver (the stand-in's log: kernel, grid, block,
+# shared memory, launch attributes, stream and each kernel parameter, sized by the kernel's PTX).
+# Pointers are named by the tensor they point into.
 SAME_LAUNCHES = r"""
-import json, os, sys
+import ctypes, json, os, sys
 sys.path.insert(0, sys.argv[1])
 import standin_cuda
 standin_cuda.install()
 import torch
 import triton
 from triton.backends.nvidia import driver as nvidia
+from triton.compiler.compiler import CompiledKernel
 triton.runtime.driver.active.get_current_stream = lambda device=None: 4242  # seen in the logs
 import tritonbn
 from tritonbn.kernels import backward, fused_small, launch, normalize, stats
@@ -61,6 +64,41 @@ def logged_launcher(self, *args, **kwargs):
     self.launch = logged
 
 nvidia.CudaLauncher.__init__ = logged_launcher
+
+class DriverLaunch(ctypes.Structure):  # bench/standin_cuda/standin_cuda.c's struct standin_launch
+    _fields_ = [("function", ctypes.c_ulong), ("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared", ctypes.c_uint), ("attributes", ctypes.c_uint), ("stream", ctypes.c_ulong),
+                ("params", ctypes.c_uint), ("bytes", ctypes.c_uint), ("data", ctypes.c_ubyte * 512)]
+
+driver = standin_cuda._library
+driver.standin_logged_launch.restype = ctypes.POINTER(DriverLaunch)
+sizes_of = {}  # kernel handle -> its parameters' sizes, told to the stand-in when the kernel loads
+original_handles = CompiledKernel._init_handles
+
+def handles_with_sizes(self):
+    original_handles(self)
+    sizes = launch.parameter_sizes(self)
+    if self.function not in sizes_of and sizes is not None:
+        sizes_of[self.function] = sizes
+        told = driver.standin_param_sizes(self.function, (ctypes.c_uint * len(sizes))(*sizes), len(sizes))
+        assert told == 0
+
+CompiledKernel._init_handles = handles_with_sizes
+
+def driver_log():
+    entries = []
+    for i in range(driver.standin_logged()):
+        entry = driver.standin_logged_launch(i).contents
+        data, at, params = bytes(entry.data[: entry.bytes]), 0, []
+        for size in sizes_of.get(entry.function, [])[: entry.params]:
+            params.append(int.from_bytes(data[at : at + size], "little"))
+            at += size
+        assert entry.params == len(params) > 0, "a kernel whose parameter sizes the stand-in was not told"
+        entries.append([entry.function, *entry.grid, *entry.block, entry.shared, entry.attributes,
+                        entry.stream, *params])
+    driver.standin_log(1)
+    return entries
+
 checked = []  # the module calls that went through the checks
 original_check = tritonbn.modules._TritonBatchNorm._check_input_dim
 tritonbn.modules._TritonBatchNorm._check_input_dim = lambda *args: checked.append(1) or original_check(*args)
@@ -89,23 +127,25 @@ def run(case, route):
     module.train(training)
     x = torch.randn(shape)
     dy = torch.randn(shape)
-    logged = []
+    logged, at_driver = [], []
     for needs in phases:  # a few steps with each combination of gradients, the last one logged
         x.requires_grad_(needs != "create_graph" and needs[0])
         module.weight.requires_grad_(needs == "create_graph" or needs[1])
         module.bias.requires_grad_(needs == "create_graph" or needs[2])
         with tritonbn.backend("triton"):
-            for step in range(3):
+            # Checked, recorded, then the glue's forward with the backward recorded, then the glue.
+            for step in range(4):
                 del log[:]
+                driver_log()
                 y = module(x)
-                forward = list(log)
+                forward, forward_driver = list(log), driver_log()
                 del log[:]
                 if needs == "create_graph":  # a gradient penalty: the backward as torch ops
                     (dw,) = torch.autograd.grad(y, module.weight, dy, create_graph=True)
                     dw.square().sum().backward()
                 else:
                     y.backward(dy)
-                backward = list(log)
+                backward, backward_driver = list(log), driver_log()
         known = {}
         for tensor, name in ((x, "x"), (dy, "dy"), (y, "y"), (x.grad, "dx"), (module.weight, "w"),
                              (module.bias, "b"), (module.weight.grad, "dw"), (module.bias.grad, "db"),
@@ -115,9 +155,11 @@ def run(case, route):
                 known[tensor.data_ptr()] = name
         # Other pointers are named in order of appearance, afresh in each pass: memory a pass
         # frees may come back to the next one, as the two paths free and allocate differently.
-        for launches in (forward, backward):
+        for launches, driver_launches in ((forward, forward_driver), (backward, backward_driver)):
             names = dict(known)
             logged.append([named(args, names) for args in launches])
+            names = dict(known)
+            at_driver.append([named(entry, names) for entry in driver_launches])
     call = next(iter(module._eager_calls.values()))
     glued = call.glue is not None
     records = [record for launcher in LAUNCHERS for record in launcher.records.values()]
@@ -126,7 +168,8 @@ def run(case, route):
     with tritonbn.backend("triton"):
         for step in range(2):
             module(x)
-    return {"log": logged, "glued": glued, "direct": bool(records) and direct, "checked": len(checked)}
+    return {"log": logged, "driver": at_driver, "glued": glued, "direct": bool(records) and direct,
+            "checked": len(checked)}
 
 ROUTES = ["python through the compiled launchers", "python", "glue"]
 print(json.dumps([{"case": case, **{route: run(case, route) for route in ROUTES}}
@@ -166,7 +209,12 @@ def test_the_glue_launches_what_the_python_path_launches(tmp_path):
             # A create_graph backward runs as torch ops: no kernel at all.
             assert bool(backward) == (needs != "create_graph"), case
         assert found["python"]["log"] == reference["log"], case
-        assert found["glue"]["log"] == reference["log"], case
+        # The glue launched every pass of the logged steps itself, through the driver...
+        assert not any(found["glue"]["log"]), case
+        # ... and the driver got the same launches from all three routes.
+        assert [len(p) for p in reference["driver"]] == [len(p) for p in reference["log"]], case
+        assert found["python"]["driver"] == reference["driver"], case
+        assert found["glue"]["driver"] == reference["driver"], case
         # Checked once, and once again after the bias was reassigned: every other call was run
         # as remembered, the glue's included.
         assert [found[route]["checked"] for route in found if route != "case"] == [2, 2, 2], case

@@ -64,6 +64,9 @@ def _command(name: str, target: Path) -> list[str]:
     if compiler is None:
         raise RuntimeError("no C++ compiler (c++ or g++, or $CXX) on PATH")
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    cuda_header = _triton_cuda_include()
+    if cuda_header is not None:  # the driver's API, for launches made without Python
+        includes.append(str(cuda_header))
     libraries = cpp_extension.library_paths()
     return [
         compiler,
@@ -82,9 +85,19 @@ def _command(name: str, target: Path) -> list[str]:
         "-ltorch",
         "-ltorch_cpu",
         "-ltorch_python",
+        "-ldl",
         "-o",
         str(target),
     ]
+
+
+def _triton_cuda_include() -> Path | None:
+    """The folder of the ``cuda.h`` that ships with Triton, if it is installed with one."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "backends" / "nvidia" / "include"
+    return folder if (folder / "cuda.h").is_file() else None
 
 
 def _load(path: Path, name: str) -> ModuleType:

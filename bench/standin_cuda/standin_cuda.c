@@ -4,10 +4,43 @@
  * Device queries answer as an H200 would (132 SMs, compute capability 9.0). */
 #include "cuda.h"
 
-static int handle;           /* every context, module and function is this object */
+#include <string.h>
+
+static int handle;           /* every context and module is this object */
 static long launch_count;
+static unsigned long function_count; /* functions are numbered from 1, in the order they are got */
 
 long standin_launch_count(void) { return launch_count; }
+
+/* The launch log, for tests that compare what two launch paths hand the driver: each launch's
+ * function, configuration and kernel parameters, the parameters' sizes told beforehand per
+ * function (standin_param_sizes), from the kernel's PTX. Off until standin_log(1). */
+#define LOG_LAUNCHES 4096
+#define MAX_PARAMS 64
+#define MAX_FUNCTIONS 1024
+struct standin_launch {
+  unsigned long function;
+  unsigned int grid[3], block[3], shared, attributes;
+  unsigned long stream;
+  unsigned int params, bytes;
+  unsigned char data[MAX_PARAMS * 8];
+};
+static struct standin_launch launch_log[LOG_LAUNCHES];
+static int log_on, logged;
+static unsigned int param_count[MAX_FUNCTIONS + 1], param_size[MAX_FUNCTIONS + 1][MAX_PARAMS];
+
+void standin_log(int on) {
+  log_on = on;
+  logged = 0;
+}
+int standin_logged(void) { return logged; }
+const struct standin_launch *standin_logged_launch(int i) { return &launch_log[i]; }
+int standin_param_sizes(unsigned long function, const unsigned int *sizes, unsigned int count) {
+  if (function == 0 || function > MAX_FUNCTIONS || count > MAX_PARAMS) return -1;
+  memcpy(param_size[function], sizes, count * sizeof *sizes);
+  param_count[function] = count;
+  return 0;
+}
 
 CUresult CUDAAPI cuInit(unsigned int flags) { return CUDA_SUCCESS; }
 CUresult CUDAAPI cuDriverGetVersion(int *version) { *version = 13000; return CUDA_SUCCESS; }
@@ -51,7 +84,7 @@ CUresult CUDAAPI cuModuleLoadData(CUmodule *module, const void *image) {
 }
 CUresult CUDAAPI cuModuleUnload(CUmodule module) { return CUDA_SUCCESS; }
 CUresult CUDAAPI cuModuleGetFunction(CUfunction *function, CUmodule module, const char *name) {
-  *function = (CUfunction)&handle;
+  *function = (CUfunction)++function_count;
   return CUDA_SUCCESS;
 }
 CUresult CUDAAPI cuFuncGetAttribute(int *value, CUfunction_attribute attribute, CUfunction f) {
@@ -81,6 +114,24 @@ CUresult CUDAAPI cuPointerGetAttributes(unsigned int n, CUpointer_attribute *att
 CUresult CUDAAPI cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params,
                                   void **extra) {
   launch_count++;
+  if (log_on && logged < LOG_LAUNCHES) {
+    struct standin_launch *entry = &launch_log[logged++];
+    unsigned long function = (unsigned long)f;
+    entry->function = function;
+    entry->grid[0] = config->gridDimX, entry->grid[1] = config->gridDimY, entry->grid[2] = config->gridDimZ;
+    entry->block[0] = config->blockDimX, entry->block[1] = config->blockDimY, entry->block[2] = config->blockDimZ;
+    entry->shared = config->sharedMemBytes;
+    entry->attributes = config->numAttrs;
+    entry->stream = (unsigned long)config->hStream;
+    entry->params = entry->bytes = 0;
+    if (function >= 1 && function <= MAX_FUNCTIONS) {
+      for (unsigned int i = 0; i < param_count[function]; i++) {
+        memcpy(entry->data + entry->bytes, params[i], param_size[function][i]);
+        entry->bytes += param_size[function][i];
+      }
+      entry->params = param_count[function];
+    }
+  }
   return CUDA_SUCCESS;
 }
 

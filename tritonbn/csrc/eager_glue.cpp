@@ -16,8 +16,17 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <cstring>
 #include <map>
+#include <optional>
+#include <string>
 #include <vector>
+
+#if __has_include(<cuda.h>)  // Triton's copy (tritonbn/glue.py puts it on the include path)
+#include <cuda.h>
+#include <dlfcn.h>
+#define TRITONBN_DRIVER_LAUNCH 1
+#endif
 
 namespace py = pybind11;
 using torch::autograd::AutogradContext;
@@ -33,12 +42,25 @@ struct Allocation {
   at::ScalarType dtype;
 };
 
+// A launch made straight through the driver, as Triton's launcher would make it
+// (kernels/replay.py's _driver_launch): the kernel's parameters packed at their offsets, slots
+// (parameter, Slot, tensor index) taking this call's pointers and momentum.
+struct DriverLaunch {
+  uint64_t function;
+  std::array<unsigned, 3> grid;
+  unsigned block, shared;
+  std::vector<unsigned char> packed;
+  std::vector<size_t> offsets;
+  std::vector<std::array<int64_t, 3>> slots;
+};
+
 struct Launch {
   py::object run;                                // Triton's launch function (or the compiled launcher)
   py::tuple args;                                // its arguments, slots included
   std::vector<std::array<int64_t, 3>> slots;     // (position, Slot, tensor index)
   py::object kept;                               // workspaces whose addresses args holds
   Py_ssize_t nest_from;                          // args from here go as one tuple (-1: all flat)
+  std::optional<DriverLaunch> driver;            // the same launch without Python, where it is plain
 };
 
 // One pass of a launch site. Tensor indices: the pass's inputs first (forward: x, weight, bias,
@@ -77,9 +99,17 @@ struct Call : torch::CustomClassHolder {
   py::object fallback_forward;          // (x, w, b, rm, rv, counter, momentum) -> (y, [saved])
   py::object fallback_backward;         // (call, dy, [saved], needs bits) -> [dx, dw, db]
 
-  // The last reference may go with an autograd graph, freed where the GIL is not held.
+  // The last reference may go with an autograd graph, freed where the GIL is not held; or with
+  // the interpreter's own teardown, where the GIL must not be asked for: the Python objects are
+  // then left to the interpreter.
   ~Call() override {
-    if (!Py_IsInitialized()) return;
+    if (interpreter_stopping()) {
+      for (Program* program : programs()) {
+        for (auto& launch : program->launches) launch.run.release(), launch.args.release(), launch.kept.release();
+      }
+      current_stream.release(), fallback_forward.release(), fallback_backward.release();
+      return;
+    }
     py::gil_scoped_acquire gil;
     forward = Program();
     backward.clear();
@@ -87,7 +117,95 @@ struct Call : torch::CustomClassHolder {
     fallback_forward = py::object();
     fallback_backward = py::object();
   }
+
+ private:
+  std::vector<Program*> programs() {
+    std::vector<Program*> all{&forward};
+    for (auto& [key, program] : backward) all.push_back(&program);
+    return all;
+  }
+
+  static bool interpreter_stopping() {
+#if PY_VERSION_HEX >= 0x030D0000
+    return !Py_IsInitialized() || Py_IsFinalizing();
+#else
+    return !Py_IsInitialized() || _Py_IsFinalizing();
+#endif
+  }
 };
+
+#ifdef TRITONBN_DRIVER_LAUNCH
+// The driver's entry points, from the libcuda.so.1 Triton loaded (a process that launched a
+// Triton kernel has it); null where there is none.
+struct Driver {
+  decltype(&cuLaunchKernelEx) launch = nullptr;
+  decltype(&cuCtxGetCurrent) current_context = nullptr;
+  decltype(&cuGetErrorString) error_string = nullptr;
+
+  static const Driver& get() {
+    static const Driver driver = [] {
+      Driver found;
+      void* library = dlopen("libcuda.so.1", RTLD_LAZY);
+      if (library == nullptr) return found;
+      found.launch = reinterpret_cast<decltype(&cuLaunchKernelEx)>(dlsym(library, "cuLaunchKernelEx"));
+      found.current_context = reinterpret_cast<decltype(&cuCtxGetCurrent)>(dlsym(library, "cuCtxGetCurrent"));
+      found.error_string = reinterpret_cast<decltype(&cuGetErrorString)>(dlsym(library, "cuGetErrorString"));
+      if (found.current_context == nullptr || found.error_string == nullptr) found.launch = nullptr;
+      return found;
+    }();
+    return driver;
+  }
+};
+
+// Launches through the driver, as Triton's launch function would: the same configuration, no
+// launch attribute (replay.py keeps only such launches), the parameters with this call's values.
+// False, with nothing launched, where this thread has no CUDA context yet: Triton's launch
+// function, which makes one current, takes that launch.
+bool launch_through_driver(const DriverLaunch& launch, const std::vector<at::Tensor>& tensors, int64_t stream,
+                           double momentum) {
+  if (launch.grid[0] == 0 || launch.grid[1] == 0 || launch.grid[2] == 0) return true;  // Triton skips it too
+  const Driver& driver = Driver::get();
+  CUcontext context = nullptr;
+  if (driver.launch == nullptr || driver.current_context(&context) != CUDA_SUCCESS || context == nullptr) {
+    return false;
+  }
+  constexpr size_t kMaxParameters = 64;
+  alignas(16) unsigned char storage[kMaxParameters * 8];
+  void* parameters[kMaxParameters];
+  std::memcpy(storage, launch.packed.data(), launch.packed.size());
+  for (const auto& [parameter, kind, index] : launch.slots) {
+    unsigned char* at = storage + launch.offsets[parameter];
+    if (kind == kPointer) {
+      const uint64_t pointer = reinterpret_cast<uint64_t>(tensors[index].data_ptr());
+      std::memcpy(at, &pointer, sizeof pointer);
+    } else {
+      const float value = static_cast<float>(momentum);
+      std::memcpy(at, &value, sizeof value);
+    }
+  }
+  for (size_t i = 0; i < launch.offsets.size(); ++i) parameters[i] = storage + launch.offsets[i];
+  CUlaunchConfig config{};
+  config.gridDimX = launch.grid[0];
+  config.gridDimY = launch.grid[1];
+  config.gridDimZ = launch.grid[2];
+  config.blockDimX = launch.block;
+  config.blockDimY = config.blockDimZ = 1;
+  config.sharedMemBytes = launch.shared;
+  config.hStream = reinterpret_cast<CUstream>(stream);
+  config.attrs = nullptr;
+  config.numAttrs = 0;
+  // As Triton's launcher does, other threads may run Python while the driver queues the launch.
+  PyThreadState* released = PyGILState_Check() ? PyEval_SaveThread() : nullptr;
+  const CUresult result = driver.launch(&config, reinterpret_cast<CUfunction>(launch.function), parameters, nullptr);
+  if (released != nullptr) PyEval_RestoreThread(released);
+  if (result != CUDA_SUCCESS) {
+    const char* text = nullptr;
+    driver.error_string(result, &text);
+    throw std::runtime_error(std::string("tritonbn: cuLaunchKernelEx failed: ") + (text ? text : "unknown error"));
+  }
+  return true;
+}
+#endif
 
 std::vector<at::Tensor> run(const Program& program, std::vector<at::Tensor> tensors, const at::Device& device,
                             int64_t stream, double momentum) {
@@ -95,6 +213,9 @@ std::vector<at::Tensor> run(const Program& program, std::vector<at::Tensor> tens
     tensors.push_back(at::empty_strided(a.shape, a.strides, at::TensorOptions().dtype(a.dtype).device(device)));
   }
   for (const auto& launch : program.launches) {
+#ifdef TRITONBN_DRIVER_LAUNCH
+    if (launch.driver && launch_through_driver(*launch.driver, tensors, stream, momentum)) continue;
+#endif
     // The recorded arguments, a slot's taking this call's value; those from nest_from on go in a
     // tuple of their own, the last argument (Triton 3.8's layout).
     const Py_ssize_t n = PyTuple_GET_SIZE(launch.args.ptr());
@@ -248,9 +369,27 @@ Program make_program(const py::list& allocations, const py::list& launches, std:
   }
   for (auto item : launches) {
     auto spec = item.cast<py::tuple>();
+    std::optional<DriverLaunch> driver;
+    if (!spec[5].is_none()) {
+      auto d = spec[5].cast<py::tuple>();
+      auto packed = d[4].cast<std::string>();
+      auto offsets = d[5].cast<std::vector<size_t>>();
+      auto slots = d[6].cast<std::vector<std::array<int64_t, 3>>>();
+      bool valid = offsets.size() <= 64 && packed.size() <= 64 * 8;
+      for (size_t offset : offsets) valid = valid && offset + 8 <= packed.size();
+      for (const auto& slot : slots) valid = valid && slot[0] >= 0 && size_t(slot[0]) < offsets.size();
+      if (!valid) throw py::value_error("a driver launch: at most 64 parameters of 8 bytes, slots among them");
+      driver = DriverLaunch{d[0].cast<uint64_t>(),
+                            d[1].cast<std::array<unsigned, 3>>(),
+                            d[2].cast<unsigned>(),
+                            d[3].cast<unsigned>(),
+                            std::vector<unsigned char>(packed.begin(), packed.end()),
+                            std::move(offsets),
+                            std::move(slots)};
+    }
     program.launches.push_back(Launch{spec[0], spec[1].cast<py::tuple>(),
                                       spec[2].cast<std::vector<std::array<int64_t, 3>>>(), spec[3],
-                                      spec[4].cast<Py_ssize_t>()});
+                                      spec[4].cast<Py_ssize_t>(), std::move(driver)});
   }
   program.outputs = std::move(outputs);
   program.saved = std::move(saved);

@@ -51,7 +51,8 @@ class EagerCall:
     for a cumulative average, computed a call) and whether the call counts a batch; then the C++
     glue's call object once one is attached (``glue``, run by ``glue_run``), and whether the next
     run should record its launches to attach one (``wants_glue``). ``tensors`` is the
-    :func:`identity` of the parameters and buffers the call passes, which a run must find again."""
+    :func:`identity` of the module's weight, bias, running_mean, running_var and
+    num_batches_tracked when the call was remembered, which a run must find again."""
 
     __slots__ = (
         "activation",

@@ -165,9 +165,10 @@ def _timed(run: Callable[[], None], steps: int, sync: Callable[[], None]) -> flo
 def _launches(stand_in: bool) -> Callable[[], int]:
     if stand_in:
         return standin_cuda.launches
+    from tritonbn import glue
     from tritonbn.kernels.launch import launch_counts
 
-    return lambda: sum(launch_counts().values())
+    return lambda: sum(launch_counts().values()) + sum(glue.launch_counts().values())
 
 
 def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
@@ -233,6 +234,7 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "eager_path": glue.status(),
+        "glue_launches": glue.launch_counts(),
         "layers": rows,
     }
 
@@ -289,6 +291,12 @@ def report(results: dict[str, object]) -> str:
         head += f" Allocator: {results['allocator']}."
     if "eager_path" in results:
         head += f" tritonbn's remembered calls: {results['eager_path']}."
+    if "glue_launches" in results:
+        counts = results["glue_launches"]
+        head += (
+            f" The glue's launches: {counts['driver']} through the driver itself, "
+            f"{counts['triton']} through Triton's launch function."
+        )
     lines = [
         head,
         "",

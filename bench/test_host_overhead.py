@@ -31,7 +31,10 @@ def test_host_overhead_runs_and_counts_each_plans_launches(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    layers = json.loads(out.read_text())["layers"]
+    results = json.loads(out.read_text())
+    layers = results["layers"]
+    if results["eager_path"].startswith("C++"):  # the glue made launches, through the driver itself
+        assert results["glue_launches"]["driver"] > 0, results["glue_launches"]
     assert [row["layer"] for row in layers] == [
         "conv1 (256,6,24,24)",
         "conv2 (256,16,8,8)",

@@ -29,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["build", "enabled", "extension", "status"]
+__all__ = ["build", "enabled", "extension", "launch_counts", "status"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "eager_glue.cpp"
 ENV = "TRITONBN_GLUE"
@@ -165,6 +165,15 @@ def extension() -> ModuleType | None:
         return build()
     except RuntimeError:
         return None
+
+
+def launch_counts() -> dict[str, int]:
+    """Kernel launches the glue made since the process started: ``"driver"`` (``cuLaunchKernelEx``
+    called by the glue itself) and ``"triton"`` (through Triton's launch function); zeros while
+    it is not loaded. Launches of the Python path are ``kernels.launch.launch_counts()``."""
+    if _module is None:
+        return {"driver": 0, "triton": 0}
+    return dict(_module.launch_counts())
 
 
 def status() -> str:

@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -33,6 +34,10 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 namespace {
+
+// Launches the glue made since the process started: through the driver itself, and through
+// Triton's launch function.
+std::atomic<int64_t> driver_launches{0}, triton_launches{0};
 
 // What a slot of a launch's argument tuple receives.
 enum Slot : int64_t { kPointer = 0, kStream = 1, kMomentum = 2 };
@@ -214,7 +219,10 @@ std::vector<at::Tensor> run(const Program& program, std::vector<at::Tensor> tens
   }
   for (const auto& launch : program.launches) {
 #ifdef TRITONBN_DRIVER_LAUNCH
-    if (launch.driver && launch_through_driver(*launch.driver, tensors, stream, momentum)) continue;
+    if (launch.driver && launch_through_driver(*launch.driver, tensors, stream, momentum)) {
+      ++driver_launches;
+      continue;
+    }
 #endif
     // The recorded arguments, a slot's taking this call's value; those from nest_from on go in a
     // tuple of their own, the last argument (Triton 3.8's layout).
@@ -249,6 +257,7 @@ std::vector<at::Tensor> run(const Program& program, std::vector<at::Tensor> tens
     PyObject* result = PyObject_Call(launch.run.ptr(), args.ptr(), nullptr);
     if (result == nullptr) throw py::error_already_set();
     Py_DECREF(result);
+    ++triton_launches;
   }
   return tensors;
 }
@@ -432,6 +441,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         call.backward[key] = make_program(allocations, launches, outputs, {});
       })
       .def_readonly("stream", &Call::stream);
+  m.def(
+      "launch_counts",
+      [] {
+        return std::map<std::string, int64_t>{{"driver", driver_launches.load()}, {"triton", triton_launches.load()}};
+      },
+      "launches the glue made since the process started: through the driver itself, through Triton's launch function");
   m.def(
       "batch_norm",
       [](const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

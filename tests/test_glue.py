@@ -2,11 +2,12 @@
 
 Its replays need compiled kernels, so these tests run Triton's real launch path under the
 stand-in CUDA driver (bench/standin_cuda.py), where nothing executes: what they prove is that
-the glue, and the launch records that call Triton's C launch functions directly, launch exactly
-what the compiled launchers of the Python path launch — the same kernels, grids and arguments,
-each pointer the same tensor's — step after step, forward and backward, for every
-plan and mode, as the gradients asked for change, and with a create_graph backward. On a GPU
-the whole suite runs over the glue as well.
+the glue (through the driver itself, or through Triton's launch function) and the launch records
+that call Triton's C launch functions directly launch exactly what the compiled launchers of the
+Python path launch — the same kernels, grids, blocks, streams and parameter bytes, each pointer
+the same tensor's — step after step, forward and backward, for every plan and mode, as the
+gradients asked for change, and with a create_graph backward. On a GPU the whole suite runs over
+the glue as well.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ needs_standin = pytest.mark.skipif(
 
 # Runs a few steps of one module through each route — the Python path launching through Triton's
 # compiled launchers, the Python path calling their C launch functions directly (launch._direct),
-# the glue, which launches through the driver itself (replay._driver_launch) — and logs every
-# launch of the last step's forward and backward twice: where it reaches Triton's C launch function
-# (arguments flattened), and where it reaches the driver (the stand-in's log: kernel, grid, block,
-# shared memory, launch attributes, stream and each kernel parameter, sized by the kernel's PTX).
-# Pointers are named by the tensor they point into.
+# the glue, which launches through the driver itself (replay._driver_launch), and the glue made to
+# launch everything through Triton's launch function, its way for what it cannot launch itself —
+# and logs every launch of the last step's forward and backward twice: where it reaches Triton's C
+# launch function (arguments flattened), and where it reaches the driver (the stand-in's log:
+# kernel, grid, block, shared memory, launch attributes, stream and each kernel parameter, sized by
+# the kernel's PTX). Pointers are named by the tensor they point into.
 SAME_LAUNCHES = r"""
 import ctypes, json, os, sys
 sys.path.insert(0, sys.argv[1])
@@ -48,7 +50,7 @@ from triton.backends.nvidia import driver as nvidia
 from triton.compiler.compiler import CompiledKernel
 triton.runtime.driver.active.get_current_stream = lambda device=None: 4242  # seen in the logs
 import tritonbn
-from tritonbn.kernels import backward, fused_small, launch, normalize, stats
+from tritonbn.kernels import backward, fused_small, launch, normalize, replay, stats
 
 log = []
 original_init = nvidia.CudaLauncher.__init__
@@ -115,9 +117,14 @@ def named(args, names):
         out.append(value if isinstance(value, (int, float, str, type(None), bool)) else repr(type(value)))
     return out
 
+driver_launch = replay._driver_launch
+
 def run(case, route):
-    os.environ["TRITONBN_GLUE"] = "auto" if route == "glue" else "off"
+    os.environ["TRITONBN_GLUE"] = "auto" if route.startswith("glue") else "off"
     launch._DIRECT = route != "python through the compiled launchers"
+    # The glue's other way to launch, Triton's launch function, which it keeps for what it cannot
+    # launch itself: here for everything.
+    replay._driver_launch = driver_launch if route == "glue" else (lambda record, arguments: None)
     for launcher in LAUNCHERS:  # records of the previous route go
         launcher.records.clear()
     del checked[:]
@@ -171,7 +178,7 @@ def run(case, route):
     return {"log": logged, "driver": at_driver, "glued": glued, "direct": bool(records) and direct,
             "checked": len(checked)}
 
-ROUTES = ["python through the compiled launchers", "python", "glue"]
+ROUTES = ["python through the compiled launchers", "python", "glue", "glue through Triton's launch function"]
 print(json.dumps([{"case": case, **{route: run(case, route) for route in ROUTES}}
                   for case in json.loads(sys.argv[2])]))
 """
@@ -201,23 +208,25 @@ def test_the_glue_launches_what_the_python_path_launches(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     for found in json.loads(result.stdout.splitlines()[-1]):
         case, reference = found["case"], found["python through the compiled launchers"]
-        assert found["glue"]["glued"], f"{case}: no glue attached"
-        assert not reference["direct"] and found["python"]["direct"] and found["glue"]["direct"], case
+        glue, glue_through_triton = found["glue"], found["glue through Triton's launch function"]
+        assert glue["glued"] and glue_through_triton["glued"], f"{case}: no glue attached"
+        assert not reference["direct"] and found["python"]["direct"] and glue["direct"], case
         for phase, needs in enumerate(case[4]):
             forward, backward = reference["log"][2 * phase : 2 * phase + 2]
             assert forward, f"{case}: a forward launched nothing"
             # A create_graph backward runs as torch ops: no kernel at all.
             assert bool(backward) == (needs != "create_graph"), case
         assert found["python"]["log"] == reference["log"], case
+        assert glue_through_triton["log"] == reference["log"], case
         # The glue launched every pass of the logged steps itself, through the driver...
-        assert not any(found["glue"]["log"]), case
-        # ... and the driver got the same launches from all three routes.
+        assert not any(glue["log"]), case
+        # ... and the driver got the same launches from every route.
         assert [len(p) for p in reference["driver"]] == [len(p) for p in reference["log"]], case
-        assert found["python"]["driver"] == reference["driver"], case
-        assert found["glue"]["driver"] == reference["driver"], case
+        for route in (found["python"], glue, glue_through_triton):
+            assert route["driver"] == reference["driver"], case
         # Checked once, and once again after the bias was reassigned: every other call was run
         # as remembered, the glue's included.
-        assert [found[route]["checked"] for route in found if route != "case"] == [2, 2, 2], case
+        assert [found[route]["checked"] for route in found if route != "case"] == [2, 2, 2, 2], case
 
 
 def _standin():

@@ -135,10 +135,14 @@ def _driver_launch(
     programmatic dependent launch, cooperative grid, oversized shared memory), an argument type
     outside ``_PACKING``, or parameters that differ from the kernel's PTX — whose entry must
     declare the signature's non-constexpr arguments, in order and size, then the two scratch
-    pointers Triton appends (null: ``launch._direct`` keeps only kernels without scratch)."""
+    pointers Triton appends (null: a kernel that needs scratch memory or is instrumented is not
+    launched here either)."""
     compiled = record.compiled
     metadata = compiled.metadata
     if getattr(metadata, "num_ctas", 1) != 1 or getattr(metadata, "launch_pdl", False):
+        return None
+    scratch = (getattr(metadata, name, 1) for name in ("global_scratch_size", "profile_scratch_size"))
+    if any(scratch) or "gsan" in str(getattr(metadata, "instrumentation_mode", "")):
         return None
     if getattr(metadata, "launch_cooperative_grid", False) or metadata.shared > _PLAIN_SHARED_MEMORY:
         return None

@@ -13,7 +13,8 @@ all inside about eight minutes:
 2. ``pip install --no-deps --no-build-isolation -e .`` (the machine's torch and triton stay);
    then ``python -m tritonbn.glue``, which compiles the eager path's C++ glue for this torch
    (the later steps use it; where it cannot be built they run the Python Function);
-3. ``pytest -q --maxfail=10 tests`` on CUDA, its output in OUTDIR/tests.log;
+3. ``pytest -q --maxfail=10 tests`` on CUDA, its output in OUTDIR/tests.log; where tests
+   failed, those again with ``TRITONBN_GLUE=off``, which tells whether the C++ glue causes them;
 4. ``compute-sanitizer --tool memcheck`` over a small selection of kernel tests (every plan,
    ragged shapes, the int64 path), recorded as unavailable where the tool is missing;
 5. the host time per layer (``bench/host_overhead.py``), wall clock on the GPU;
@@ -63,6 +64,8 @@ BUDGETS = {
     # The suite compiles a few hundred kernel variants on a cold Triton cache (2 min 42 s for the
     # 356 of tests/kernel_build.py on the 2-core dev box, compiling one at a time).
     "tests": (180, 120),
+    # Only when tests failed: those again with TRITONBN_GLUE=off.
+    "tests without glue": (40, 30),
     "sanitizer": (40, 30),
     "host": (30, 25),
     "tune": (45, 30),
@@ -92,14 +95,21 @@ def _copy_lines(source, sinks) -> None:
             sink.flush()
 
 
-def run_step(name: str, command: list[str], budget: float, log: Path) -> dict[str, object]:
+def run_step(
+    name: str, command: list[str], budget: float, log: Path, settings: dict[str, str] | None = None
+) -> dict[str, object]:
     """Run ``command`` in the checkout for at most ``budget`` seconds, its output appended to
-    ``log`` and echoed here. Returns the step's record: command, status, return code, seconds."""
-    record: dict[str, object] = {"name": name, "command": shlex.join(command), "budget_s": round(budget)}
+    ``log`` and echoed here, with no ``TRITONBN_*`` variable but ``settings``. Returns the step's
+    record: command, status, return code, seconds."""
+    shown = shlex.join(command)
+    if settings:
+        shown = " ".join(f"{key}={shlex.quote(value)}" for key, value in settings.items()) + " " + shown
+    record: dict[str, object] = {"name": name, "command": shown, "budget_s": round(budget)}
     if budget < MIN_STEP:
         return {**record, "status": "skipped: out of time", "returncode": None, "seconds": 0.0}
     print(f"\n== {name}: {record['command']} (budget {budget:.0f} s)", flush=True)
     env = {key: value for key, value in os.environ.items() if not key.startswith("TRITONBN_")}
+    env.update(settings or {})
     started = time.monotonic()
     with log.open("a") as sink:
         sink.write(f"\n== {name}: {record['command']}\n")
@@ -126,6 +136,19 @@ def run_step(name: str, command: list[str], budget: float, log: Path) -> dict[st
     seconds = time.monotonic() - started
     print(f"== {name}: {status} in {seconds:.0f} s", flush=True)
     return {**record, "status": status, "returncode": returncode, "seconds": round(seconds, 1)}
+
+
+def failed_tests(log: Path) -> list[str]:
+    """The node ids of the tests that failed or errored in a pytest log (its short summary)."""
+    found = []
+    text = log.read_text(errors="replace") if log.exists() else ""
+    for line in text.splitlines():
+        for prefix in ("FAILED ", "ERROR "):
+            if line.startswith(prefix):
+                node = line[len(prefix) :].split(" - ", 1)[0].strip()
+                if "::" in node and node not in found:
+                    found.append(node)
+    return found
 
 
 def training_summary(step: dict[str, object], run_dir: Path) -> dict[str, object]:
@@ -328,14 +351,19 @@ def main(argv: list[str] | None = None) -> int:
     steps.append(install)
     steps.append(run_step("glue", [python, "-m", "tritonbn.glue"], budget("glue"), log))
     tests = ["tests/test_compat.py"] if args.dry_run else ["tests"]
-    steps.append(
-        run_step(
-            "tests",
-            [python, "-m", "pytest", "-q", "--maxfail=10", "-p", "no:cacheprovider", *tests],
-            budget("tests"),
-            outdir / "tests.log",
+    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    steps.append(run_step("tests", [*pytest, "--maxfail=10", *tests], budget("tests"), outdir / "tests.log"))
+    failed = failed_tests(outdir / "tests.log")
+    if failed:  # the same tests on the Python autograd Function: does the C++ glue cause it?
+        steps.append(
+            run_step(
+                "failed tests without the glue",
+                [*pytest, *failed],
+                budget("tests without glue"),
+                log,
+                {"TRITONBN_GLUE": "off"},
+            )
         )
-    )
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None or args.dry_run:
         steps.append(

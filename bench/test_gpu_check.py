@@ -1,0 +1,63 @@
+"""bench/gpu_check.py's own logic that a CPU can check: which tests to run again without the glue
+when the CUDA suite fails (read from a real pytest log). The whole script is rehearsed with
+``--dry-run``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_check  # the bench folder is not a package: found through sys.path
+
+SUITE = """
+import pytest
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("set-up fails")
+
+def test_passes():
+    pass
+
+def test_fails():
+    assert 1 == 2
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_fails_once(n):
+    assert n == 1
+
+def test_errors(broken):
+    pass
+"""
+
+
+def test_failed_tests_are_read_from_a_pytest_log(tmp_path):
+    (tmp_path / "test_sample.py").write_text(SUITE)
+    log = tmp_path / "tests.log"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_sample.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    log.write_text(result.stdout + result.stderr)
+    assert result.returncode == 1
+    assert gpu_check.failed_tests(log) == [
+        "test_sample.py::test_fails",
+        "test_sample.py::test_fails_once[2]",
+        "test_sample.py::test_errors",
+    ]
+    # Run again from the same folder, those ids select exactly those tests.
+    again = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *gpu_check.failed_tests(log)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "2 failed, 1 error" in again.stdout, again.stdout
+    assert gpu_check.failed_tests(tmp_path / "no such log") == []

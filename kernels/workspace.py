@@ -9,9 +9,19 @@ host synchronization is spent on the counters, and no allocation on the partials
 once their launch ends: so both live here, allocated once per device and stream (launches on one
 stream run one after another; two streams must not share them) and grown when a wider layer
 comes. A launch that was given a buffer before it grew keeps it alive (``kernels/replay.py``).
+
+CUDA graphs never get these. A launch captured into a graph gets buffers of its own, allocated in
+the graph's memory pool as torch's own kernels do: the counters' zero fill is captured with it and
+runs at every replay, and a graph replayed on another stream, or next to another graph captured on
+the same stream, shares nothing with them or with eager calls. The kept buffers are allocated on a
+helper thread, outside any memory pool that routes the calling thread's allocations (cudagraph
+trees' warm-up runs, ``torch.cuda.use_mem_pool``): such a pool reclaims blocks it does not know
+are alive, and would hand the kept memory to its own tensors.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -27,6 +37,27 @@ def _stream_handle(device: torch.device) -> int:
     )
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a kernel launched now on ``device`` (the current device, as launches are made)
+    goes into a CUDA graph being captured rather than running."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _zeros_outside_pools(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.zeros(numel)`` on ``device``'s current stream, from the caching allocator's
+    default pool whatever pool this thread's allocations are routed to."""
+    if device.type != "cuda":
+        return torch.zeros(numel, device=device, dtype=dtype)
+    stream = torch.cuda.current_stream(device)
+
+    def allocate() -> torch.Tensor:
+        with torch.cuda.stream(stream):
+            return torch.zeros(numel, device=stream.device, dtype=dtype)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tritonbn-workspace") as helper:
+        return helper.submit(allocate).result()
+
+
 def _kept(
     buffers: dict[tuple[torch.device, int], torch.Tensor],
     device: torch.device,
@@ -37,18 +68,24 @@ def _kept(
     key = (device, _stream_handle(device))
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = torch.zeros(max(numel, smallest), device=device, dtype=dtype)
+        buffer = buffers[key] = _zeros_outside_pools(max(numel, smallest), device, dtype)
     return buffer
 
 
 def tickets(device: torch.device, groups: int) -> torch.Tensor:
-    """At least ``groups`` int32 counters on ``device``, all zero between kernel launches."""
+    """At least ``groups`` int32 counters on ``device``, all zero when a launch on the current
+    stream starts: kept ones, or while a CUDA graph is being captured, the graph's own."""
+    if capturing(device):
+        return torch.zeros(groups, device=device, dtype=torch.int32)
     return _kept(_tickets, device, groups, 256, torch.int32)
 
 
 def partials(device: torch.device, numel: int) -> torch.Tensor:
     """At least ``numel`` float32 elements on ``device`` for one launch's partial results (its
-    programs write them, its last program merges them): any content between launches."""
+    programs write them, its last program merges them), any content: kept ones, or while a CUDA
+    graph is being captured, the graph's own."""
+    if capturing(device):
+        return torch.empty(numel, device=device, dtype=torch.float32)
     return _kept(_partials, device, numel, 4096, torch.float32)
 
 

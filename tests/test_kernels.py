@@ -192,6 +192,38 @@ def test_tickets_are_reset_for_the_next_call(plan, channels_last, device):
         assert not counters.any(), counters
 
 
+@pytest.mark.parametrize("plan, channels_last", [("split-welford", False), ("column-tiled", True)])
+def test_a_captured_launch_gets_workspace_of_its_own(plan, channels_last, device, monkeypatch):
+    # While a CUDA graph is captured, split launches get fresh counters, zero, and fresh partials:
+    # the graph's own. The kept ones are neither used, grown nor replaced, and the step is right.
+    from tritonbn.kernels import launch, workspace
+
+    inputs = make_inputs((6, 5, 17, 9), torch.float32, device, channels_last=channels_last)
+    run_step(inputs, backend="triton", plan=plan)  # the kept buffers of this stream exist
+    kept = {name: dict(getattr(workspace, name)) for name in ("_tickets", "_partials")}
+    assert all(kept.values())
+    counters, used_kept = [], []
+    original = launch.Launcher.__call__
+
+    def noting(self, key, grid, args, meta):
+        tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+        counters.extend((t, bool(t.any())) for t in tensors if t.dtype == torch.int32)
+        used_kept.extend(t for t in tensors if workspace.is_workspace(t))
+        return original(self, key, grid, args, meta)
+
+    monkeypatch.setattr(launch.Launcher, "__call__", noting)
+    monkeypatch.setattr(workspace, "capturing", lambda device: True)
+    got = run_step(inputs, backend="triton", plan=plan)
+    assert_step_close(got, reference_step(inputs), torch.float32, reduced=_reduced(inputs["x"].shape))
+    assert len(counters) >= 2, "no split launch (statistics and gradient sums) was made"
+    assert not any(nonzero for _, nonzero in counters), counters
+    assert len({id(tensor) for tensor, _ in counters}) == len(counters)
+    assert not used_kept
+    for name, before in kept.items():
+        after = getattr(workspace, name)
+        assert after.keys() == before.keys() and all(after[key] is before[key] for key in before), name
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="the interpreter runs programs one after another: bits could not differ",

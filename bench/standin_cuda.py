@@ -13,6 +13,8 @@ log of launches for tests that compare what two launch paths hand the driver: ``
 empties and starts it, ``standin_param_sizes(handle, sizes, count)`` says how many parameters of
 which sizes a kernel takes (from its PTX), and ``standin_logged()`` / ``standin_logged_launch(i)``
 read it (``struct standin_launch`` in the C file; ``tests/test_glue.py`` reads it with ctypes).
+``standin_capture(stream, 1)`` makes ``cuStreamIsCapturing`` answer that ``stream`` is being
+captured into a CUDA graph, ``standin_capture(stream, 0)`` that no stream is.
 """
 
 from __future__ import annotations

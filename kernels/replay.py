@@ -21,7 +21,8 @@ argument tuple. :func:`program` turns the notes of one pass into what the glue r
 
 A pass whose launches have no record (the interpreter, launch hooks installed) has no program.
 Workspace tensors enter the tuple as their addresses, the launch keeping the tensors alive; they are
-stream-specific, so the glue runs a program only on the stream it was recorded on.
+stream-specific and for eager calls only, so the glue runs a program only on the stream it was
+recorded on, never into a CUDA graph being captured, and no pass captured into one is recorded.
 """
 
 from __future__ import annotations

@@ -229,6 +229,117 @@ def test_the_glue_launches_what_the_python_path_launches(tmp_path):
         assert [found[route]["checked"] for route in found if route != "case"] == [2, 2, 2, 2], case
 
 
+# Steps of a remembered module whose glue call is attached, then steps while the stand-in says its
+# stream is being captured into a CUDA graph (and so does torch, patched: tensors here are CPU
+# tensors), then steps after the capture. Counts, per phase: the glue's launches (through the
+# driver, through Triton's function), the Python path's launches and how many of their tensors
+# were kept workspace, the programs recorded, and the calls that went through the checks.
+CAPTURED = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import standin_cuda
+standin_cuda.install()
+import torch
+import triton
+triton.runtime.driver.active.get_current_stream = lambda device=None: 4242
+import tritonbn
+from tritonbn import glue
+from tritonbn.kernels import launch, replay, workspace
+
+counts = {"python launches": 0, "kept workspace": 0, "programs": 0, "checked": 0}
+original_call = launch.Launcher.__call__
+
+def counted_call(self, key, grid, args, meta):
+    counts["python launches"] += 1
+    counts["kept workspace"] += sum(isinstance(a, torch.Tensor) and workspace.is_workspace(a) for a in args)
+    return original_call(self, key, grid, args, meta)
+
+launch.Launcher.__call__ = counted_call
+original_program = replay.program
+replay.program = lambda *args, **kwargs: counts.update(programs=counts["programs"] + 1) or original_program(
+    *args, **kwargs)
+original_check = tritonbn.modules._TritonBatchNorm._check_input_dim
+tritonbn.modules._TritonBatchNorm._check_input_dim = (
+    lambda *args: counts.update(checked=counts["checked"] + 1) or original_check(*args))
+captured = [False]
+workspace.capturing = lambda device: captured[0]
+driver = standin_cuda._library
+
+def phase(module, x, dy, steps):
+    before_glue, before = glue.launch_counts(), dict(counts)
+    with tritonbn.backend("triton"):
+        for _ in range(steps):
+            module(x).backward(dy)
+    after_glue = glue.launch_counts()
+    return {**{key: counts[key] - before[key] for key in counts},
+            **{f"glue {key}": after_glue[key] - before_glue[key] for key in after_glue}}
+
+def capture(on):
+    driver.standin_capture(4242, int(on))
+    captured[0] = on
+
+def glued(module):
+    return [call.glue is not None for call in module._eager_calls.values()]
+
+result = []
+for shape in json.loads(sys.argv[2]):
+    torch.manual_seed(0)
+    x, dy = torch.randn(shape, requires_grad=True), torch.randn(shape)
+    module = tritonbn.BatchNorm2d(shape[1])
+    phases = {"eager": phase(module, x, dy, 3)}
+    capture(True)
+    phases["captured"] = phase(module, x, dy, 2)
+    capture(False)
+    phases["after"] = phase(module, x, dy, 2)
+    # A module first called while captured: nothing recorded then, the glue attached after.
+    first = tritonbn.BatchNorm2d(shape[1])
+    capture(True)
+    phases["first captured"] = phase(first, x, dy, 3)
+    phases["glued while captured"] = glued(first)
+    capture(False)
+    phases["first after"] = phase(first, x, dy, 3)
+    result.append({"shape": shape, "glued": glued(module), "first glued": glued(first), **phases})
+print(json.dumps(result))
+"""
+
+
+@needs_standin
+def test_a_captured_call_leaves_the_glue_to_the_python_path(tmp_path):
+    # The glue's programs launch with the workspace kept for eager calls, which a CUDA graph must not
+    # share: a call captured into one runs the Python passes (the graph's own workspace), records
+    # nothing, and the glue takes the calls after the capture again.
+    standin_cuda = _standin()
+    folder = standin_cuda.build(tmp_path / "standin")
+    shapes = [[64, 3, 40, 40], [64, 16, 8, 8]]  # split (workspace), fused-small (none)
+    result = subprocess.run(
+        [sys.executable, "-c", CAPTURED, str(BENCH), json.dumps(shapes)],
+        env={**standin_cuda.environment(folder), "TRITONBN_GLUE": "auto"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for found in json.loads(result.stdout.splitlines()[-1]):
+        eager, captured, after = found["eager"], found["captured"], found["after"]
+        assert found["glued"] == found["first glued"] == [True], found
+        assert eager["checked"] == 1 and eager["programs"] >= 2 and eager["glue driver"] > 0, found
+        # Captured: every launch from Python, none with kept workspace, nothing recorded or checked.
+        assert captured["glue driver"] == captured["glue triton"] == 0, found
+        assert captured["python launches"] > 0 and captured["kept workspace"] == 0, found
+        assert captured["programs"] == captured["checked"] == 0, found
+        # After: the glue's programs again, all of them through the driver.
+        assert after["python launches"] == after["glue triton"] == after["programs"] == after["checked"] == 0
+        assert after["glue driver"] > 0, found
+        first_captured, first_after = found["first captured"], found["first after"]
+        assert found["glued while captured"] == [False], found
+        assert first_captured["glue driver"] == first_captured["glue triton"] == 0, found
+        assert first_captured["programs"] == first_captured["kept workspace"] == 0, found
+        assert first_captured["checked"] == 1 and first_after["checked"] == 0, found
+        assert first_after["programs"] >= 2 and first_after["glue driver"] > 0, found
+    split = json.loads(result.stdout.splitlines()[-1])[0]
+    assert split["eager"]["kept workspace"] > 0, "the split plan's first steps used no kept workspace"
+
+
 def _standin():
     """bench/standin_cuda.py (the bench folder is not a package)."""
     if str(BENCH) not in sys.path:

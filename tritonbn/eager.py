@@ -35,6 +35,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 
 from . import dispatch
 from .autograd import _device_of, _like, differentiable_backward
+from .kernels import workspace
 from .kernels.normalization import RUNNING, SAVED, Normalization
 from .kernels.runtime import interpreted
 
@@ -159,7 +160,9 @@ class EagerBatchNorm(torch.autograd.Function):
         call: EagerCall,
     ) -> torch.Tensor:
         inputs = (x, weight, bias, running_mean, running_var, counter)
-        if call.wants_glue:  # the first run where the kernels run compiled: record it for the glue
+        if call.wants_glue and not workspace.capturing(x.device):
+            # The first run where the kernels run compiled: record it for the glue (never a run
+            # captured into a CUDA graph, whose split kernels get the graph's own workspace).
             from .kernels.replay import recording
 
             with _device_of(x), recording() as notes:
@@ -340,15 +343,17 @@ class GluePasses:
         counter: torch.Tensor | None,
         momentum: float,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """The forward the glue could not replay (another stream): (y, saved)."""
+        """The forward the glue could not replay (another stream, or a CUDA graph being
+        captured on its own): (y, saved)."""
         with _device_of(x):
             return _forward(self.call, x, weight, bias, running_mean, running_var, counter, momentum)
 
     def backward(
         self, glue_call: Any, grad_output: torch.Tensor, saved: list[torch.Tensor | None], needs_bits: int
     ) -> list[torch.Tensor | None]:
-        """The backward the glue has no recording of: run it, recorded, and give the glue the
-        program (keyed by the gradients asked for and the gradient's alignment)."""
+        """The backward the glue has no recording of (or runs no recording of: while a CUDA
+        graph is captured): run it, recorded, and give the glue the program, keyed by the
+        gradients asked for and the gradient's alignment — unless captured."""
         from .kernels.replay import program, recording
 
         needs = (bool(needs_bits & 1), bool(needs_bits & 2), bool(needs_bits & 4))
@@ -357,7 +362,7 @@ class GluePasses:
         with _device_of(x), recording() as notes:
             dx, dw, db = _backward(self.call, grad_output, saved, needs)
         dy_matches = grad_output.dtype == x.dtype and grad_output.stride() == x.stride()
-        if dy_matches and not torch.is_grad_enabled():
+        if dy_matches and not torch.is_grad_enabled() and not workspace.capturing(x.device):
             found = program(notes, [grad_output, *saved], [dx, dw, db])
             if found is not None and stream() == glue_call.stream:
                 allocations, launches, outputs, _ = found

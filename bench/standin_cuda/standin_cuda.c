@@ -42,6 +42,16 @@ int standin_param_sizes(unsigned long function, const unsigned int *sizes, unsig
   return 0;
 }
 
+/* The stream a test says is being captured into a CUDA graph (standin_capture), as
+ * cuStreamIsCapturing reports it; none until then. */
+static int capture_on;
+static unsigned long capture_stream;
+
+void standin_capture(unsigned long stream, int on) {
+  capture_stream = stream;
+  capture_on = on;
+}
+
 CUresult CUDAAPI cuInit(unsigned int flags) { return CUDA_SUCCESS; }
 CUresult CUDAAPI cuDriverGetVersion(int *version) { *version = 13000; return CUDA_SUCCESS; }
 CUresult CUDAAPI cuDeviceGetCount(int *count) { *count = 1; return CUDA_SUCCESS; }
@@ -132,6 +142,12 @@ CUresult CUDAAPI cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, vo
       entry->params = param_count[function];
     }
   }
+  return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuStreamIsCapturing(CUstream stream, CUstreamCaptureStatus *status) {
+  *status = capture_on && (unsigned long)stream == capture_stream ? CU_STREAM_CAPTURE_STATUS_ACTIVE
+                                                                  : CU_STREAM_CAPTURE_STATUS_NONE;
   return CUDA_SUCCESS;
 }
 

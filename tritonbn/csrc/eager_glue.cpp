@@ -6,9 +6,10 @@
 // the call's tensors (shapes, strides and dtypes are fixed by the site), then calls each launch's Triton
 // launch function (the C function behind the compiled kernel's launcher, see kernels/launch.py) with prepared
 // arguments whose slots take this call's data pointers, stream and momentum. Whatever a program cannot run —
-// another stream than the one its workspace belongs to, a gradient of another dtype or alignment, a backward
-// with create_graph, gradients asked in a combination not yet recorded — goes to the Python implementation
-// (the call object's fallbacks), which records the missing program.
+// another stream than the one its workspace belongs to, a CUDA graph being captured, a gradient of another
+// dtype or alignment, a backward with create_graph, gradients asked in a combination not yet recorded — goes
+// to the Python implementation (the call object's fallbacks), which records the missing program (never a
+// captured one).
 
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -146,6 +147,7 @@ struct Driver {
   decltype(&cuLaunchKernelEx) launch = nullptr;
   decltype(&cuCtxGetCurrent) current_context = nullptr;
   decltype(&cuGetErrorString) error_string = nullptr;
+  decltype(&cuStreamIsCapturing) stream_capturing = nullptr;
 
   static const Driver& get() {
     static const Driver driver = [] {
@@ -155,6 +157,8 @@ struct Driver {
       found.launch = reinterpret_cast<decltype(&cuLaunchKernelEx)>(dlsym(library, "cuLaunchKernelEx"));
       found.current_context = reinterpret_cast<decltype(&cuCtxGetCurrent)>(dlsym(library, "cuCtxGetCurrent"));
       found.error_string = reinterpret_cast<decltype(&cuGetErrorString)>(dlsym(library, "cuGetErrorString"));
+      found.stream_capturing =
+          reinterpret_cast<decltype(&cuStreamIsCapturing)>(dlsym(library, "cuStreamIsCapturing"));
       if (found.current_context == nullptr || found.error_string == nullptr) found.launch = nullptr;
       return found;
     }();
@@ -274,6 +278,25 @@ int64_t current_stream(const Call& call, const at::Tensor& x) {
   return call.current_stream().cast<int64_t>();
 }
 
+// Whether launches on `stream` now go into a CUDA graph being captured (or cannot tell). A program's
+// launches use the workspace kept for eager calls (kernels/workspace.py), which a graph must not share: a
+// captured call goes to the Python passes, which give the graph workspace of its own and record nothing.
+bool capturing(const at::Tensor& x, int64_t stream) {
+#ifdef TRITONBN_DRIVER_LAUNCH
+  const Driver& driver = Driver::get();
+  if (driver.stream_capturing != nullptr) {
+    CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+    return driver.stream_capturing(reinterpret_cast<CUstream>(stream), &status) != CUDA_SUCCESS ||
+           status != CU_STREAM_CAPTURE_STATUS_NONE;
+  }
+#endif
+  if (!x.is_cuda()) return false;
+  // Never destroyed: the interpreter may be gone when static objects are.
+  static const py::object* is_capturing =
+      new py::object(py::module_::import("torch.cuda").attr("is_current_stream_capturing"));
+  return (*is_capturing)().cast<bool>();
+}
+
 // Stands for an absent weight or bias among the Function's inputs (autograd inputs must be
 // defined tensors); programs never read it.
 const at::Tensor& absent() {
@@ -303,7 +326,7 @@ struct EagerBatchNorm : public torch::autograd::Function<EagerBatchNorm> {
     const int64_t stream = current_stream(*call, x);
     at::Tensor y;
     std::vector<at::Tensor> saved;
-    if (stream == call->stream) {
+    if (stream == call->stream && !capturing(x, stream)) {
       auto tensors =
           run(call->forward, {x, weight, bias, running_mean, running_var, counter}, x.device(), stream, momentum);
       y = tensors[call->forward.outputs[0]];
@@ -342,7 +365,7 @@ struct EagerBatchNorm : public torch::autograd::Function<EagerBatchNorm> {
       c10::OptionalDeviceGuard device_guard;
       if (x.is_cuda()) device_guard.reset_device(x.device());
       const int64_t stream = current_stream(*call, x);
-      if (found != call->backward.end() && stream == call->stream) {
+      if (found != call->backward.end() && stream == call->stream && !capturing(x, stream)) {
         std::vector<at::Tensor> inputs{dy};
         inputs.insert(inputs.end(), saved.begin(), saved.end());
         auto tensors = run(found->second, std::move(inputs), x.device(), stream, 0.0);

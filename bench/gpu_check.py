@@ -6,7 +6,8 @@ Run from anywhere on a checkout; needs no network. The data travels with the che
 device call, ``mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz
 data/fashion-mnist/`` here (``data/`` is gitignored, so name it in the call's ``carry``). Each
 step has a time budget; a step that fails or runs out of time is recorded and the next one runs,
-all inside about eight minutes:
+all inside about eight minutes (a step out of time is interrupted as by Ctrl-C first, so pytest
+still prints its summary and the trainer keeps its finished epochs):
 
 1. versions and device: python, torch, triton, torchvision, driver, GPU, SMs, a copy bandwidth;
    a warning when torch and Triton are not a pair CI tests (``noxfile.py``'s VERSION_PAIRS);
@@ -77,6 +78,9 @@ BENCH_WIND_DOWN = 40
 MIN_STEP = 20
 # Seconds to wait for the last output of a step once its process has ended.
 COPY_GRACE = 10
+# Seconds a step out of time has, once interrupted, to write what it has (pytest its summary of the
+# tests that ran, the trainer its last epoch's metrics) before it is killed.
+INTERRUPT_GRACE = 15
 # (folder name, trainer arguments) of the LeNet runs.
 TRAININGS = {
     "tritonbn": ["--bn", "tritonbn"],
@@ -99,8 +103,9 @@ def run_step(
     name: str, command: list[str], budget: float, log: Path, settings: dict[str, str] | None = None
 ) -> dict[str, object]:
     """Run ``command`` in the checkout for at most ``budget`` seconds, its output appended to
-    ``log`` and echoed here, with no ``TRITONBN_*`` variable but ``settings``. Returns the step's
-    record: command, status, return code, seconds."""
+    ``log`` and echoed here, with no ``TRITONBN_*`` variable but ``settings``; a command out of
+    time is interrupted (SIGINT), then killed if it has not ended ``INTERRUPT_GRACE`` seconds
+    later. Returns the step's record: command, status, return code, seconds."""
     shown = shlex.join(command)
     if settings:
         shown = " ".join(f"{key}={shlex.quote(value)}" for key, value in settings.items()) + " " + shown
@@ -128,8 +133,12 @@ def run_step(
             returncode = process.wait(timeout=budget)
             status = "ok" if returncode == 0 else f"failed (exit status {returncode})"
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            returncode = process.wait()
+            os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C: see INTERRUPT_GRACE
+            try:
+                returncode = process.wait(timeout=INTERRUPT_GRACE)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                returncode = process.wait()
             status = f"timed out after {budget:.0f} s"
         copier.join(timeout=COPY_GRACE)
         sink.write(f"== {name}: {status}\n")

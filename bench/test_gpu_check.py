@@ -1,6 +1,6 @@
 """bench/gpu_check.py's own logic that a CPU can check: which tests to run again without the glue
-when the CUDA suite fails (read from a real pytest log). The whole script is rehearsed with
-``--dry-run``."""
+when the CUDA suite fails (read from a real pytest log), and a step out of time still leaving
+pytest's summary. The whole script is rehearsed with ``--dry-run``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_check  # the bench folder is not a package: found through sys.path
+
+ROOT = Path(gpu_check.__file__).resolve().parent.parent
 
 SUITE = """
 import pytest
@@ -61,3 +63,39 @@ def test_failed_tests_are_read_from_a_pytest_log(tmp_path):
     )
     assert "2 failed, 1 error" in again.stdout, again.stdout
     assert gpu_check.failed_tests(tmp_path / "no such log") == []
+
+
+SLOW_SUITE = """
+import time
+
+def test_fails():
+    assert 1 == 2
+
+def test_slow():
+    time.sleep(120)
+"""
+
+
+def test_a_step_out_of_time_leaves_the_summary_of_the_tests_that_ran(tmp_path, monkeypatch):
+    # Interrupted, not killed: pytest names the failures so far, which the glue-off rerun reads.
+    monkeypatch.setattr(gpu_check, "MIN_STEP", 0)
+    suite = tmp_path / "test_sample.py"
+    suite.write_text(SLOW_SUITE)
+    log = tmp_path / "tests.log"
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(tmp_path),
+        str(suite),
+    ]
+    step = gpu_check.run_step("tests", command, 8, log)
+    assert step["status"] == "timed out after 8 s", step
+    assert step["seconds"] < 8 + gpu_check.INTERRUPT_GRACE, step
+    (failed,) = gpu_check.failed_tests(log)  # named from the checkout, where the step runs
+    assert failed.endswith("test_sample.py::test_fails") and (ROOT / failed.split("::")[0]).samefile(suite)
+    assert "1 failed" in log.read_text()

@@ -14,7 +14,8 @@ still prints its summary and the trainer keeps its finished epochs):
 2. ``pip install --no-deps --no-build-isolation -e .`` (the machine's torch and triton stay);
    then ``python -m tritonbn.glue``, which compiles the eager path's C++ glue for this torch
    (the later steps use it; where it cannot be built they run the Python Function);
-3. ``pytest -q --maxfail=10 tests`` on CUDA, its output in OUTDIR/tests.log; where tests
+3. ``pytest -q --maxfail=10`` over ``tests`` on CUDA, the files only a GPU can settle first
+   (the kernels, the eager path, CUDA graphs), its output in OUTDIR/tests.log; where tests
    failed, those again with ``TRITONBN_GLUE=off``, which tells whether the C++ glue causes them;
 4. ``compute-sanitizer --tool memcheck`` over a small selection of kernel tests (every plan,
    ragged shapes, the int64 path), recorded as unavailable where the tool is missing;
@@ -88,6 +89,17 @@ TRAININGS = {
     "tritonbn-compile": ["--bn", "tritonbn", "--compile"],
 }
 KEPT_TRAIN_FILES = ("metrics.json",)
+# The CUDA suite's files that run first, the ones only a GPU can settle: should the suite outrun
+# its budget, the files it did not reach are the others (tests_in_order).
+FIRST_TESTS = (
+    "tests/test_kernels.py",
+    "tests/test_eager.py",
+    "tests/test_cuda_graphs.py",
+    "tests/test_activation.py",
+    "tests/test_fusions.py",
+    "tests/test_modules.py",
+    "tests/test_parity.py",
+)
 # Kernel tests run under compute-sanitizer: every plan, ragged shapes, the int64 path.
 SANITIZED_TESTS = ["tests/test_kernels.py", "-k", "matches_reference or int64_offsets_forced"]
 
@@ -158,6 +170,14 @@ def failed_tests(log: Path) -> list[str]:
                 if "::" in node and node not in found:
                     found.append(node)
     return found
+
+
+def tests_in_order() -> list[str]:
+    """Every test file of the suite, FIRST_TESTS first, the others in pytest's own order."""
+    every = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py"))
+    return [name for name in FIRST_TESTS if name in every] + [
+        name for name in every if name not in FIRST_TESTS
+    ]
 
 
 def training_summary(step: dict[str, object], run_dir: Path) -> dict[str, object]:
@@ -359,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         install["status"] += "; running from the checkout through PYTHONPATH instead"
     steps.append(install)
     steps.append(run_step("glue", [python, "-m", "tritonbn.glue"], budget("glue"), log))
-    tests = ["tests/test_compat.py"] if args.dry_run else ["tests"]
+    tests = ["tests/test_compat.py"] if args.dry_run else tests_in_order()
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     steps.append(run_step("tests", [*pytest, "--maxfail=10", *tests], budget("tests"), outdir / "tests.log"))
     failed = failed_tests(outdir / "tests.log")

@@ -99,3 +99,10 @@ def test_a_step_out_of_time_leaves_the_summary_of_the_tests_that_ran(tmp_path, m
     (failed,) = gpu_check.failed_tests(log)  # named from the checkout, where the step runs
     assert failed.endswith("test_sample.py::test_fails") and (ROOT / failed.split("::")[0]).samefile(suite)
     assert "1 failed" in log.read_text()
+
+
+def test_the_cuda_suite_runs_every_test_file_once_the_gpu_only_ones_first():
+    order = gpu_check.tests_in_order()
+    every = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py"))
+    assert sorted(order) == every
+    assert order[: len(gpu_check.FIRST_TESTS)] == list(gpu_check.FIRST_TESTS)

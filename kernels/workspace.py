@@ -38,9 +38,14 @@ def _stream_handle(device: torch.device) -> int:
 
 
 def capturing(device: torch.device) -> bool:
-    """Whether a kernel launched now on ``device`` (the current device, as launches are made)
-    goes into a CUDA graph being captured rather than running."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Whether a kernel launched now on the current stream of ``device`` goes into a CUDA graph
+    being captured rather than running."""
+    if device.type != "cuda":
+        return False
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _zeros_outside_pools(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

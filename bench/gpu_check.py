@@ -14,9 +14,10 @@ still prints its summary and the trainer keeps its finished epochs):
 2. ``pip install --no-deps --no-build-isolation -e .`` (the machine's torch and triton stay);
    then ``python -m tritonbn.glue``, which compiles the eager path's C++ glue for this torch
    (the later steps use it; where it cannot be built they run the Python Function);
-3. ``pytest -q --maxfail=10`` over ``tests`` on CUDA, the files only a GPU can settle first
-   (the kernels, the eager path, CUDA graphs), its output in OUTDIR/tests.log; where tests
-   failed, those again with ``TRITONBN_GLUE=off``, which tells whether the C++ glue causes them;
+3. ``pytest -q --maxfail=10`` over ``tests`` on CUDA, dealt over TEST_SHARDS processes (each
+   compiles its kernels one at a time), the files only a GPU can settle first (the kernels, the
+   eager path, CUDA graphs), its output in OUTDIR/tests.log; where tests failed, those again
+   with ``TRITONBN_GLUE=off``, which tells whether the C++ glue causes them;
 4. ``compute-sanitizer --tool memcheck`` over a small selection of kernel tests (every plan,
    ragged shapes, the int64 path), recorded as unavailable where the tool is missing;
 5. the host time per layer (``bench/host_overhead.py``), wall clock on the GPU;
@@ -41,6 +42,7 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -100,6 +102,14 @@ FIRST_TESTS = (
     "tests/test_modules.py",
     "tests/test_parity.py",
 )
+# Processes the CUDA suite is dealt over. Each compiles its kernels one at a time, and the suite
+# compiles about a thousand kernel variants on a cold Triton cache: its files that launch kernels
+# in-process took 199 s under the stand-in driver on the 2-core dev box, 144 s of it compiling
+# 961 variants. The GPU machine has 16 cores.
+TEST_SHARDS = 8
+# Files whose module-scoped fixtures are costly (training runs, process groups of 2 and 3 ranks):
+# each goes whole to one process, which then runs those fixtures once.
+WHOLE_FILES = ("tests/test_sync_batchnorm.py", "tests/test_train.py")
 # Kernel tests run under compute-sanitizer: every plan, ragged shapes, the int64 path.
 SANITIZED_TESTS = ["tests/test_kernels.py", "-k", "matches_reference or int64_offsets_forced"]
 
@@ -109,6 +119,34 @@ def _copy_lines(source, sinks) -> None:
         for sink in sinks:
             sink.write(line)
             sink.flush()
+
+
+def _environment(settings: dict[str, str] | None) -> dict[str, str]:
+    """This process's environment less every ``TRITONBN_*`` variable, plus ``settings``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRITONBN_")}
+    return {**env, **(settings or {}), "PYTHONUNBUFFERED": "1"}
+
+
+def _finish(processes: list[subprocess.Popen], deadline: float) -> bool:
+    """Wait for ``processes`` until the monotonic ``deadline``; interrupt those still running then
+    (SIGINT, as Ctrl-C: see INTERRUPT_GRACE) and kill those that outlive the grace. Returns
+    whether any had to be interrupted."""
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            break
+    late = [process for process in processes if process.poll() is None]
+    for process in late:
+        os.killpg(process.pid, signal.SIGINT)
+    grace = time.monotonic() + INTERRUPT_GRACE
+    for process in late:
+        try:
+            process.wait(timeout=max(grace - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return bool(late)
 
 
 def run_step(
@@ -125,15 +163,13 @@ def run_step(
     if budget < MIN_STEP:
         return {**record, "status": "skipped: out of time", "returncode": None, "seconds": 0.0}
     print(f"\n== {name}: {record['command']} (budget {budget:.0f} s)", flush=True)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TRITONBN_")}
-    env.update(settings or {})
     started = time.monotonic()
     with log.open("a") as sink:
         sink.write(f"\n== {name}: {record['command']}\n")
         process = subprocess.Popen(
             command,
             cwd=ROOT,
-            env={**env, "PYTHONUNBUFFERED": "1"},
+            env=_environment(settings),
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -141,22 +177,152 @@ def run_step(
         )
         copier = threading.Thread(target=_copy_lines, args=(process.stdout, (sink, sys.stdout)))
         copier.start()
-        try:
-            returncode = process.wait(timeout=budget)
-            status = "ok" if returncode == 0 else f"failed (exit status {returncode})"
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C: see INTERRUPT_GRACE
-            try:
-                returncode = process.wait(timeout=INTERRUPT_GRACE)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                returncode = process.wait()
+        if _finish([process], started + budget):
             status = f"timed out after {budget:.0f} s"
+        else:
+            status = "ok" if process.returncode == 0 else f"failed (exit status {process.returncode})"
+        returncode = process.returncode
         copier.join(timeout=COPY_GRACE)
         sink.write(f"== {name}: {status}\n")
     seconds = time.monotonic() - started
     print(f"== {name}: {status} in {seconds:.0f} s", flush=True)
     return {**record, "status": status, "returncode": returncode, "seconds": round(seconds, 1)}
+
+
+def collect_tests(pytest: list[str], files: list[str]) -> list[str] | None:
+    """The node ids pytest collects from ``files``, in its order; None where collection fails."""
+    try:
+        result = subprocess.run(
+            [*(arg for arg in pytest if arg != "-q"), "--collect-only", "-q", *files],
+            cwd=ROOT,
+            env=_environment(None),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    ids: list[str] = []
+    for line in result.stdout.splitlines():  # the ids, then a blank line and "N tests collected"
+        if not line.strip():
+            break
+        ids.append(line.strip())
+    collected = re.search(r"^(\d+) tests? collected", result.stdout, re.MULTILINE)
+    if result.returncode != 0 or not ids or collected is None or int(collected.group(1)) != len(ids):
+        return None
+    return ids
+
+
+def deal(ids: list[str], count: int) -> list[list[str]]:
+    """``ids`` dealt in order over at most ``count`` shards, one at a time, the tests of each of
+    WHOLE_FILES together as one (where it first comes)."""
+    units: list[list[str]] = []
+    whole: dict[str, list[str]] = {}
+    for node in ids:
+        path = node.split("::", 1)[0]
+        if path in WHOLE_FILES:
+            if path not in whole:
+                whole[path] = []
+                units.append(whole[path])
+            whole[path].append(node)
+        else:
+            units.append([node])
+    shards: list[list[str]] = [[] for _ in range(count)]
+    for number, unit in enumerate(units):
+        shards[number % count].extend(unit)
+    return [shard for shard in shards if shard]
+
+
+def run_test_shards(name: str, pytest: list[str], shards: list[list[str]], budget: float, log: Path) -> dict:
+    """Run ``pytest`` over each shard's node ids at once, for at most ``budget`` seconds, like
+    :func:`run_step`; each one's output is appended to ``log`` when all have ended, and its last
+    line echoed here. Returns the step's record, with the counts of its tests (:func:`count_outcomes`)."""
+    record: dict[str, object] = {
+        "name": name,
+        "command": f"{shlex.join(pytest)} <node ids> in {len(shards)} process"
+        + ("es" if len(shards) > 1 else ""),
+        "budget_s": round(budget),
+    }
+    if budget < MIN_STEP:
+        return {**record, "status": "skipped: out of time", "returncode": None, "seconds": 0.0}
+    print(f"\n== {name}: {record['command']} (budget {budget:.0f} s)", flush=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as scratch:
+        outputs = [Path(scratch) / f"shard-{number}.log" for number in range(len(shards))]
+        processes = []
+        for shard, output in zip(shards, outputs, strict=True):
+            with output.open("w") as sink:
+                processes.append(
+                    subprocess.Popen(
+                        [*pytest, *shard],
+                        cwd=ROOT,
+                        env=_environment(None),
+                        text=True,
+                        stdout=sink,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        timed_out = _finish(processes, started + budget)
+        with log.open("a") as sink:
+            for number, (process, output) in enumerate(zip(processes, outputs, strict=True)):
+                text = output.read_text(errors="replace")
+                sink.write(
+                    f"\n== {name}, process {number + 1} of {len(shards)}: exit status {process.returncode}\n"
+                )
+                sink.write(text)
+                last = text.strip().splitlines()[-1] if text.strip() else "(no output)"
+                print(f"   process {number + 1}: {last}", flush=True)
+    codes = [process.returncode for process in processes]
+    if timed_out:
+        status = f"timed out after {budget:.0f} s"
+    else:
+        status = "ok" if not any(codes) else f"failed (exit statuses {codes})"
+    seconds = time.monotonic() - started
+    with log.open("a") as sink:
+        sink.write(f"== {name}: {status}\n")
+    print(f"== {name}: {status} in {seconds:.0f} s", flush=True)
+    returncode = next((code for code in codes if code), 0)
+    return {
+        **record,
+        "status": status,
+        "returncode": returncode,
+        "seconds": round(seconds, 1),
+        "counts": count_outcomes(log),
+    }
+
+
+_OUTCOMES = {
+    "passed",
+    "failed",
+    "skipped",
+    "deselected",
+    "xfailed",
+    "xpassed",
+    "error",
+    "errors",
+    "warning",
+    "warnings",
+}
+
+
+def count_outcomes(log: Path) -> dict[str, int]:
+    """Tests passed, failed, skipped and in error, summed over the closing lines of every pytest
+    run in ``log`` (``1 failed, 2 passed, 3 skipped in 4.5s``)."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+    text = log.read_text(errors="replace") if log.exists() else ""
+    for line in text.splitlines():
+        line = line.strip("= ")
+        if " in " not in line or not line[:1].isdigit():
+            continue
+        parts = [part.split() for part in line.rsplit(" in ", 1)[0].split(", ")]
+        if not all(len(part) == 2 and part[0].isdigit() and part[1] in _OUTCOMES for part in parts):
+            continue
+        for number, outcome in parts:
+            outcome = "error" if outcome == "errors" else outcome
+            if outcome in counts:
+                counts[outcome] += int(number)
+    return counts
 
 
 def failed_tests(log: Path) -> list[str]:
@@ -218,6 +384,20 @@ def fallback_machine_info() -> dict[str, object]:
     return {"tritonbn": environment(device)}
 
 
+def tests_line(steps: list[dict]) -> str:
+    """The CUDA suite's counts, and those of the failed tests rerun without the glue."""
+    lines = []
+    for step in steps:
+        counts = step.get("counts")
+        if counts is not None:
+            told = ", ".join(
+                f"{number} {'errors' if outcome == 'error' else outcome}"
+                for outcome, number in counts.items()
+            )
+            lines.append(f"{step['name']}: {told} ({step['status']})")
+    return "\n".join(lines) if lines else "not run"
+
+
 def summary_markdown(results: dict) -> str:
     """OUTDIR/summary.md: the steps, the targets, the training runs and forward+backward float32."""
     info = report.machine(results)
@@ -235,6 +415,7 @@ def summary_markdown(results: dict) -> str:
                 + (f"{copy:.0f} GB/s" if copy else "not measured")
                 + (" (--quick)" if results["quick"] else ""),
                 "## Steps\n\n" + steps,
+                "## Tests\n\n" + tests_line(results["steps"]),
                 "## Targets\n\n" + report.targets_table(report.targets(results)),
                 "## Host time per layer\n\n"
                 + (
@@ -381,18 +562,33 @@ def main(argv: list[str] | None = None) -> int:
     steps.append(run_step("glue", [python, "-m", "tritonbn.glue"], budget("glue"), log))
     tests = ["tests/test_compat.py"] if args.dry_run else tests_in_order()
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    steps.append(run_step("tests", [*pytest, "--maxfail=10", *tests], budget("tests"), outdir / "tests.log"))
+    ids = collect_tests(pytest, tests)
+    if ids is None:  # pytest will say why, once
+        tests_step = run_step(
+            "tests", [*pytest, "--maxfail=10", *tests], budget("tests"), outdir / "tests.log"
+        )
+        tests_step["counts"] = count_outcomes(outdir / "tests.log")
+    else:
+        shards = deal(ids, 1 if args.dry_run else TEST_SHARDS)
+        tests_step = run_test_shards(
+            "tests", [*pytest, "--maxfail=10"], shards, budget("tests"), outdir / "tests.log"
+        )
+    steps.append(tests_step)
     failed = failed_tests(outdir / "tests.log")
     if failed:  # the same tests on the Python autograd Function: does the C++ glue cause it?
-        steps.append(
-            run_step(
+        with tempfile.TemporaryDirectory() as scratch:
+            rerun_log = Path(scratch) / "rerun.log"
+            rerun = run_step(
                 "failed tests without the glue",
                 [*pytest, *failed],
                 budget("tests without glue"),
-                log,
+                rerun_log,
                 {"TRITONBN_GLUE": "off"},
             )
-        )
+            rerun["counts"] = count_outcomes(rerun_log)
+            with log.open("a") as sink:
+                sink.write(rerun_log.read_text(errors="replace") if rerun_log.exists() else "")
+        steps.append(rerun)
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None or args.dry_run:
         steps.append(

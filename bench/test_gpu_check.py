@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_check  # the bench folder is not a package: found through sys.path
@@ -76,29 +78,74 @@ def test_slow():
 """
 
 
-def test_a_step_out_of_time_leaves_the_summary_of_the_tests_that_ran(tmp_path, monkeypatch):
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_step_out_of_time_leaves_the_summary_of_the_tests_that_ran(tmp_path, monkeypatch, processes):
     # Interrupted, not killed: pytest names the failures so far, which the glue-off rerun reads.
     monkeypatch.setattr(gpu_check, "MIN_STEP", 0)
-    suite = tmp_path / "test_sample.py"
-    suite.write_text(SLOW_SUITE)
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)  # where the steps run
+    (tmp_path / "test_sample.py").write_text(SLOW_SUITE)
     log = tmp_path / "tests.log"
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--rootdir",
-        str(tmp_path),
-        str(suite),
-    ]
-    step = gpu_check.run_step("tests", command, 8, log)
+    if processes == 1:
+        step = gpu_check.run_step("tests", [*PYTEST, "test_sample.py"], 8, log)
+    else:
+        ids = gpu_check.collect_tests(PYTEST, ["test_sample.py"])
+        step = gpu_check.run_test_shards("tests", PYTEST, gpu_check.deal(ids, processes), 8, log)
+        assert step["counts"] == {"passed": 0, "failed": 1, "skipped": 0, "error": 0}, log.read_text()
     assert step["status"] == "timed out after 8 s", step
     assert step["seconds"] < 8 + gpu_check.INTERRUPT_GRACE, step
-    (failed,) = gpu_check.failed_tests(log)  # named from the checkout, where the step runs
-    assert failed.endswith("test_sample.py::test_fails") and (ROOT / failed.split("::")[0]).samefile(suite)
+    assert gpu_check.failed_tests(log) == ["test_sample.py::test_fails"]
     assert "1 failed" in log.read_text()
+
+
+def test_the_suite_dealt_over_processes_runs_each_test_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "MIN_STEP", 0)
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    (tmp_path / "test_sample.py").write_text(SUITE)
+    ids = gpu_check.collect_tests(PYTEST, ["test_sample.py"])
+    assert [node.split("::")[1] for node in ids] == [
+        "test_passes",
+        "test_fails",
+        "test_fails_once[1]",
+        "test_fails_once[2]",
+        "test_errors",
+    ]
+    shards = gpu_check.deal(ids, 3)
+    assert len(shards) == 3 and sorted(node for shard in shards for node in shard) == sorted(ids)
+    log = tmp_path / "tests.log"
+    step = gpu_check.run_test_shards("tests", PYTEST, shards, 60, log)
+    assert step["status"] == "failed (exit statuses [1, 1, 0])", step
+    assert step["counts"] == {"passed": 2, "failed": 2, "skipped": 0, "error": 1}, log.read_text()
+    failed = gpu_check.failed_tests(log)
+    assert sorted(failed) == [
+        "test_sample.py::test_errors",
+        "test_sample.py::test_fails",
+        "test_sample.py::test_fails_once[2]",
+    ]
+    assert gpu_check.collect_tests(PYTEST, ["no_such_file.py"]) is None
+
+
+def test_whole_files_go_to_one_process():
+    ids = ["tests/test_a.py::one", "tests/test_train.py::x", "tests/test_a.py::two", "tests/test_train.py::y"]
+    ids.append("tests/test_b.py::three")
+    assert gpu_check.deal(ids, 2) == [
+        ["tests/test_a.py::one", "tests/test_a.py::two"],
+        ["tests/test_train.py::x", "tests/test_train.py::y", "tests/test_b.py::three"],
+    ]
+    assert gpu_check.deal(ids[:1], 4) == [ids[:1]]
+
+
+def test_outcomes_are_summed_over_the_closing_lines_of_a_log(tmp_path):
+    log = tmp_path / "tests.log"
+    log.write_text(
+        "..F\n== a step: 1 process\n"
+        "=== 3 passed, 1 failed, 2 skipped, 4 warnings in 1.2s ===\n"
+        "2 passed, 1 error, 7 deselected in 0:01:02\n"
+        "no tests ran in 0.01s\n4 processes in 9 s\n"
+    )
+    assert gpu_check.count_outcomes(log) == {"passed": 5, "failed": 1, "skipped": 2, "error": 1}
 
 
 def test_the_cuda_suite_runs_every_test_file_once_the_gpu_only_ones_first():

@@ -23,11 +23,15 @@ from tritonbn.kernels.activation_table import ACTIVATIONS
 TARGET = GPUTarget("cuda", 90, 32)
 FLOAT_ARGS = {"eps", "slope", "momentum", "count"}
 DATA_POINTERS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "residual_ptr", "dres_ptr"}
+# Integer pointers (the others point to fp32 parameters, statistics and partials): the ticket
+# counters (int32, workspace.py) and num_batches_tracked.
+INTEGER_POINTERS = {"ticket_ptr": "*i32", "counter_ptr": "*i64"}
 # Which pointers a constexpr flag switches off (the launchers pass None for them).
 OPTIONAL_POINTERS = {
     "HAS_WEIGHT": ("weight_ptr",),
     "HAS_BIAS": ("bias_ptr",),
     "HAS_RUNNING": ("running_mean_ptr", "running_var_ptr"),
+    "HAS_COUNTER": ("counter_ptr",),
     "NEEDS_INPUT": ("dx_ptr",),
     "NEEDS_WEIGHT": ("grad_weight_ptr",),
     "NEEDS_BIAS": ("grad_bias_ptr",),
@@ -54,10 +58,10 @@ KERNELS = (
 
 def build(
     kernel: triton.JITFunction, constexprs: dict[str, object], data_type: str, ones: tuple[str, ...] = ()
-) -> None:
+) -> triton.compiler.CompiledKernel:
     """Compile ``kernel`` for TARGET with ``constexprs``; the int arguments named in ``ones`` are 1,
-    which Triton's launcher turns into constants (as it does for a unit stride). Raises on a
-    compiler error."""
+    which Triton's launcher turns into constants (as it does for a unit stride). Returns the
+    compiled kernel; raises on a compiler error."""
     absent = {
         ptr for flag, ptrs in OPTIONAL_POINTERS.items() if constexprs.get(flag) is False for ptr in ptrs
     }
@@ -77,12 +81,14 @@ def build(
             signature[name] = "constexpr"
             values[name] = None
         elif name.endswith("_ptr"):
-            signature[name] = f"*{data_type}" if name in DATA_POINTERS else "*fp32"
+            signature[name] = (
+                f"*{data_type}" if name in DATA_POINTERS else INTEGER_POINTERS.get(name, "*fp32")
+            )
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
         else:
             signature[name] = "i64" if constexprs.get("INT64") else "i32"
-    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=values), target=TARGET)
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=values), target=TARGET)
 
 
 def variants(kernel: triton.JITFunction) -> list[tuple[dict[str, object], str, tuple[str, ...]]]:

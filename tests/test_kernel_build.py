@@ -1,8 +1,10 @@
 """Every kernel variant compiles for sm_90 with Triton's real compiler — on a machine without a
-GPU, where the rest of the suite only runs the kernels through the interpreter."""
+GPU, where the rest of the suite only runs the kernels through the interpreter — and the split
+kernels' ticket protocol reads, in the machine code's PTX, as its memory ordering needs."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,3 +26,60 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
     built = int(result.stdout.split()[1])
     assert built > 100, result.stdout
+
+
+# Compiles the split kernels' variants for both tilings and prints their PTX (TRITON_INTERPRET
+# unset: the test process's kernels are interpreter functions).
+TICKET_PTX = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import kernel_build
+from tritonbn.kernels import backward, stats
+
+found = {}
+for kernel in (stats.stats_kernel, backward.backward_sums_kernel):
+    for constexprs, data_type, ones in kernel_build.variants(kernel):
+        key = f"{kernel.fn.__name__} {data_type} channel-major={constexprs['CHANNEL_MAJOR']}"
+        if data_type in ("fp32", "bf16") and key not in found:
+            found[key] = kernel_build.build(kernel, constexprs, data_type, ones).asm["ptx"]
+print(json.dumps(found))
+"""
+
+
+def _opcodes(ptx: str) -> list[str]:
+    """The opcode of each PTX instruction in order (``atom.global.gpu.acq_rel.add.u32``, say),
+    predicated ones included; directives, labels, comments and debug locations left out."""
+    opcodes = []
+    for line in ptx.splitlines():
+        words = line.split("//")[0].split()
+        if words and words[0].startswith("@"):
+            words = words[1:]
+        if words and not words[0].startswith((".", "$", "{", "}")):
+            opcodes.append(words[0])
+    return opcodes
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU test_deterministic_bits runs the protocol")
+def test_the_ticket_protocol_in_ptx():
+    # Each program stores its partials, all its threads meet at a barrier, one thread draws the
+    # ticket with a GPU-scope acquire-release atomic add on the int32 counter and shares it
+    # through a barrier, and only then are partials read, coherently (no ld.global.nc). The
+    # interpreter runs programs one at a time, so only the compiled code can show this.
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    folder = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-c", TICKET_PTX, str(folder)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    variants = json.loads(result.stdout.splitlines()[-1])
+    assert len(variants) == 6, sorted(variants)  # fp32 in both tilings, bf16 in one, per kernel
+    for name, ptx in variants.items():
+        code = _opcodes(ptx)
+        atomics = [i for i, opcode in enumerate(code) if opcode.startswith(("atom.", "red."))]
+        assert [code[i] for i in atomics] == ["atom.global.gpu.acq_rel.add.u32"], name
+        (at,) = atomics
+        last_store = max(i for i, opcode in enumerate(code[:at]) if opcode.startswith("st.global"))
+        assert "bar.sync" in code[last_store:at], name
+        first_load = next(i for i, opcode in enumerate(code) if i > at and opcode.startswith("ld.global"))
+        assert "bar.sync" in code[at:first_load], name
+        assert not any(opcode.startswith("ld.global.nc") for opcode in code), name

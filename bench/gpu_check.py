@@ -103,9 +103,9 @@ FIRST_TESTS = (
     "tests/test_parity.py",
 )
 # Processes the CUDA suite is dealt over. Each compiles its kernels one at a time, and the suite
-# compiles about a thousand kernel variants on a cold Triton cache: its files that launch kernels
-# in-process took 199 s under the stand-in driver on the 2-core dev box, 144 s of it compiling
-# 961 variants. The GPU machine has 16 cores.
+# compiles about a thousand kernel variants on a cold Triton cache: bench/suite_compiles.py (its
+# files that launch kernels in-process, under the stand-in driver) counts at least 866, compiled
+# in 127-136 s of a 190-200 s run on the 2-core dev box. The GPU machine has 16 cores.
 TEST_SHARDS = 8
 # Files whose module-scoped fixtures are costly (training runs, process groups of 2 and 3 ranks):
 # each goes whole to one process, which then runs those fixtures once.

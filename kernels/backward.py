@@ -24,7 +24,7 @@ from .launch import Launcher
 from .normalization import Normalization
 from .plans import Geometry
 from .tiling import affine_rows, as_row, channel_affine, load_channel, store_channel, tile_offsets
-from .workspace import partials, tickets
+from .workspace import split_workspace
 
 
 @triton.jit
@@ -282,8 +282,7 @@ def backward_sums(
             dy,
             x,
             residual,
-            partials(x.device, 2 * geo.split * channels),  # [2, SPLIT, C]
-            tickets(x.device, geo.groups),
+            *split_workspace(x.device, 2 * geo.split * channels, geo.groups),  # [2, SPLIT, C], [groups]
             grad_weight,
             grad_bias,
             coef,

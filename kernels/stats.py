@@ -19,7 +19,7 @@ from .tiling import (
     tile_offsets,
     tile_welford,
 )
-from .workspace import partials, tickets
+from .workspace import split_workspace
 
 
 @triton.jit
@@ -146,8 +146,7 @@ def batch_statistics(
         geo.grid,
         (
             x,
-            partials(x.device, 3 * geo.split * channels),  # [3, SPLIT, C]
-            tickets(x.device, geo.groups),
+            *split_workspace(x.device, 3 * geo.split * channels, geo.groups),  # [3, SPLIT, C], [groups]
             weight,
             bias,
             running_mean,

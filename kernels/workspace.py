@@ -65,33 +65,29 @@ def _zeros_outside_pools(numel: int, device: torch.device, dtype: torch.dtype) -
 
 def _kept(
     buffers: dict[tuple[torch.device, int], torch.Tensor],
-    device: torch.device,
+    key: tuple[torch.device, int],
     numel: int,
     smallest: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    key = (device, _stream_handle(device))
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = _zeros_outside_pools(max(numel, smallest), device, dtype)
+        buffer = buffers[key] = _zeros_outside_pools(max(numel, smallest), key[0], dtype)
     return buffer
 
 
-def tickets(device: torch.device, groups: int) -> torch.Tensor:
-    """At least ``groups`` int32 counters on ``device``, all zero when a launch on the current
-    stream starts: kept ones, or while a CUDA graph is being captured, the graph's own."""
+def split_workspace(device: torch.device, numel: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials, tickets) for one split launch on ``device``: at least ``numel`` float32 elements
+    for its partial results (its programs write them, its last program merges them; any content)
+    and at least ``groups`` int32 counters, all zero when the launch starts. Kept ones, or while
+    a CUDA graph is being captured, the graph's own."""
     if capturing(device):
-        return torch.zeros(groups, device=device, dtype=torch.int32)
-    return _kept(_tickets, device, groups, 256, torch.int32)
-
-
-def partials(device: torch.device, numel: int) -> torch.Tensor:
-    """At least ``numel`` float32 elements on ``device`` for one launch's partial results (its
-    programs write them, its last program merges them), any content: kept ones, or while a CUDA
-    graph is being captured, the graph's own."""
-    if capturing(device):
-        return torch.empty(numel, device=device, dtype=torch.float32)
-    return _kept(_partials, device, numel, 4096, torch.float32)
+        return (
+            torch.empty(numel, device=device, dtype=torch.float32),
+            torch.zeros(groups, device=device, dtype=torch.int32),
+        )
+    key = (device, _stream_handle(device))
+    return _kept(_partials, key, numel, 4096, torch.float32), _kept(_tickets, key, groups, 256, torch.int32)
 
 
 def is_workspace(tensor: torch.Tensor) -> bool:

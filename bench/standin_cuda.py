@@ -31,21 +31,20 @@ LIBRARY = "libcuda.so.1"
 _library: ctypes.CDLL | None = None
 
 
-def _triton_cuda_include() -> Path:
-    import triton
-
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "include"
-
-
 def build(folder: Path) -> Path:
     """Compile the stand-in into ``folder`` (if its source is newer) and return ``folder``."""
+    from tritonbn.glue import _triton_cuda_include  # where the glue finds the same header
+
     if shutil.which("gcc") is None:
         raise RuntimeError("building the stand-in CUDA driver needs gcc")
+    include = _triton_cuda_include()
+    if include is None:
+        raise RuntimeError("building the stand-in CUDA driver needs the cuda.h that ships with Triton")
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / LIBRARY
     if not target.exists() or target.stat().st_mtime < SOURCE.stat().st_mtime:
         subprocess.run(
-            ["gcc", "-O2", "-shared", "-fPIC", f"-I{_triton_cuda_include()}", str(SOURCE), "-o", str(target)],
+            ["gcc", "-O2", "-shared", "-fPIC", f"-I{include}", str(SOURCE), "-o", str(target)],
             check=True,
         )
     link = folder / "libcuda.so"

@@ -65,8 +65,7 @@ BUDGETS = {
     "install": (60, 60),
     # One C++ file against torch's headers: 31 s on the 2-core dev box.
     "glue": (60, 60),
-    # The suite compiles a few hundred kernel variants on a cold Triton cache (2 min 42 s for the
-    # 356 of tests/kernel_build.py on the 2-core dev box, compiling one at a time).
+    # The suite on a cold Triton cache, dealt over TEST_SHARDS processes (see there).
     "tests": (180, 120),
     # Only when tests failed: those again with TRITONBN_GLUE=off.
     "tests without glue": (40, 30),

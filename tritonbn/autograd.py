@@ -33,7 +33,7 @@ from tritonbn import kernels
 
 from .dispatch import RUNTIME_PLAN, runtime_plan, sm_count
 from .kernels.plans import PlanName
-from .reference import floor_weight
+from .reference import MEMORY_EFFICIENT_CREATE_GRAPH, floor_weight
 
 __all__ = ["TritonBatchNorm", "triton_batch_norm"]
 
@@ -373,10 +373,7 @@ class TritonBatchNorm(torch.autograd.Function):
         *saved, residual = ctx.saved_tensors
         if torch.is_grad_enabled():
             if ctx.memory_efficient:
-                raise RuntimeError(
-                    "batch_norm: memory_efficient=True saves only the output, so its backward cannot "
-                    "be differentiated again (create_graph=True); use memory_efficient=False"
-                )
+                raise RuntimeError(MEMORY_EFFICIENT_CREATE_GRAPH)
             *grads, dres = differentiable_backward(
                 grad_output,
                 tuple(saved[:3]),

@@ -87,6 +87,12 @@ def _invert(y: torch.Tensor, activation: str | None, negative_slope: float) -> t
     return torch.where(y > 0, y, y / negative_slope)
 
 
+MEMORY_EFFICIENT_CREATE_GRAPH = (
+    "batch_norm: memory_efficient=True saves only the output, so its backward cannot be "
+    "differentiated again (create_graph=True); use memory_efficient=False"
+)
+
+
 class MemoryEfficientBatchNorm(torch.autograd.Function):
     """y = act(batch_norm(x)) in torch ops that saves y, not x, for the backward (InPlace-ABN's
     trick): with z = act⁻¹(y), x̂ = (z − β)/γ and dz = dy·act'(z),
@@ -96,7 +102,8 @@ class MemoryEfficientBatchNorm(torch.autograd.Function):
 
     γ is ``floor_weight(weight)``, and dγ is returned as the weight's gradient (straight through
     the floor). The torch and reference backends' memory-efficient path; float64 stays float64,
-    half inputs compute in float32."""
+    half inputs compute in float32. Its backward raises under ``create_graph=True``: what it
+    saved cannot give the second derivatives in x."""
 
     @staticmethod
     def forward(
@@ -131,6 +138,8 @@ class MemoryEfficientBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(MEMORY_EFFICIENT_CREATE_GRAPH)
         y, gamma, bias, invstd = ctx.saved_tensors
         compute = invstd.dtype
         shape = [1, y.shape[1]] + [1] * (y.dim() - 2)

@@ -50,4 +50,6 @@ def tests(session: nox.Session, pair: str) -> None:
         f"torchvision=={torchvision_version}",
     )
     session.run("python", "-c", PRINT_VERSIONS)
-    session.run("python", "-m", "pytest", "-q", "tests", "bench", "--benchmark-disable", *session.posargs)
+    # Arguments after `--` replace the default selection: `nox -s ... -- -x tests/test_kernels.py`.
+    selection = session.posargs or ["tests", "bench"]
+    session.run("python", "-m", "pytest", "-q", "--benchmark-disable", *selection)

@@ -23,14 +23,30 @@ PUBLIC = (
     "batch_norm",
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchNorm3d",
     "BatchNorm",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "FrozenBatchNorm2d",
     "convert",
+    "fuse",
     "explain",
+    "Plan",
     "backend",
+    "BACKENDS",
+    "PLANS",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "LeNet",
+    "reference",
 )
+# The public names that are values, not functions or classes: what each holds.
+CONSTANTS = {
+    "BACKENDS": "The names `tritonbn.backend()` and `TRITONBN_BACKEND` accept.",
+    "PLANS": "The kernel plans `tritonbn.backend('triton', plan=...)` and `TRITONBN_PLAN` can force.",
+    "MIN_WEIGHT": "The memory-efficient mode's floor on |γ| (see `memory_efficient_batch_norm`).",
+}
 
 
 def signature(obj: object) -> str:
@@ -53,9 +69,36 @@ def own_methods(cls: type) -> list[tuple[str, object]]:
     return sorted(found.items())
 
 
-def section(name: str, obj: object) -> list[str]:
+def section(name: str, obj: object, level: str = "##") -> list[str]:
+    """``obj``'s part of the page under the heading ``tritonbn.<name>``: a constant's value, a
+    module's docstring and public names, a function's or class's signature and docstring (a
+    class's with its own public methods)."""
+    if name.rsplit(".", 1)[-1] in CONSTANTS:
+        value = f"tritonbn.{name} = {obj!r}"
+        return [
+            f"{level} `tritonbn.{name}`",
+            "",
+            "```python",
+            value,
+            "```",
+            "",
+            CONSTANTS[name.rsplit(".", 1)[-1]],
+            "",
+        ]
+    if inspect.ismodule(obj):
+        lines = [f"{level} `tritonbn.{name}`", "", inspect.getdoc(obj) or "*No docstring yet.*", ""]
+        for member in obj.__all__:
+            lines += section(f"{name}.{member}", getattr(obj, member), level + "#")
+        return lines
     kind = "class " if inspect.isclass(obj) else ""
-    lines = [f"## `tritonbn.{name}`", "", "```python", f"{kind}tritonbn.{name}{signature(obj)}", "```", ""]
+    lines = [
+        f"{level} `tritonbn.{name}`",
+        "",
+        "```python",
+        f"{kind}tritonbn.{name}{signature(obj)}",
+        "```",
+        "",
+    ]
     if inspect.isclass(obj):
         bases = ", ".join(f"`{base.__module__}.{base.__qualname__}`" for base in obj.__bases__)
         lines += [f"Bases: {bases}", ""]
@@ -65,7 +108,7 @@ def section(name: str, obj: object) -> list[str]:
             target = member.fget if isinstance(member, property) else member
             shown = method_name if isinstance(member, property) else f"{method_name}{signature(target)}"
             doc = inspect.getdoc(target) or "*No docstring yet.*"
-            lines += [f"### `{name}.{shown}`", "", doc, ""]
+            lines += [f"{level}# `{name}.{shown}`", "", doc, ""]
     return lines
 
 

@@ -75,7 +75,7 @@ def backend(name: str, plan: str | None = None) -> Iterator[None]:
         >>> x = torch.randn(8, 6, 24, 24)
         >>> with tritonbn.backend("reference"):
         ...     y = tritonbn.batch_norm(x, None, None, training=True)
-        >>> with tritonbn.backend("triton", plan="split-welford"):  # a GPU, or TRITON_INTERPRET=1
+        >>> with tritonbn.backend("triton", plan="split-welford"):  # on a GPU
         ...     y = tritonbn.BatchNorm2d(6).cuda()(x.cuda())
     """
     _check_backend(name, "backend name")

@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEADLINE = 480
 BUDGETS = {
     "install": (60, 60),
-    # One C++ file against torch's headers: 31 s on the 2-core dev box.
+    # One C++ file against torch's headers.
     "glue": (60, 60),
     # The suite on a cold Triton cache, dealt over TEST_SHARDS processes (see there).
     "tests": (180, 120),

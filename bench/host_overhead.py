@@ -14,7 +14,7 @@ default on a GPU; ``tritonbn.backend("triton")`` under the stand-in driver), tor
   Triton compiles the kernels for sm_90 and goes through its real launch path on CPU tensors of
   the layer's shape; nothing executes. torch's layer runs its CPU kernel on a tiny tensor of the
   same rank and channels, which is its host time plus a few microseconds of arithmetic. A real
-  driver adds about 2 µs a launch to tritonbn's figures. The child process keeps freed memory
+  driver adds its own time to each of tritonbn's launches. The child process keeps freed memory
   (``GLIBC_TUNABLES``: no trimming, no mmap below 32 MiB), as CUDA's caching allocator does:
   otherwise every layer-sized CPU output would cost a round trip to the kernel's memory
   manager (about 8 µs a layer here) that no GPU run pays.

@@ -36,11 +36,11 @@ HOST_METHOD = """\
 What a user waits for in eager mode when a layer's GPU work is short: `bench/host_overhead.py` runs a chain
 of 8 BatchNorm layers forward and backward and reports the host time per layer (best of 9 timings of 40
 steps, tritonbn's and torch's taken in turns) and the kernel launches per pass. Without CUDA, tritonbn goes
-through Triton's real launch path under a stand-in CUDA driver (nothing executes; a real driver adds about
-2 µs a launch; the process keeps freed memory, as CUDA's caching allocator does) and torch runs its CPU
-layer on a tiny tensor, one thread. The "+ sigmoid" rows time LeNet's block: tritonbn's BatchNorm with the
-activation fused against torch's BatchNorm then `nn.Sigmoid`. Each file says whether tritonbn's remembered
-calls ran the C++ glue (`tritonbn/eager.py`). Reproduce: `python bench/host_overhead.py --json
+through Triton's real launch path under a stand-in CUDA driver (nothing executes, and a real driver adds its
+own time to each launch; the process keeps freed memory, as CUDA's caching allocator does) and torch runs
+its CPU layer on a tiny tensor, one thread. The "+ sigmoid" rows time LeNet's block: tritonbn's BatchNorm
+with the activation fused against torch's BatchNorm then `nn.Sigmoid`. Each file says whether tritonbn's
+remembered calls ran the C++ glue (`tritonbn/eager.py`). Reproduce: `python bench/host_overhead.py --json
 bench/results/host-overhead/<machine>-<date>-<HHMM>.json`."""
 
 

@@ -6,7 +6,7 @@ with gcc against the ``cuda.h`` that ships with Triton, and found first on ``LD_
 compile every kernel for sm_90 for real and go through its whole launch path — argument binding,
 specialization, cache lookup, the compiled launcher, ``cuLaunchKernelEx`` — on CPU tensors.
 Nothing runs: outputs are garbage, so use it to time host work and count launches, never to
-check a result. A real driver adds about 2 µs a launch.
+check a result. A real driver adds its own time to each launch.
 
 Each kernel the stand-in loads gets a handle of its own (1, 2, ... in load order), and it keeps a
 log of launches for tests that compare what two launch paths hand the driver: ``standin_log(1)``

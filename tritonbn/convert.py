@@ -97,8 +97,9 @@ def convert(module: nn.Module, *, fuse_activations: bool = False) -> nn.Module:
 
     The conversion is in place and changes nothing but the class: each module keeps its identity,
     parameters (the same Parameter objects, so an optimizer built before stays valid), buffers,
-    device, dtype, requires_grad, train/eval mode and hooks. Subclasses of those classes (such
-    as SyncBatchNorm) and other modules are left alone.
+    device, dtype, requires_grad, train/eval mode and hooks. Subclasses of those classes (a
+    user's own BatchNorm2d with its own forward), other norms (``torch.nn.SyncBatchNorm``: see
+    :func:`tritonbn.convert_sync_batchnorm`) and other modules are left alone.
 
     With ``fuse_activations=True``, a tritonbn BatchNorm (or FrozenBatchNorm2d) directly followed,
     inside an ``nn.Sequential``, by an ``nn.ReLU``, ``nn.Sigmoid``, ``nn.LeakyReLU``, ``nn.SiLU``

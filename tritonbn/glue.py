@@ -109,7 +109,7 @@ def _load(path: Path, name: str) -> ModuleType:
 
 
 def build(*, quiet: bool = False) -> ModuleType:
-    """The glue's module, compiled first if this torch has no build of it yet (about 30 s).
+    """The glue's module, compiled first if this torch has no build of it yet (a C++ compile).
 
     Raises RuntimeError, with the compiler's output or the error met, when it cannot be built or
     loaded (no compiler, a cache folder that cannot be written, a library that will not load)."""

@@ -27,7 +27,7 @@ The sweep (``python -m tritonbn.tune --help`` prints this):
 The table (JSON, ``tritonbn.tuning`` documents the schema) goes to ``--out``, by default
 ``<user tuning folder>/<device name>.json`` (``$XDG_CACHE_HOME/tritonbn/tuning/`` or
 ``~/.cache/tritonbn/tuning/``), where the dispatcher finds it ahead of the tables shipped with
-the package. ``bench/gpu_check.py`` calls :func:`run_sweep`.
+the package. ``bench/gpu_check.py`` runs this command; :func:`run_sweep` is the same sweep for code.
 """
 
 from __future__ import annotations

@@ -33,11 +33,12 @@ def _tanh(z):
 
 @triton.jit
 def activate(z, ACTIVATION: tl.constexpr, slope):
-    # relu: max(z, 0); sigmoid: σ(z) = 1/(1 + e^−z); leaky_relu: z if z > 0 else slope·z;
-    # silu: z·σ(z); tanh. Code 0 returns z unchanged.
+    # relu: 0 if z < 0 else z (a NaN stays NaN, as in torch; tl.maximum would drop it);
+    # sigmoid: σ(z) = 1/(1 + e^−z); leaky_relu: z if z > 0 else slope·z; silu: z·σ(z); tanh.
+    # Code 0 returns z unchanged.
     y = z
     if ACTIVATION == RELU:
-        y = tl.maximum(z, 0.0)
+        y = tl.where(z < 0.0, 0.0, z)
     elif ACTIVATION == SIGMOID:
         y = tl.sigmoid(z)
     elif ACTIVATION == LEAKY_RELU:
@@ -51,11 +52,12 @@ def activate(z, ACTIVATION: tl.constexpr, slope):
 
 @triton.jit
 def activation_grad(dy, z, ACTIVATION: tl.constexpr, slope):
-    # dz = dy·act'(z): relu 1[z > 0] and leaky_relu slope at z ≤ 0 (torch's choice at z = 0),
-    # σ' = σ(1 − σ), silu' = σ(1 + z(1 − σ)), tanh' = 1 − tanh². A zero dy gives a zero dz.
+    # dz = dy·act'(z): relu 0 at z ≤ 0, else 1 (a NaN z passes dy, as torch's threshold_backward
+    # does), leaky_relu slope at z ≤ 0 (torch's choice at z = 0), σ' = σ(1 − σ),
+    # silu' = σ(1 + z(1 − σ)), tanh' = 1 − tanh². A zero dy gives a zero dz.
     dz = dy
     if ACTIVATION == RELU:
-        dz = tl.where(z > 0.0, dy, 0.0)
+        dz = tl.where(z <= 0.0, 0.0, dy)
     elif ACTIVATION == SIGMOID:
         s = tl.sigmoid(z)
         dz = dy * s * (1.0 - s)

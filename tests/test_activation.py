@@ -15,7 +15,7 @@ from torch import nn
 import tritonbn
 from tritonbn.kernels.activation import ACTIVATIONS
 
-from .kernel_cases import assert_step_close, make_inputs, reference_step, run_step
+from .kernel_cases import TOLERANCES, assert_step_close, make_inputs, reference_step, run_step
 
 # Each activation with the options it is run with: leaky_relu with a slope other than its default.
 CASES = [(name, 0.2 if name == "leaky_relu" else 0.01) for name in ACTIVATIONS]
@@ -49,6 +49,27 @@ def test_kernels_match_batch_norm_then_activation(activation, slope, plan, devic
     # The activation changed the result: it was not silently skipped.
     plain = reference_step(inputs, training=training)
     assert not torch.allclose(got.y.double().cpu(), plain.y.cpu(), atol=1e-3)
+
+
+@pytest.mark.parametrize("plan", list(PLAN_SHAPES))
+@pytest.mark.parametrize("activation, slope", CASES, ids=CASE_IDS)
+def test_a_nan_comes_through_as_in_torch(activation, slope, plan, device):
+    # One NaN in channel 1: in training its channel's statistics are NaN, in eval only its element.
+    # relu(NaN) is NaN, not 0, and relu's backward passes dy where its input is NaN, as torch's do;
+    # every other element and channel is unaffected.
+    shape, channels_last = PLAN_SHAPES[plan]
+    inputs = make_inputs(shape, torch.float32, device, channels_last=channels_last, offset=0.3)
+    inputs["x"][(0, 1) + (0,) * (len(shape) - 2)] = float("nan")
+    options = {"training": plan != "eval", "activation": activation, "negative_slope": slope}
+    got = run_step(inputs, backend="triton", plan=plan, **options)
+    want = reference_step(inputs, **options)
+    rtol, atol = TOLERANCES[torch.float32]
+    for name in ("y", "dx", "dw", "db", "running_mean", "running_var"):
+        mine, theirs = getattr(got, name).double().cpu(), getattr(want, name)
+        torch.testing.assert_close(
+            mine, theirs, rtol=rtol, atol=atol * 8, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    assert got.y.isnan().any() and not got.y[:, 0].isnan().any()
 
 
 @pytest.mark.parametrize("plan", ["fused-small", "split-welford"])

@@ -27,8 +27,9 @@ from .layout import Layout
 # One program of the fused-small plan holds its whole slab in registers: 16,384 fp32 values over
 # 16 warps is 32 registers a thread for x (64 with dy in the backward) of the 128 a thread has at
 # 512 threads an SM. (256, 16, 8, 8), the second LeNet conv layer, is exactly this size. Compiled
-# offline for sm_90, the backward at this size spills 16-40 bytes a thread with some activations:
-# a candidate for tuning once a GPU can measure it.
+# for sm_90, the backward at this size spills registers, the more so with a fused activation or a
+# residual (tritonbn.tune.kernel_resources reads it from the cubin): whether a smaller tile pays
+# is for a GPU to measure.
 FUSED_MAX_TILE = 16384
 # The fused-small plan aims at this many elements a program in the column tiling, trading fewer
 # launches' worth of work per program for more programs on a small layer.
@@ -52,6 +53,8 @@ TILE_OVERHEAD = 256
 REDUCTION_PROGRAMS_PER_SM = 4
 ELEMENTWISE_PROGRAMS_PER_SM = 8
 MAX_GRID_Y = 65535
+# 32 warps of 32 threads: the most threads a CUDA block may have.
+MAX_NUM_WARPS = 32
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class Tunables:
             value = getattr(self, name)
             if value is not None and value & (value - 1):
                 raise ValueError(f"tunable {name} must be a power of two, got {value}")
+        if self.num_warps is not None and self.num_warps > MAX_NUM_WARPS:
+            # Triton compiles more, but a CUDA block holds at most 1,024 threads: the launch fails.
+            raise ValueError(f"tunable num_warps must be at most {MAX_NUM_WARPS}, got {self.num_warps}")
         # Launch-site keys hold the tunables and are hashed on every launch: hash once.
         object.__setattr__(self, "_hash", hash(tuple(getattr(self, name) for name in TUNABLE_FIELDS)))
 

@@ -124,6 +124,10 @@ def test_tunables_token_round_trip_and_validation():
         parse_plan("split-welford@tiles=8192")
     with pytest.raises(ValueError, match="power of two"):
         Tunables(tile=3000)
+    with pytest.raises(ValueError, match="num_warps must be at most 32, got 64"):
+        Tunables(num_warps=64)
+    with pytest.raises(ValueError, match="num_warps must be at most 32"):
+        parse_plan("fused-small@num_warps=64")
     with pytest.raises(ValueError, match="unknown kernel plan"):
         parse_plan("warp-drive")
 

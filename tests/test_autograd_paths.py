@@ -108,6 +108,70 @@ def test_vmap_in_training_does_what_torch_does(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_forward_mode_ad_matches_torch(backend, training, memory_efficient):
+    # Dual tensors need each op's forward derivative: the call goes to torch's batch_norm, whose
+    # jvp the kernels' autograd Functions lack (they would raise after updating the statistics).
+    import torch.autograd.forward_ad as fwAD
+
+    dtype = _dtype(backend)
+    ours, theirs = _pair()
+    ours.memory_efficient = memory_efficient
+    ours, theirs = ours.to(dtype).train(training), theirs.to(dtype).train(training)
+    x, tangent = torch.randn(5, 3, 4, 3, dtype=dtype), torch.randn(5, 3, 4, 3, dtype=dtype)
+    results = {}
+    for name, module in (("ours", ours), ("theirs", theirs)):
+        for _ in range(2):  # the second call would take a remembered fast path if there were one
+            with tritonbn.backend(backend), fwAD.dual_level():
+                primal, out_tangent = fwAD.unpack_dual(module(fwAD.make_dual(x, tangent)))
+        results[name] = (primal, out_tangent, *module.buffers())
+    for got, want in zip(results["ours"], results["theirs"], strict=True):
+        torch.testing.assert_close(got, want, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_func_grad_in_training_fails_as_torch_does_and_changes_nothing(backend, memory_efficient):
+    # torch.func.grad refuses to mutate the captured running statistics; torch's module raises at
+    # its first in-place update, the batch count, before the statistics change. So does tritonbn.
+    ours, theirs = _pair()
+    ours.memory_efficient = memory_efficient
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(RuntimeError) as theirs_error:
+        torch.func.grad(lambda inp: theirs(inp).square().sum())(x)
+    before = [buffer.clone() for buffer in ours.buffers()]
+    with tritonbn.backend(backend), pytest.raises(type(theirs_error.value)):
+        torch.func.grad(lambda inp: ours(inp).square().sum())(x)
+    for buffer, saved in zip(ours.buffers(), before, strict=True):
+        assert torch.equal(buffer, saved)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_efficient_under_torch_func_matches_the_plain_module(backend):
+    # An autograd Function without setup_context cannot serve torch.func: the memory-efficient
+    # mode runs torch's batch norm there, with its floored weight and dγ straight through.
+    dtype = _dtype(backend)
+    plain, _ = _pair()
+    lean = copy.deepcopy(plain)
+    lean.memory_efficient = True
+    with torch.no_grad():
+        plain.weight[0] = lean.weight[0] = 1e-7  # floored to MIN_WEIGHT in the lean module
+    plain, lean = plain.to(dtype).eval(), lean.to(dtype).eval()
+    x = torch.randn(4, 3, 2, 2, dtype=dtype)
+
+    def loss(module, params, inp):
+        return torch.func.functional_call(module, params, (inp,)).square().sum()
+
+    with tritonbn.backend(backend):
+        got = torch.func.grad(loss, argnums=(1, 2))(lean, dict(lean.named_parameters()), x)
+    with torch.no_grad():
+        plain.weight[0] = tritonbn.reference.MIN_WEIGHT
+    want = torch.func.grad(loss, argnums=(1, 2))(plain, dict(plain.named_parameters()), x)
+    torch.testing.assert_close(got, want, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
 def test_jit_trace_matches_eager(backend, training):
     ours, _ = _pair("relu")
     ours.train(training)

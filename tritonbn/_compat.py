@@ -11,6 +11,7 @@ import inspect
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad as _forward_ad
 
 # torch 2.14 added ``bias=`` to the BatchNorm constructors (an affine module with a weight but no
 # bias); older releases take no such argument.
@@ -47,3 +48,11 @@ def batchnorm_bias_kwargs(owner: str, bias: bool) -> dict[str, bool]:
             f"bias argument), got bias={bias!r}"
         )
     return {}
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``): its dual
+    tensors need each op's forward derivative, which PyTorch's batch_norm has and tritonbn's
+    autograd Functions do not. torch keeps the open level in ``forward_ad._current_level``
+    (-1: none), the one place it is recorded in Python."""
+    return _forward_ad._current_level >= 0

@@ -32,6 +32,7 @@ from tritonbn.kernels.runtime import (
 )
 
 from . import tuning as _tuning
+from ._compat import forward_ad_active
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -294,6 +295,12 @@ _JIT_TRACED = Plan(
     "under torch.jit.trace: the traced graph records PyTorch's own batch_norm, "
     "which TorchScript and ONNX consumers can run",
 )
+_FORWARD_AD = Plan(
+    "torch",
+    None,
+    "inside torch.autograd.forward_ad.dual_level(): PyTorch's own batch_norm, which has the "
+    "forward-mode derivative the kernels' autograd Functions lack",
+)
 _FUNCTORCH = Plan(
     "torch",
     None,
@@ -330,6 +337,8 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
     else:
         if is_functorch_wrapped_tensor(x):
             return _FUNCTORCH
+        if requested != "reference" and forward_ad_active():
+            return _FORWARD_AD
         if torch._C._get_tracing_state() is not None and requested != "reference":
             return _JIT_TRACED
         decide = _decide

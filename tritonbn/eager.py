@@ -15,8 +15,8 @@ cached decisions are dropped (``tuning.reload``). The dtype and data pointer of 
 buffer of the module are the call's *tensors*, compared on every run (in C++ when the glue runs
 it): a moved, cast or reassigned tensor has another pointer, and the call goes back through the
 checks. Calls that may not skip anything never look it up: under ``torch.compile`` or
-``torch.jit.trace``, inside a ``torch.func`` transform, with a residual or
-``memory_efficient=True``.
+``torch.jit.trace``, inside a ``torch.func`` transform or a forward-mode AD level, with a
+residual or ``memory_efficient=True``.
 
 Even that Function costs more host time than a whole ``torch.nn.BatchNorm`` layer, so where the
 kernels run compiled (a GPU, not the interpreter) the first remembered call also records its
@@ -34,6 +34,7 @@ import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from . import dispatch
+from ._compat import forward_ad_active
 from .autograd import _device_of, _like, differentiable_backward
 from .kernels import workspace
 from .kernels.normalization import RUNNING, SAVED, Normalization
@@ -114,7 +115,7 @@ def signature(module: torch.nn.Module, x: torch.Tensor) -> tuple[object, ...] | 
     every time (see the module docstring)."""
     if torch.compiler.is_compiling() or type(x) is not torch.Tensor or module.memory_efficient:
         return None
-    if is_functorch_wrapped_tensor(x) or torch._C._get_tracing_state() is not None:
+    if is_functorch_wrapped_tensor(x) or torch._C._get_tracing_state() is not None or forward_ad_active():
         return None
     device = x.device
     return (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from . import eager
@@ -135,6 +136,13 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             running_mean = running_var = None
         counted = counter if training and self.track_running_stats else None  # the batch is counted
         momentum = _batch_momentum(self.momentum, counted)
+        # Inside a torch.func transform, count first, as torch's module does: a transform that
+        # refuses to mutate the captured counter then raises before the statistics change.
+        count_first = (
+            counted is not None and not torch.compiler.is_compiling() and is_functorch_wrapped_tensor(input)
+        )
+        if count_first:
+            counted.add_(1)
         if activation is not None:
             check_activation(activation, self.negative_slope)
         memory_efficient = self.memory_efficient
@@ -179,7 +187,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
                     key, plan, input, weight, bias, running_mean, running_var, bn_training, counted
                 )
         # Counted once the call has succeeded: a refused call leaves the module as it was.
-        if counted is not None:
+        if counted is not None and not count_first:
             counted.add_(1)
         return y
 

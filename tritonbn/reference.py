@@ -10,8 +10,10 @@ of the test suite when run in float64.
 from __future__ import annotations
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from ._checks import check_batch_norm_args
+from ._compat import forward_ad_active
 
 __all__ = ["MIN_WEIGHT", "batch_norm", "floor_weight", "memory_efficient_batch_norm"]
 
@@ -189,8 +191,17 @@ def memory_efficient_batch_norm(
     """``act(batch_norm(...))`` that saves its output instead of its input for the backward
     (``MemoryEfficientBatchNorm``); ``activation`` None or ``"leaky_relu"`` with a positive
     ``negative_slope``. Arguments must already be validated; an empty batch runs torch's batch
-    norm (there is nothing to save)."""
-    if input.numel() == 0:
+    norm (there is nothing to save), and so does a call inside a ``torch.func`` transform or a
+    forward-mode AD level (which an autograd Function without ``setup_context`` and ``jvp``
+    cannot serve): same values, nothing saved less."""
+    transformed = not torch.compiler.is_compiling() and (
+        is_functorch_wrapped_tensor(input) or forward_ad_active()
+    )
+    if input.numel() == 0 or transformed:
+        # Nothing to save, or a transform (torch.func, forward-mode AD) that needs what an autograd
+        # Function cannot give: torch's batch norm with the floored weight, dγ straight through.
+        if weight is not None:
+            weight = weight + (floor_weight(weight) - weight).detach()
         y = torch.nn.functional.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps
         )

@@ -1,6 +1,6 @@
 """tritonbn.BatchNorm1d/2d against torch.nn.BatchNorm1d/2d: every constructor option, train and
 eval over several steps, forward, gradients and buffers, on each backend; and the module plumbing
-(state_dict both ways, .to(), deepcopy/pickle, repr)."""
+(state_dict both ways, .to(), deepcopy/pickle, repr, a pruned or parametrized weight)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import parametrize, prune
 
 import tritonbn
 
@@ -221,3 +222,49 @@ def test_deepcopy_and_pickle_keep_class_and_state():
         clone(x)
         for key, value in module.state_dict().items():
             torch.testing.assert_close(clone.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+def _reweight(module: nn.Module, how: str) -> nn.Parameter:
+    """Make ``module.weight`` a computed attribute, as torch.nn.utils.prune and .parametrize do, or
+    a plain tensor; returns the Parameter that then learns."""
+    if how == "pruned":
+        prune.random_unstructured(module, "weight", amount=0.5)
+        return module.weight_orig
+    if how == "parametrized":
+        parametrize.register_parametrization(module, "weight", _Doubled())
+        return module.parametrizations.weight.original
+    weight = module.weight.detach().clone()
+    del module.weight
+    module.weight = weight
+    return module.bias
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["pruned", "parametrized", "plain-tensor"])
+def test_a_computed_weight_is_read_as_torch_reads_it(backend, how):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    module, oracle = twin_modules(tritonbn.BatchNorm2d, nn.BatchNorm2d, 3, dtype)
+    oracle.to(dtype)
+    torch.manual_seed(3)
+    learner = _reweight(module, how)
+    torch.manual_seed(3)  # the same pruning mask
+    oracle_learner = _reweight(oracle, how)
+    gen = torch.Generator().manual_seed(0)
+    for training in MODES:
+        module.train(training)
+        oracle.train(training)
+        x = torch.randn(4, 3, 5, 5, generator=gen, dtype=dtype)
+        with tritonbn.backend(backend):
+            got = module(x)
+        want = oracle(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        (grad,) = torch.autograd.grad(got.square().sum(), learner)
+        (oracle_grad,) = torch.autograd.grad(want.square().sum(), oracle_learner)
+        torch.testing.assert_close(grad, oracle_grad, rtol=1e-4, atol=1e-4)
+        for mine, theirs in zip(module.buffers(), oracle.buffers(), strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)

@@ -115,12 +115,20 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         """``act(batch_norm(input) [+ residual])``; ``residual`` has ``input``'s shape, dtype and
         device."""
         # Parameters and buffers are read from their dicts: Module.__getattr__ costs a call each.
+        # A pruned or parametrized weight (torch.nn.utils.prune, .parametrize) is an attribute
+        # computed elsewhere, a new tensor each call: then everything is read as torch's module
+        # reads it, and checked every call (the fast path remembers registered tensors only).
         params, buffers = self._parameters, self._buffers
-        weight, bias = params["weight"], params["bias"]
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        counter = buffers["num_batches_tracked"]
+        registered = True
+        try:
+            weight, bias = params["weight"], params["bias"]
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+            counter = buffers["num_batches_tracked"]
+        except KeyError:
+            weight, bias, running_mean, running_var = _attributes(self)
+            counter, registered = self.num_batches_tracked, False
         key = None
-        if residual is None:
+        if residual is None and registered:
             key = eager.signature(self, input)
             calls = self._eager_calls
             call = None if key is None or calls is None else calls.get(key)
@@ -257,6 +265,11 @@ def _statistics_buffers(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
     or not."""
     buffers = module._buffers
     return buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
+
+
+def _attributes(module: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    """weight, bias, running_mean and running_var as attributes, wherever they live."""
+    return module.weight, module.bias, module.running_mean, module.running_var
 
 
 def _batch_momentum(momentum: float | None, counter: torch.Tensor | None) -> float:

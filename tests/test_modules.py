@@ -268,3 +268,22 @@ def test_a_computed_weight_is_read_as_torch_reads_it(backend, how):
         torch.testing.assert_close(grad, oracle_grad, rtol=1e-4, atol=1e-4)
         for mine, theirs in zip(module.buffers(), oracle.buffers(), strict=True):
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("cls", "torch_cls"),
+    [(tritonbn.BatchNorm2d, nn.BatchNorm2d), (tritonbn.SyncBatchNorm, nn.SyncBatchNorm)],
+)
+def test_a_0d_tensor_momentum_works_as_in_torch(backend, cls, torch_cls):
+    # A momentum schedule may keep the factor as a 0-D tensor; torch's batch_norm takes it.
+    module, oracle = cls(3), torch_cls(3)
+    gen = torch.Generator().manual_seed(0)
+    for momentum in (0.5, 0.25):
+        module.momentum, oracle.momentum = torch.tensor(momentum), torch.tensor(momentum)
+        x = torch.randn(4, 3, 2, 2, generator=gen)
+        with tritonbn.backend(backend):
+            got = module(x)
+        torch.testing.assert_close(got, oracle(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module.running_mean, oracle.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(module.running_var, oracle.running_var, rtol=1e-6, atol=1e-6)

@@ -19,6 +19,7 @@ from ._checks import (
     check_batch_norm_args,
     check_module_input,
     check_module_options,
+    momentum_value,
 )
 from ._compat import batchnorm_bias_kwargs
 from .dispatch import Plan, select_plan, sm_count
@@ -143,7 +144,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         if training and not self.track_running_stats:
             running_mean = running_var = None
         counted = counter if training and self.track_running_stats else None  # the batch is counted
-        momentum = _batch_momentum(self.momentum, counted)
+        momentum = _batch_momentum(momentum_value(self.momentum), counted)
         # Inside a torch.func transform, count first, as torch's module does: a transform that
         # refuses to mutate the captured counter then raises before the statistics change.
         count_first = (

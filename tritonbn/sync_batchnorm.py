@@ -24,6 +24,7 @@ from ._checks import (
     check_batch_norm_args,
     check_module_input,
     check_module_options,
+    momentum_value,
 )
 from ._compat import batchnorm_bias_kwargs
 from .dispatch import select_plan
@@ -287,7 +288,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        momentum = 0.0 if self.momentum is None else self.momentum
+        momentum = 0.0 if self.momentum is None else momentum_value(self.momentum)
         sync = self._sync_group()
         if sync is None:
             check_batch_norm_args(

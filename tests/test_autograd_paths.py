@@ -1,5 +1,6 @@
 """The paths of torch's BatchNorm users beyond forward and backward: double backward (gradient
-penalties, MAML), torch.func transforms, torch.jit.trace and torch.compile with dynamic shapes.
+penalties, MAML), torch.func transforms, forward-mode AD, torch.fx symbolic tracing,
+torch.jit.trace and torch.compile with dynamic shapes.
 Each is compared with torch.nn.BatchNorm on every backend (the Triton kernels through the
 interpreter on CPU)."""
 
@@ -168,6 +169,46 @@ def test_memory_efficient_under_torch_func_matches_the_plain_module(backend):
         plain.weight[0] = tritonbn.reference.MIN_WEIGHT
     want = torch.func.grad(loss, argnums=(1, 2))(plain, dict(plain.named_parameters()), x)
     torch.testing.assert_close(got, want, **_tolerance(dtype))
+
+
+def test_fx_symbolic_trace_keeps_each_module_whole():
+    # torch.fx keeps torch.nn's BatchNorm as one call_module node (a leaf); tritonbn's modules put
+    # the same node in the graph, which then calls the module on tensors.
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        tritonbn.BatchNorm2d(4, activation="relu"),
+        tritonbn.FrozenBatchNorm2d(4),
+        tritonbn.SyncBatchNorm(4),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+        tritonbn.BatchNorm1d(5),
+        tritonbn.BatchNorm(5, num_dims=2),
+    )
+    traced = torch.fx.symbolic_trace(copy.deepcopy(model))
+    nodes = [(node.op, node.target) for node in traced.graph.nodes]
+    assert nodes[1:-1] == [("call_module", str(index)) for index in range(len(model))]
+    x = torch.randn(3, 3, 8, 8)
+    for training in (True, False):
+        model.train(training)
+        traced.train(training)
+        torch.testing.assert_close(traced(x), model(x))
+    for mine, theirs in zip(traced.buffers(), model.buffers(), strict=True):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_fx_feature_extraction_of_a_fused_resnet():
+    # torchvision's feature extractor traces with torch.fx; a fused block's BatchNorm takes the
+    # residual as a second argument of its node.
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = tritonbn.fuse(tritonbn.convert(torchvision.models.resnet18(num_classes=10))).eval()
+    extractor = create_feature_extractor(model, {"layer1": "layer1", "fc": "logits"})
+    block_bn = next(node for node in extractor.graph.nodes if node.target == "layer1.0.bn2")
+    assert block_bn.op == "call_module" and len(block_bn.args) == 2
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(extractor(x)["logits"], model(x))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

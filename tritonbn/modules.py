@@ -138,6 +138,8 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
                 y = eager.run(call, input, weight, bias, running_mean, running_var, counter, momentum)
                 if y is not None:
                     return y
+        if is_fx_proxy(input):
+            return fx_leaf_call(self, input, residual)
         self._check_input_dim(input)
         training, activation, eps = self.training, self.activation, self.eps
         bn_training = training or (running_mean is None and running_var is None)
@@ -279,6 +281,20 @@ def _batch_momentum(momentum: float | None, counter: torch.Tensor | None) -> flo
     if momentum is not None:
         return momentum
     return 1.0 / (float(counter) + 1.0) if counter is not None else 0.0
+
+
+def is_fx_proxy(input: object) -> bool:
+    """Whether ``input`` is a ``torch.fx`` Proxy: the module is being symbolically traced."""
+    return not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy)
+
+
+def fx_leaf_call(module: nn.Module, input: torch.fx.Proxy, residual: object = None) -> torch.fx.Proxy:
+    """The module's call as one ``call_module`` node of the graph ``torch.fx`` is tracing, the
+    node torch.nn's BatchNorm gets (the default tracer keeps torch.nn modules whole): the graph
+    then calls the module itself, on tensors. ``residual`` is passed on when given."""
+    tracer = input.tracer
+    args = (input,) if residual is None else (input, residual)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
 def activation_repr(activation: str | None, negative_slope: float) -> str:
@@ -430,6 +446,8 @@ class FrozenBatchNorm2d(nn.Module):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(frozen_batch_norm(input) [+ residual])``."""
+        if is_fx_proxy(input):
+            return fx_leaf_call(self, input, residual)
         running_mean, running_var = self.running_mean, self.running_var
         check_module_input(self, input, self._expected_dims, self._expected_shape, running_mean.shape[0])
         weight, bias, eps = self.weight, self.bias, self.eps

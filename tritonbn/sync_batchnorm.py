@@ -29,7 +29,7 @@ from ._checks import (
 from ._compat import batchnorm_bias_kwargs
 from .dispatch import select_plan
 from .functional import run_checked, torch_activation
-from .modules import activation_repr, script_unsupported
+from .modules import activation_repr, fx_leaf_call, is_fx_proxy, script_unsupported
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -283,6 +283,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return momentum
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if is_fx_proxy(input):
+            return fx_leaf_call(self, input)
         self._check_input_dim(input)
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None

@@ -106,12 +106,16 @@ def test_lazy_becomes_tritonbn_at_first_input_and_matches_torch(backend, cls, to
     module = cls(momentum=0.3, dtype=dtype)
     oracle = torch_cls(momentum=0.3, dtype=torch.float64)
     assert isinstance(module, torch_cls) and module.has_uninitialized_params()
+    # Like torch's Lazy module, not yet a BatchNormXd (init loops over BatchNormXd skip it).
+    torch_becomes = torch_cls.cls_to_become
+    assert not isinstance(module, (torch_becomes, becomes)) and not isinstance(oracle, torch_becomes)
     x = 1 + torch.randn(shape, dtype=torch.float64)
     dy = torch.randn(shape, dtype=torch.float64)
     with tritonbn.backend(backend):
         # The first call materializes and already runs tritonbn (its plan, its checks).
         assert_modules_match(module, oracle, x, dy, dtype)
         assert type(module) is becomes and module.num_features == shape[1]
+        assert isinstance(module, torch_becomes)
         module.eval()
         oracle.eval()
         assert_modules_match(module, oracle, x + 1, dy, dtype)

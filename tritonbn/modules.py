@@ -374,19 +374,19 @@ class _TritonLazyBatchNorm:
             self.num_features = sized[0].shape[0] if sized else input.shape[1]
 
 
-class LazyBatchNorm1d(_TritonLazyBatchNorm, nn.LazyBatchNorm1d, BatchNorm1d):
+class LazyBatchNorm1d(_TritonLazyBatchNorm, nn.LazyBatchNorm1d, _TritonBatchNorm):
     """Drop-in ``torch.nn.LazyBatchNorm1d``: becomes a ``tritonbn.BatchNorm1d`` at its first input."""
 
     cls_to_become = BatchNorm1d
 
 
-class LazyBatchNorm2d(_TritonLazyBatchNorm, nn.LazyBatchNorm2d, BatchNorm2d):
+class LazyBatchNorm2d(_TritonLazyBatchNorm, nn.LazyBatchNorm2d, _TritonBatchNorm):
     """Drop-in ``torch.nn.LazyBatchNorm2d``: becomes a ``tritonbn.BatchNorm2d`` at its first input."""
 
     cls_to_become = BatchNorm2d
 
 
-class LazyBatchNorm3d(_TritonLazyBatchNorm, nn.LazyBatchNorm3d, BatchNorm3d):
+class LazyBatchNorm3d(_TritonLazyBatchNorm, nn.LazyBatchNorm3d, _TritonBatchNorm):
     """Drop-in ``torch.nn.LazyBatchNorm3d``: becomes a ``tritonbn.BatchNorm3d`` at its first input."""
 
     cls_to_become = BatchNorm3d

@@ -23,7 +23,8 @@ class Layout:
 
     ``name`` is one of ``"nchw"`` (spatial elements contiguous), ``"channels_last"`` (channels
     contiguous, rows of C), ``"2d"`` ((N, C) input, or one spatial element with contiguous
-    channels) or ``"strided"`` (anything else; the dispatcher copies it to ``"nchw"`` first).
+    channels) or ``"strided"`` (anything else). The dispatcher copies an input whose strides are
+    not those of its ``output_format`` (which every strided one is) into that format first.
     ``rows_collapse`` tells whether the N·S rows of the tensor sit at one stride apart, which the
     column-tiled plan needs.
     """
@@ -105,6 +106,49 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(step)
         step *= max(size, 1)
     return tuple(reversed(strides))
+
+
+def _strides_like_channels_last(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """c10's test of whether strides read as channels_last (4-D) or channels_last_3d (5-D):
+    increasing along C, then the spatial dims from the last, then N; ambiguous size-1 cases
+    read as contiguous, as there."""
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for dim in (1, *range(len(shape) - 1, 1, -1), 0):
+        if shape[dim] == 0 or strides[dim] < smallest:
+            return False
+        if dim == 0 and smallest == strides[1]:
+            return False
+        smallest = strides[dim] * (shape[dim] if shape[dim] > 1 else 1)
+    return True
+
+
+def output_format(shape: tuple[int, ...], strides: tuple[int, ...]) -> torch.memory_format:
+    """The memory format of torch's batch-norm output (and input gradient) for an input of
+    ``shape`` and ``strides``: its ``suggest_memory_format()`` — channels_last(_3d) for 4-D (5-D)
+    input whose strides read so, contiguous for everything else."""
+    if len(shape) in (4, 5) and _strides_like_channels_last(shape, strides):
+        return torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def format_strides(shape: tuple[int, ...], memory_format: torch.memory_format) -> tuple[int, ...]:
+    """The strides of a tensor of ``shape`` laid out in ``memory_format``."""
+    if memory_format == torch.contiguous_format:
+        return contiguous_strides(shape)
+    # Channels last: C, then the spatial dims, then N, from fastest to slowest.
+    order = (1, *range(len(shape) - 1, 1, -1), 0)
+    strides, step = [0] * len(shape), 1
+    for dim in order:
+        strides[dim] = step
+        step *= max(shape[dim], 1)
+    return tuple(strides)
+
+
+def same_strides(shape: tuple[int, ...], strides: tuple[int, ...], others: tuple[int, ...]) -> bool:
+    """Whether two stride tuples of ``shape`` address its elements alike (size-1 dims ignored)."""
+    return all(size <= 1 or a == b for size, a, b in zip(shape, strides, others, strict=True))
 
 
 def describe_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout:

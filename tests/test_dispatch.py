@@ -8,10 +8,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch._prims_common import suggest_memory_format
 
 import tritonbn
 import tritonbn.dispatch
 import tritonbn.functional
+from tritonbn.kernels.layout import format_strides, output_format, same_strides
 
 from .helpers import assert_close
 
@@ -248,3 +252,21 @@ def test_call_runs_on_the_backend_the_plan_names(monkeypatch, name):
         assert tritonbn.explain(x).backend == name
         tritonbn.batch_norm(x, None, None, training=True)
     assert {key: spy.calls for key, spy in spies.items()} == {key: int(key == name) for key in spies}
+
+
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=2, max_size=5),
+    order=st.randoms(use_true_random=False),
+    step=st.integers(1, 2),
+)
+def test_output_format_is_torchs_suggested_memory_format(shape, order, step):
+    # The dispatcher copies an input whose strides torch would not give its output; it must read
+    # the strides as torch does (c10's channels-last test, its tie-breaks on size-1 dims included).
+    perm = list(range(len(shape)))
+    order.shuffle(perm)
+    base = torch.empty([shape[p] * (step if i == 0 else 1) for i, p in enumerate(perm)])
+    x = base[::step].permute([perm.index(d) for d in range(len(shape))])
+    want = suggest_memory_format(x)
+    assert output_format(tuple(x.shape), tuple(x.stride())) == want
+    y = torch.empty_like(x, memory_format=want)
+    assert same_strides(tuple(x.shape), format_strides(tuple(x.shape), want), tuple(y.stride()))

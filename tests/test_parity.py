@@ -89,6 +89,60 @@ def test_batchnorm3d_rejects_other_dims(shape):
 
 
 # ---------------------------------------------------------------------------------------------
+# The output's memory format
+
+
+def _transposed_1d():
+    return torch.randn(4, 5, 3).transpose(1, 2)  # (N, C=3, L=5) as in bn(x.transpose(1, 2))
+
+
+def _transposed_2d():
+    return torch.randn(3, 6).t()  # (N=6, C=3) with unit stride along N
+
+
+def _permuted_4d():
+    return torch.randn(3, 4, 5, 6).permute(1, 0, 2, 3)  # (N=4, C=3, H, W), C outermost
+
+
+def _sliced_channels_last():
+    # Not dense (every other row), channels_last-like strides: torch keeps channels_last.
+    return torch.randn(4, 3, 10, 6).contiguous(memory_format=torch.channels_last)[:, :, ::2]
+
+
+def _sliced_contiguous():
+    return torch.randn(4, 3, 5, 12)[..., ::3]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "make", [_transposed_1d, _transposed_2d, _permuted_4d, _sliced_channels_last, _sliced_contiguous]
+)
+def test_output_and_input_gradient_have_torchs_strides(backend, training, make):
+    # torch writes y and dx in the input's suggested memory format, whatever its strides; the
+    # kernels write in their input's, so a layout torch does not keep runs on a copy in torch's.
+    x = make()
+    cls, torch_cls = (
+        (tritonbn.BatchNorm1d, nn.BatchNorm1d) if x.dim() < 4 else (tritonbn.BatchNorm2d, nn.BatchNorm2d)
+    )
+    module, oracle = cls(3).train(training), torch_cls(3).train(training)
+    results = []
+    for bn in (module, oracle):
+        leaf = x.clone().requires_grad_() if x.is_contiguous() else x.detach().requires_grad_()
+        with tritonbn.backend(backend if bn is module else "auto"):
+            y = bn(leaf)
+        (dx,) = torch.autograd.grad(y, leaf, torch.ones_like(y) + y.detach())
+        results.append((y, dx))
+    (y, dx), (want_y, want_dx) = results
+    for got, want in ((y, want_y), (dx, want_dx)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # Strides of size-1 dims address nothing: only the others must agree.
+        assert [st for size, st in zip(got.shape, got.stride(), strict=True) if size > 1] == [
+            st for size, st in zip(want.shape, want.stride(), strict=True) if size > 1
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
 # Lazy modules
 
 LAZY = [

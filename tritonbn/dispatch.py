@@ -22,7 +22,13 @@ from types import MappingProxyType
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
 
-from tritonbn.kernels.layout import Layout, contiguous_strides, describe_strides
+from tritonbn.kernels.layout import (
+    Layout,
+    describe_strides,
+    format_strides,
+    output_format,
+    same_strides,
+)
 from tritonbn.kernels.plans import KERNEL_PLANS, PLANS, KernelPlan, PlanName, fused_tile_elements
 from tritonbn.kernels.runtime import (
     TRITON_MISSING,
@@ -207,7 +213,10 @@ class Plan:
         if self.tunables:
             lines.append(f"  tunables: {self.tunables}")
         if self.copies_input:
-            lines.append("  note: the input is copied once into a contiguous layout first")
+            lines.append(
+                "  note: the input is copied once first, into the memory format torch's output has "
+                "(contiguous or channels_last): the kernels write the output in their input's"
+            )
         return "\n".join(lines)
 
 
@@ -452,9 +461,14 @@ def _decide(
             return Plan("torch", None, "empty batch: nothing to compute, torch's semantics", facts)
         if dtype == torch.float64:
             return Plan("torch", None, "float64 is not a kernel dtype: torch runs it", facts)
-    copies = layout.name == "strided"
+    # The kernels write the output (and the input's gradient) with the input's strides; torch
+    # writes them in the input's suggested memory format. Where the two differ (a transposed
+    # (N, C, L), a permuted 4-D tensor) or the kernels cannot read the input (not dense), they
+    # run on a copy in torch's format, so the result has torch's strides.
+    target = format_strides(shape, output_format(shape, strides))
+    copies = not same_strides(shape, strides, target)
     if copies:
-        layout = describe_strides(shape, contiguous_strides(shape))
+        layout = describe_strides(shape, target)
     # A tuning table's label for this case: "" (heuristics), "torch" or a plan token. Looked up
     # inside this cached function, so a table costs nothing after a shape's first call; under
     # torch.compile it is a constant of the graph, like the rest of this decision.
@@ -462,7 +476,7 @@ def _decide(
         device,
         dtype,
         shape,
-        contiguous_strides(shape) if copies else strides,
+        target if copies else strides,
         training,
         forced if training else None,
         requested == "auto",

@@ -18,6 +18,7 @@ from ._checks import (
 from .autograd import triton_batch_norm
 from .dispatch import Plan, select_plan
 from .kernels.activation_table import BY_NAME
+from .kernels.layout import output_format
 
 __all__ = ["batch_norm", "check_fusion", "check_memory_efficient"]
 
@@ -266,10 +267,15 @@ def run_checked(
     if plan.backend == "torch":
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch_activation(y if residual is None else y + residual, activation, negative_slope)
+    # torch writes the output and the input's gradient in the input's suggested memory format; the
+    # reference's elementwise ops and the kernels keep their input's strides, so where those differ
+    # (plan.copies_input, decided in dispatch._decide) they run on a copy in torch's format.
+    x = input
+    if plan.copies_input or plan.backend == "reference":
+        x = input.contiguous(memory_format=output_format(tuple(input.shape), tuple(input.stride())))
     if plan.backend == "reference":
-        y = reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = reference.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch_activation(y if residual is None else y + residual, activation, negative_slope)
-    x = input.contiguous() if plan.copies_input else input
     if residual is not None and residual.stride() != x.stride():
         # The kernels address x and the residual with one set of strides (a differentiable copy).
         residual = torch.empty_like(x).copy_(residual)

@@ -289,6 +289,27 @@ def test_frozen_matches_torchvision(backend, training, channels_last):
         assert torch.equal(kept, buffer), "a frozen module's buffers never change"
 
 
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("input_dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("buffer_dtype", FLOATS, ids=str)
+def test_frozen_promotes_dtypes_as_torchvision_does(backend, input_dtype, buffer_dtype):
+    # torchvision computes x·scale + shift in the promotion of the input's and the buffers'
+    # dtypes; tritonbn does the same wherever batch_norm's own rule would refuse the pair. The
+    # documented exception: half input with float32 buffers keeps the input's dtype.
+    original, converted = frozen_twins(3)
+    original, converted = original.to(buffer_dtype), converted.to(buffer_dtype)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64).to(input_dtype)
+    want = original(x)
+    with tritonbn.backend(backend):
+        got = converted(x)
+    keeps_half = input_dtype in (torch.float16, torch.bfloat16) and buffer_dtype == torch.float32
+    assert got.dtype == (input_dtype if keeps_half else want.dtype)
+    torch.testing.assert_close(got.double(), want.double(), rtol=2e-2, atol=2e-2)
+
+
 def test_frozen_converted_in_place_keeps_state_and_keys():
     original, _ = frozen_twins(4)
     model = nn.Sequential(nn.Conv2d(2, 4, 1), original)

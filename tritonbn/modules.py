@@ -283,6 +283,18 @@ def _batch_momentum(momentum: float | None, counter: torch.Tensor | None) -> flo
     return 1.0 / (float(counter) + 1.0) if counter is not None else 0.0
 
 
+def _frozen_dtype(dtype: torch.dtype, buffers: tuple[torch.Tensor, ...]) -> torch.dtype | None:
+    """None where batch_norm takes ``dtype`` input with these buffers as they are (the same dtype,
+    or float32 buffers for half input); else the dtype torchvision's FrozenBatchNorm2d computes
+    in, the promotion of the input's and the buffers' dtypes."""
+    kinds = {t.dtype for t in buffers}
+    if kinds == {dtype} or (kinds == {torch.float32} and dtype in (torch.float16, torch.bfloat16)):
+        return None
+    for kind in kinds:
+        dtype = torch.promote_types(dtype, kind)
+    return dtype
+
+
 def is_fx_proxy(input: object) -> bool:
     """Whether ``input`` is a ``torch.fx`` Proxy: the module is being symbolically traced."""
     return not isinstance(input, torch.Tensor) and isinstance(input, torch.fx.Proxy)
@@ -399,10 +411,11 @@ class FrozenBatchNorm2d(nn.Module):
     ``weight``, ``bias``, ``running_mean`` and ``running_var`` are buffers (the state_dict keys of
     torchvision's; a ``num_batches_tracked`` entry in a loaded state_dict is dropped, as there), so
     nothing here is trained: ``y = (x - running_mean)·rsqrt(running_var + eps)·weight + bias`` in
-    training and eval mode alike, differentiable in ``x`` only. Unlike torchvision's, float16 or
-    bfloat16 input gives output of the input's dtype (torchvision's promotes to the buffers'),
-    and ``activation`` (as on ``BatchNorm2d``) may follow the normalization. torchvision is not
-    needed to use it.
+    training and eval mode alike, differentiable in ``x`` only. Input and buffers of different
+    dtypes compute in their promotion, as torchvision's do, except that float16 or bfloat16 input
+    with float32 buffers gives output of the input's dtype (torchvision's: float32), as
+    ``BatchNorm2d`` does. ``activation`` (as on ``BatchNorm2d``) may follow the normalization.
+    torchvision is not needed to use it.
     """
 
     _expected_dims = (4,)
@@ -451,6 +464,12 @@ class FrozenBatchNorm2d(nn.Module):
         running_mean, running_var = self.running_mean, self.running_var
         check_module_input(self, input, self._expected_dims, self._expected_shape, running_mean.shape[0])
         weight, bias, eps = self.weight, self.bias, self.eps
+        buffers = (weight, bias, running_mean, running_var)
+        common = _frozen_dtype(input.dtype, buffers)
+        if common is not None:  # torchvision's type promotion, where batch_norm's rule refuses
+            input = input.to(common)
+            weight, bias, running_mean, running_var = (t.to(common) for t in buffers)
+            residual = None if residual is None else residual.to(common)
         check_batch_norm_args(input, running_mean, running_var, weight, bias, False, 0.0, eps)
         activation = self.activation
         if activation is not None:

@@ -214,8 +214,8 @@ class Plan:
             lines.append(f"  tunables: {self.tunables}")
         if self.copies_input:
             lines.append(
-                "  note: the input is copied once first, into the memory format torch's output has "
-                "(contiguous or channels_last): the kernels write the output in their input's"
+                "  note: the input is copied once first, into the memory format of torch's output "
+                "(contiguous or channels_last), since the kernels write with their input's strides"
             )
         return "\n".join(lines)
 

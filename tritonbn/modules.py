@@ -128,11 +128,10 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
         except KeyError:
             weight, bias, running_mean, running_var = _attributes(self)
             counter, registered = self.num_batches_tracked, False
-        key = None
-        if residual is None and registered:
+        calls = self._eager_calls  # None until a call ran on the Triton kernels
+        if calls is not None and residual is None and registered:
             key = eager.signature(self, input)
-            calls = self._eager_calls
-            call = None if key is None or calls is None else calls.get(key)
+            call = None if key is None else calls.get(key)
             if call is not None:  # the fast path (tritonbn.eager): no check, no decision
                 momentum = _batch_momentum(call.momentum, counter if call.counts else None)
                 y = eager.run(call, input, weight, bias, running_mean, running_var, counter, momentum)
@@ -193,10 +192,12 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
                 residual=residual,
                 memory_efficient=memory_efficient,
             )
-            if key is not None and plan.backend == "triton":
-                self._remember(
-                    key, plan, input, weight, bias, running_mean, running_var, bn_training, counted
-                )
+            if plan.backend == "triton" and residual is None and registered:
+                key = eager.signature(self, input)
+                if key is not None:
+                    self._remember(
+                        key, plan, input, weight, bias, running_mean, running_var, bn_training, counted
+                    )
         # Counted once the call has succeeded: a refused call leaves the module as it was.
         if counted is not None and not count_first:
             counted.add_(1)

@@ -15,9 +15,11 @@ still prints its summary and the trainer keeps its finished epochs):
    then ``python -m tritonbn.glue``, which compiles the eager path's C++ glue for this torch
    (the later steps use it; where it cannot be built they run the Python Function);
 3. ``pytest -q --maxfail=10`` over ``tests`` on CUDA, dealt over TEST_SHARDS processes (each
-   compiles its kernels one at a time), the files only a GPU can settle first (the kernels, the
-   eager path, CUDA graphs), its output in OUTDIR/tests.log; where tests failed, those again
-   with ``TRITONBN_GLUE=off``, which tells whether the C++ glue causes them;
+   compiles its kernels one at a time), the files only a GPU can settle first (the kernels, CUDA
+   graphs, fused activations and residuals, whole models), its output in OUTDIR/tests.log (the
+   tests that run the kernels on CPU tensors need the interpreter and are skipped, as
+   ``tests/conftest.py`` says: CI runs them); where tests failed, those again with
+   ``TRITONBN_GLUE=off``, which tells whether the C++ glue causes them;
 4. ``compute-sanitizer --tool memcheck`` over a small selection of kernel tests (every plan,
    ragged shapes, the int64 path), recorded as unavailable where the tool is missing;
 5. the host time per layer (``bench/host_overhead.py``), wall clock on the GPU;
@@ -94,12 +96,10 @@ KEPT_TRAIN_FILES = ("metrics.json",)
 # its budget, the files it did not reach are the others (tests_in_order).
 FIRST_TESTS = (
     "tests/test_kernels.py",
-    "tests/test_eager.py",
     "tests/test_cuda_graphs.py",
     "tests/test_activation.py",
     "tests/test_fusions.py",
-    "tests/test_modules.py",
-    "tests/test_parity.py",
+    "tests/test_models.py",
 )
 # Processes the CUDA suite is dealt over. Each compiles its kernels one at a time, and the suite
 # compiles about a thousand kernel variants on a cold Triton cache: bench/suite_compiles.py (its

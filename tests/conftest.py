@@ -2,7 +2,12 @@
 
 TRITON_INTERPRET must be set before ``tritonbn.kernels`` is imported (Triton decides at
 ``@triton.jit`` time), so it is set here, at collection, before any test module imports tritonbn.
-With a CUDA device the same tests run the compiled kernels on it.
+With a CUDA device the tests that take the ``device`` fixture run the compiled kernels on it.
+
+Many tests run the Triton backend on CPU tensors, which only the interpreter can do: those
+parametrized with ``backend="triton"`` that do not take the ``device`` fixture, and those marked
+``interpreter``. Where the kernels are compiled (a CUDA machine) they are skipped, with that
+reason; CI runs them.
 """
 
 import os
@@ -34,3 +39,27 @@ def _clean_backend_env(monkeypatch):
     monkeypatch.delenv("TRITONBN_BACKEND", raising=False)
     monkeypatch.delenv("TRITONBN_PLAN", raising=False)
     torch.manual_seed(0)
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def runs_kernels_on_cpu_tensors(item: pytest.Item) -> bool:
+    """Whether a test runs the Triton kernels on CPU tensors (see the module docstring)."""
+    if item.get_closest_marker("interpreter") is not None:
+        return True
+    callspec = getattr(item, "callspec", None)
+    backend = None if callspec is None else callspec.params.get("backend")
+    return backend == "triton" and "device" not in item.fixturenames
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if INTERPRETED:
+        return
+    skip = pytest.mark.skip(
+        reason="runs the Triton kernels on CPU tensors, which needs TRITON_INTERPRET=1: the kernels "
+        "are compiled here (CI runs it through the interpreter)"
+    )
+    for item in items:
+        if runs_kernels_on_cpu_tensors(item):
+            item.add_marker(skip)

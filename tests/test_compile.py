@@ -76,6 +76,7 @@ def test_compiled_matches_eager(backend, activation, momentum, fullgraph):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("training", [True, False])
 def test_custom_ops_pass_opcheck(training):
     # Schema, fake (meta) implementation and dispatch of the kernels' operators, as torch checks

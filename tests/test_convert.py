@@ -163,6 +163,7 @@ def test_rejects_non_modules(not_a_module):
         tritonbn.convert(not_a_module)
 
 
+@pytest.mark.interpreter
 def test_resnet18_stem_on_triton_backend_matches_torch():
     """The converted resnet18 in training mode on the kernels (the interpreter on CPU).
 

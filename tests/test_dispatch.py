@@ -206,6 +206,7 @@ def test_triton_backend_falls_back_to_torch(x, why):
     assert why in plan.reason
 
 
+@pytest.mark.interpreter
 def test_strided_input_is_copied_and_still_correct():
     base = torch.randn(4, 10, 5, 6)
     x = base[:, ::2, :, 1:]  # every other channel, a column cut off: not dense
@@ -237,7 +238,9 @@ class Spy:
         return self.target(*args, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["torch", "reference", "triton"])
+@pytest.mark.parametrize(
+    "name", ["torch", "reference", pytest.param("triton", marks=pytest.mark.interpreter)]
+)
 def test_call_runs_on_the_backend_the_plan_names(monkeypatch, name):
     spies = {
         "torch": Spy(F.batch_norm),

@@ -23,6 +23,10 @@ from .helpers import (
     twin_modules,
 )
 
+# CPU tensors on the Triton backend: the interpreter's Python fast path. On a GPU the C++ glue
+# takes remembered calls over (tests/test_glue.py checks its launches under the stand-in driver).
+pytestmark = pytest.mark.interpreter
+
 SHAPES = {
     "fused-small": (6, 3, 5, 7),
     "split": (40, 3, 17, 19),  # more elements a channel than one program holds

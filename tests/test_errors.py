@@ -233,7 +233,13 @@ def cpu_tensors(args: dict[str, object]) -> list[torch.Tensor | None]:
     return [t if isinstance(t, torch.Tensor) and t.device.type == "cpu" else None for t in tensors]
 
 
-@pytest.mark.parametrize("function", list(FUNCTIONS))
+@pytest.mark.parametrize(
+    "function",
+    [
+        pytest.param(name, marks=pytest.mark.interpreter) if name.endswith("triton") else name
+        for name in FUNCTIONS
+    ],
+)
 @pytest.mark.parametrize("case", FUNCTIONAL_CASES, ids=[case.id for case in FUNCTIONAL_CASES])
 def test_functional_rejects_and_mutates_nothing(function, case):
     args = base_args()
@@ -500,6 +506,7 @@ def test_bad_environment_variable_raises_naming_it(monkeypatch, variable, value,
     assert_module_unchanged(state, module)
 
 
+@pytest.mark.interpreter
 def test_forced_plan_that_does_not_fit_mutates_nothing():
     module = make_module("2d")
     state = module_state(module)

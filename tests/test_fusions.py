@@ -90,9 +90,13 @@ def run_fused(inputs, dtype, training, activation, **options):
     return y, dict(zip(leaves, grads, strict=True)), rm, rv
 
 
-def check(inputs, dtype, training, activation, **options):
+def check(inputs, dtype, training, activation, device=None, **options):
+    """The fused call (on ``device``, default the inputs' CPU) against the float64 oracle."""
     y_ref, g_ref, rm_ref, rv_ref = oracle(inputs, training, activation)
-    y, g, rm, rv = run_fused(inputs, dtype, training, activation, **options)
+    on_device = {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
+    y, g, rm, rv = run_fused(on_device, dtype, training, activation, **options)
+    y, rm, rv = y.cpu(), rm.cpu(), rv.cpu()
+    g = {k: v.cpu() for k, v in g.items()}
     n = inputs["x"].numel() // inputs["x"].shape[1]
     assert y.dtype == dtype and y.stride() == inputs["x"].to(dtype).stride()
     assert_close(y, y_ref, dtype, "y")
@@ -117,7 +121,7 @@ def test_residual_matches_torch_float64(backend, seed):
 
 @pytest.mark.parametrize("plan", [*TRAIN_PLANS, "eval"])
 @pytest.mark.parametrize("seed", range(2))
-def test_residual_triton_every_plan(plan, seed):
+def test_residual_triton_every_plan(plan, seed, device):
     rng = random.Random(100 + seed)
     channels_last = plan == "column-tiled" and seed == 0
     shape = random_shape(rng, channels_last)
@@ -125,24 +129,24 @@ def test_residual_triton_every_plan(plan, seed):
         shape = shape[:2]
     inputs = make_inputs(shape, seed, channels_last)
     with tritonbn.backend("triton", plan=plan):
-        check(inputs, torch.float32, plan != "eval", "relu")
+        check(inputs, torch.float32, plan != "eval", "relu", device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_residual_triton_half(dtype):
+def test_residual_triton_half(dtype, device):
     inputs = make_inputs((4, 3, 5, 6), 7)
     with tritonbn.backend("triton"):
-        check(inputs, dtype, True, "relu")
+        check(inputs, dtype, True, "relu", device)
 
 
-def test_residual_other_strides_and_grad_of_residual_only():
+def test_residual_other_strides_and_grad_of_residual_only(device):
     # A channels_last residual on an NCHW input is copied to the input's strides; with only the
     # residual requiring grad, its gradient still comes out (dy·relu'(u)), with and without an
     # activation (dy itself).
     inputs = make_inputs((3, 4, 5, 6), 3)
-    x = inputs["x"].float()
-    z = inputs["z"].float().contiguous(memory_format=torch.channels_last).requires_grad_()
-    dy = inputs["dy"].float()
+    x = inputs["x"].float().to(device)
+    z = inputs["z"].float().to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dy = inputs["dy"].float().to(device)
     for activation in ("relu", None):
         expected = ACT[activation](F.batch_norm(x, None, None, training=True) + z)
         (dz_ref,) = torch.autograd.grad(expected, z, dy)
@@ -234,29 +238,29 @@ def test_fused_resnet_trains_like_stock_float64(arch, backend):
 
 
 @pytest.mark.slow
-def test_fused_resnet_one_step_on_triton_float32():
+def test_fused_resnet_one_step_on_triton_float32(device):
     # ResNet with one BasicBlock a stage (torchvision's class, ResNet-18's widths): one training
-    # step on the Triton kernels (interpreter) against float64 torch, to float32's tolerance for
-    # BatchNorm over 2 values a channel in layer4 (torch's own float32 is as far off).
+    # step on the Triton kernels against float64 torch, to float32's tolerance for BatchNorm over
+    # 2 values a channel in layer4 (torch's own float32 is as far off).
     models()
     from torchvision.models.resnet import BasicBlock, ResNet
 
     torch.manual_seed(0)
     stock = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
-    fused = tritonbn.fuse(copy.deepcopy(stock))
+    fused = tritonbn.fuse(copy.deepcopy(stock)).to(device)
     oracle64 = copy.deepcopy(stock).double()
     x = torch.randn(2, 3, 16, 16)
     with tritonbn.backend("triton"):
-        out = fused(x)
+        out = fused(x.to(device)).cpu()
         out.square().sum().backward()
     ref = oracle64(x.double())
     ref.square().sum().backward()
     torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
     for (name, p), q in zip(fused.named_parameters(), oracle64.parameters(), strict=True):
         scale = q.grad.abs().max().item()
-        torch.testing.assert_close(p.grad.double(), q.grad, rtol=0, atol=1e-2 * scale, msg=name)
+        torch.testing.assert_close(p.grad.double().cpu(), q.grad, rtol=0, atol=1e-2 * scale, msg=name)
     for (name, b), c in zip(fused.named_buffers(), oracle64.buffers(), strict=True):
-        torch.testing.assert_close(b.double(), c.double(), rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(b.double().cpu(), c.double(), rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_fuse_leaves_hooked_and_other_blocks_alone():
@@ -370,17 +374,17 @@ def test_memory_efficient_module_matches_plain_float64(cls, shape, activation):
 
 
 @pytest.mark.parametrize("plan", [*TRAIN_PLANS, "eval"])
-def test_memory_efficient_triton_every_plan(plan):
+def test_memory_efficient_triton_every_plan(plan, device):
     shape = (6, 5, 3, 4) if plan != "column-tiled" else (7, 5)
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(shape, generator=gen)
-    weight, bias = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
-    dy = torch.randn(shape, generator=gen)
+    x = torch.randn(shape, generator=gen).to(device)
+    weight, bias = torch.randn(5, generator=gen).to(device), torch.randn(5, generator=gen).to(device)
+    dy = torch.randn(shape, generator=gen).to(device)
     training = plan != "eval"
     results = []
     for lean in (False, True):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        rm, rv = torch.zeros(5), torch.ones(5)
+        rm, rv = torch.zeros(5, device=device), torch.ones(5, device=device)
         with tritonbn.backend("torch" if not lean else "triton", plan=None if not lean else plan):
             args = (leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5)
             y = tritonbn.batch_norm(

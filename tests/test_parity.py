@@ -59,6 +59,7 @@ def test_batchnorm3d_matches_torch_over_train_and_eval_steps(backend, plan, shap
             assert_modules_match(module, oracle, x, dy, dtype)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_batchnorm3d_channels_last_3d_output_like_torch(training):
     x = torch.randn(2, 3, 2, 3, 4).to(memory_format=torch.channels_last_3d)
@@ -175,6 +176,7 @@ def test_lazy_becomes_tritonbn_at_first_input_and_matches_torch(backend, cls, to
         assert_modules_match(module, oracle, x + 1, dy, dtype)
 
 
+@pytest.mark.interpreter
 def test_lazy_activation_applies_from_the_first_call():
     module = tritonbn.LazyBatchNorm2d(activation="relu")
     x = torch.randn(4, 3, 2, 2)
@@ -334,6 +336,7 @@ def test_frozen_loads_torch_batchnorm_state_dict_dropping_the_counter():
     assert "num_batches_tracked" not in module.state_dict()
 
 
+@pytest.mark.interpreter
 def test_frozen_fuses_a_following_relu():
     original, _ = frozen_twins(3)
     model = nn.Sequential(original.float(), nn.ReLU())
@@ -536,6 +539,7 @@ def test_explain_rejects_what_batch_norm_rejects(backend, make, error, match):
         tritonbn.batch_norm(make(), None, None, training=True)
 
 
+@pytest.mark.interpreter
 def test_explain_eval_accepts_one_value_per_channel():
     x = torch.randn(1, 3)
     plan = tritonbn.explain(x, training=False, backend="triton")

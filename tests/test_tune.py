@@ -161,6 +161,7 @@ def test_launch_site_keys_hold_the_tunables():
 # --- The sweep with an injected timer ---------------------------------------------------------
 
 
+@pytest.mark.interpreter
 def test_sweep_selects_the_fastest_checked_candidate_and_writes_schema_1(tmp_path):
     train_labels = [c.label for c in tune.candidates(TRAIN, 4)]
     assert train_labels[0] == "torch" and "fused-small" in train_labels
@@ -192,6 +193,7 @@ def test_sweep_selects_the_fastest_checked_candidate_and_writes_schema_1(tmp_pat
     assert match is not None and match.entry.choice == variant
 
 
+@pytest.mark.interpreter
 def test_sweep_drops_and_reports_a_candidate_that_fails_the_reference(tmp_path, monkeypatch):
     broken = "split-welford"
     real_runner = tune._runner
@@ -218,6 +220,7 @@ def test_sweep_drops_and_reports_a_candidate_that_fails_the_reference(tmp_path, 
     assert broken not in result["entries"][0]["timings_ms"]
 
 
+@pytest.mark.interpreter
 def test_short_budget_skips_the_grid_from_its_end(tmp_path):
     ticks = iter(range(10_000))
     calls: list[tuple[str, str]] = []
@@ -363,6 +366,7 @@ def test_heuristics_without_a_table_and_with_tuning_off(monkeypatch):
     assert tritonbn.explain(x, backend="triton").kernel.token == "split-welford@tile=2048"
 
 
+@pytest.mark.interpreter
 def test_tuned_plan_runs_and_matches_the_reference_bit_for_bit_twice(monkeypatch):
     tuned_table()
     fake_identity(monkeypatch)
@@ -406,6 +410,7 @@ def test_an_entry_that_cannot_run_the_input_falls_back(monkeypatch):
     assert plan.kernel == "fused-small" and plan.tunables == ""  # next fastest: fused-small, 1.2 ms
 
 
+@pytest.mark.interpreter
 def test_eval_entries_carry_eval_tunables(monkeypatch):
     tuned_table(choice="eval@tile=2048", mode="eval")
     fake_identity(monkeypatch)

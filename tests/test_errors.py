@@ -108,6 +108,15 @@ FUNCTIONAL_CASES = [
     ],
     *[
         Case(
+            f"{name}-2d",
+            put_lazy(**{name: lambda: torch.ones(C, 1)}),
+            RuntimeError,
+            rf"'{name}' must be a 1-D tensor, got shape \(3, 1\)",
+        )
+        for name in ("running_mean", "running_var")
+    ],
+    *[
+        Case(
             f"{name}-on-meta",
             put_lazy(**{name: lambda: torch.ones(C, device="meta")}),
             RuntimeError,

@@ -75,6 +75,9 @@ def check_batch_norm_args(
                 f"batch_norm: '{name}' must have {channels} elements (one per channel of 'input' "
                 f"of shape {tuple(input.shape)}), got {tensor.numel()}"
             )
+        if name.startswith("running") and tensor.dim() != 1:
+            # torch reads the running statistics as vectors (weight and bias of any shape).
+            raise RuntimeError(f"batch_norm: '{name}' must be a 1-D tensor, got shape {tuple(tensor.shape)}")
         if tensor.device != device:
             raise RuntimeError(
                 f"batch_norm: '{name}' must be on the same device as 'input' ({device}), got {tensor.device}"

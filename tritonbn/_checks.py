@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Container
 from numbers import Real
 
 import torch
@@ -214,7 +215,7 @@ def check_activation(activation: str | None, negative_slope: float) -> None:
 
 
 def check_module_input(
-    module: object, input: object, dims: tuple[int, ...], expected: str, num_features: int
+    module: object, input: object, dims: Container[int], expected: str, num_features: int
 ) -> None:
     """The checks of a BatchNorm module's ``_check_input_dim``: a tensor (TypeError) with a number
     of dimensions in ``dims``, described by ``expected`` (ValueError), and ``num_features``

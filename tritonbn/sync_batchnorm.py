@@ -33,7 +33,8 @@ from .modules import activation_repr, fx_leaf_call, is_fx_proxy, script_unsuppor
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
-_SUPPORTED_DIMS = (2, 3, 4, 5)
+# Like torch's SyncBatchNorm: any input of at least 2 dimensions (N, C, *).
+_SUPPORTED_DIMS = range(2, 65)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -261,7 +262,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             self,
             input,
             _SUPPORTED_DIMS,
-            "2D (N, C), 3D (N, C, L), 4D (N, C, H, W) or 5D (N, C, D, H, W)",
+            "at least 2D (N, C, *)",
             self.num_features,
         )
 

@@ -54,6 +54,7 @@ def runs_kernels_on_cpu_tensors(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Where the kernels are compiled, skip the tests that run them on CPU tensors."""
     if INTERPRETED:
         return
     skip = pytest.mark.skip(

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 import tritonbn
@@ -113,8 +114,6 @@ def test_vmap_in_training_does_what_torch_does(backend):
 def test_forward_mode_ad_matches_torch(backend, training, memory_efficient):
     # Dual tensors need each op's forward derivative: the call goes to torch's batch_norm, whose
     # jvp the kernels' autograd Functions lack (they would raise after updating the statistics).
-    import torch.autograd.forward_ad as fwAD
-
     dtype = _dtype(backend)
     ours, theirs = _pair()
     ours.memory_efficient = memory_efficient

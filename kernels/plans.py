@@ -27,9 +27,9 @@ from .layout import Layout
 # One program of the fused-small plan holds its whole slab in registers: 16,384 fp32 values over
 # 16 warps is 32 registers a thread for x (64 with dy in the backward) of the 128 a thread has at
 # 512 threads an SM. (256, 16, 8, 8), the second LeNet conv layer, is exactly this size. Compiled
-# for sm_90, the backward at this size spills registers, the more so with a fused activation or a
-# residual (tritonbn.tune.kernel_resources reads it from the cubin): whether a smaller tile pays
-# is for a GPU to measure.
+# for sm_90, its backward fills the 128 registers and, with sigmoid, silu or tanh fused, spills
+# 16-24 bytes a thread under Triton 3.8 and 64-128 under Triton 3.6 (bench/kernel_resources.py;
+# bench/results/kernel-resources/): whether a smaller tile pays there is for a GPU to measure.
 FUSED_MAX_TILE = 16384
 # The fused-small plan aims at this many elements a program in the column tiling, trading fewer
 # launches' worth of work per program for more programs on a small layer.

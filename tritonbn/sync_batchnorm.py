@@ -11,6 +11,7 @@ one rank, or no initialized process group: the module is a plain ``tritonbn.batc
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ from .modules import activation_repr, fx_leaf_call, is_fx_proxy, script_unsuppor
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
 # Like torch's SyncBatchNorm: any input of at least 2 dimensions (N, C, *).
-_SUPPORTED_DIMS = range(2, 65)
+_SUPPORTED_DIMS = range(2, sys.maxsize)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

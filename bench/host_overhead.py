@@ -34,9 +34,7 @@ import datetime
 import functools
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -326,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         results = measure(args.repeats, args.steps, stand_in=False)
     else:
         # No CUDA: rerun in a child process that loads the stand-in driver at start-up.
-        folder = standin_cuda.build(Path(tempfile.gettempdir()) / "tritonbn-standin-cuda")
-        env = standin_cuda.environment(folder) | {STAND_IN_FLAG: "1", "GLIBC_TUNABLES": CACHING_MALLOC}
-        return subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:])], env=env).returncode
+        return standin_cuda.rerun(
+            __file__, argv or sys.argv[1:], {STAND_IN_FLAG: "1", "GLIBC_TUNABLES": CACHING_MALLOC}
+        )
     print(report(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -23,9 +23,7 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import standin_cuda  # noqa: E402  (the bench folder is not a package)
+from report import markdown_table  # noqa: E402
 
 # name: input shape (LeNet with BatchNorm at batch size 256, as the seed notebook trains it).
 LAYERS = {
@@ -101,22 +100,28 @@ def measure(device: torch.device) -> dict[str, object]:
     }
 
 
+# The report's columns: the row's key and its heading.
+COLUMNS = {
+    "layer": "layer",
+    "activation": "activation",
+    "mode": "mode",
+    "plan": "plan",
+    "kernel": "kernel",
+    "num_warps": "warps",
+    "registers": "registers",
+    "spill_bytes": "spill bytes",
+    "shared": "shared bytes",
+}
+
+
 def report(results: dict[str, object]) -> str:
     """A Markdown table of ``results``: one row per compiled kernel."""
-    lines = [
+    head = (
         f"kernel resources on {results['device']}, {results['date']} "
-        f"(torch {results['versions']['torch']}, triton {results['versions']['triton']})",
-        "",
-        "| layer | activation | mode | plan | kernel | warps | registers | spill bytes | shared bytes |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in results["kernels"]:
-        lines.append(
-            f"| {row['layer']} | {row['activation'] or '—'} | {row['mode']} | {row['plan']} "
-            f"| {row['kernel']} | {row['num_warps']} | {row['registers']} | {row['spill_bytes']} "
-            f"| {row['shared']} |"
-        )
-    return "\n".join(lines)
+        f"(torch {results['versions']['torch']}, triton {results['versions']['triton']})"
+    )
+    rows = [["—" if row[key] is None else str(row[key]) for key in COLUMNS] for row in results["kernels"]]
+    return head + "\n\n" + markdown_table(list(COLUMNS.values()), rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         results = measure(torch.device("cuda"))
     else:
         # No CUDA: rerun in a child process that loads the stand-in driver at start-up.
-        folder = standin_cuda.build(Path(tempfile.gettempdir()) / "tritonbn-standin-cuda")
-        env = standin_cuda.environment(folder) | {STAND_IN_FLAG: "1"}
-        return subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:])], env=env).returncode
+        return standin_cuda.rerun(__file__, argv or sys.argv[1:], {STAND_IN_FLAG: "1"})
     print(report(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -23,6 +23,9 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "standin_cuda" / "standin_cuda.c"
@@ -60,6 +63,16 @@ def environment(folder: Path) -> dict[str, str]:
     env["TRITON_LIBCUDA_PATH"] = str(folder)
     env.pop("TRITON_INTERPRET", None)
     return env
+
+
+def rerun(script: str, argv: Sequence[str], extra_env: dict[str, str]) -> int:
+    """Run ``script`` again, with ``argv``, in a child process that loads the stand-in (built in
+    the temporary folder) at start-up, ``extra_env`` added to its environment (a flag telling the
+    child to :func:`install` it, say); the child's exit status. For scripts that time or compile
+    the kernels on a machine without CUDA."""
+    folder = build(Path(tempfile.gettempdir()) / "tritonbn-standin-cuda")
+    env = environment(folder) | extra_env
+    return subprocess.run([sys.executable, script, *argv], env=env).returncode
 
 
 def install() -> None:

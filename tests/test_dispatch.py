@@ -54,6 +54,12 @@ def test_environment_is_read_on_every_call(monkeypatch):
         else:
             monkeypatch.setenv("TRITONBN_BACKEND", value)
         assert tritonbn.explain(x).backend == expected
+        # A call's own decision (the CPU fast path of select_plan) reads it too.
+        if expected != "triton" or tritonbn.dispatch.launches_cpu_tensors():
+            assert tritonbn.dispatch.select_plan(x, True).backend == expected
+    monkeypatch.setenv("TRITONBN_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"TRITONBN_BACKEND must be one of .*got 'cuda'"):
+        tritonbn.dispatch.select_plan(x, True)
     # The dispatcher's quick read agrees with os.environ on unset, empty and non-ASCII values.
     for value in (None, "", "plan-é"):
         if value is None:

@@ -120,22 +120,25 @@ def requested_backend(device_type: str) -> tuple[str, str | None, str]:
     return name, plan, "TRITONBN_BACKEND" if name != "auto" else "default"
 
 
+# CPython's os.environ keeps the variables in a dict by encoded name (its ``_data``), the same
+# dict for the life of the process; os.environ[...] = ... and monkeypatch.setenv update it in place.
+_ENVIRON = os.environ
+_ENVIRON_DATA: dict | None = getattr(_ENVIRON, "_data", None) if hasattr(_ENVIRON, "encodekey") else None
 _encoded_names: dict[str, object] = {}
 
 
 def _environment(name: str) -> str | None:
-    """``os.environ.get(name)``, read where CPython's ``os.environ`` keeps it (its ``_data``, by
-    encoded name): ``get`` of an unset variable raises and catches a KeyError, about 0.6 µs of
-    the host time of every call that may run a Triton kernel."""
-    environ = os.environ
-    data = getattr(environ, "_data", None)
-    if data is None or not hasattr(environ, "encodekey"):
-        return environ.get(name)
+    """``os.environ.get(name)``, read in the dict where CPython keeps it: ``get`` of an unset
+    variable raises and catches a KeyError, about 0.6 µs of the host time of every call, more
+    where a backward has just left the caches cold."""
+    data = _ENVIRON_DATA
+    if data is None or os.environ is not _ENVIRON:  # another Python, or os.environ replaced
+        return os.environ.get(name)
     key = _encoded_names.get(name)
     if key is None:
-        key = _encoded_names[name] = environ.encodekey(name)
+        key = _encoded_names[name] = _ENVIRON.encodekey(name)
     value = data.get(key)
-    return None if value is None else environ.decodevalue(value)
+    return None if value is None else _ENVIRON.decodevalue(value)
 
 
 _epoch = 0
@@ -325,10 +328,18 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
     the plan says so in its facts. Decisions are cached by shape, strides, dtype, device and
     request, so a training loop pays for each layer's decision once.
     """
+    if (
+        not x.is_cuda
+        and not for_explain
+        and _current_override() is None
+        and _environment("TRITONBN_BACKEND") is None
+    ):
+        # The hot path of every CPU training step, run where a backward has just left the caches
+        # cold: ``is_cuda`` builds no torch.device, and no layout facts are needed to run torch.
+        return _OFF_GPU
     device_type = x.device.type
     requested, forced, source = requested_backend(device_type)
     if requested == "auto" and device_type != "cuda" and not for_explain:
-        # The hot path of every CPU training step: no layout facts are needed to run torch.
         return _OFF_GPU
     kernels_run_here = TRITON_MISSING is None and (
         device_type == "cuda" or (requested == "triton" and launches_cpu_tensors())

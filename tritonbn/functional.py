@@ -195,10 +195,14 @@ def torch_fallback(
     updated the running mean). When torch refuses a call, tritonbn's own checks run to raise the
     clearer error."""
     check_hyperparameters(training, momentum, eps)
-    device = input.device
+    # On the CPU, is_cpu answers without building a torch.device per tensor.
+    device = None if input.is_cpu else input.device
     suspect = (running_mean is None) != (running_var is None)
     for tensor in (running_mean, running_var, weight, bias):
-        if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.device != device):
+        if tensor is not None and (
+            not isinstance(tensor, torch.Tensor)
+            or (not tensor.is_cpu if device is None else tensor.device != device)
+        ):
             suspect = True
     if suspect or memory_efficient:
         check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)

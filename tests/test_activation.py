@@ -315,6 +315,24 @@ def test_convert_leaves_unsafe_pairs_unfused():
     assert [type(m) for m in model[5]][1:] == [nn.Identity, nn.Sigmoid]
 
 
+def test_convert_fuses_into_a_memory_efficient_batchnorm_only_what_it_can_invert():
+    model = nn.Sequential(
+        tritonbn.BatchNorm2d(3, memory_efficient=True),
+        nn.ReLU(),  # not invertible: left as it is
+        tritonbn.BatchNorm2d(3, memory_efficient=True),
+        nn.LeakyReLU(0.0),  # a zero slope is not invertible either
+        tritonbn.BatchNorm2d(3, memory_efficient=True),
+        nn.LeakyReLU(0.2),
+    )
+    original = copy.deepcopy(model)
+    tritonbn.convert(model, fuse_activations=True)
+    assert [m.activation for m in model[0::2]] == [None, None, "leaky_relu"]
+    assert [type(m) for m in model[1::2]] == [nn.ReLU, nn.LeakyReLU, nn.Identity]
+    assert model[4].negative_slope == 0.2
+    x = torch.randn(4, 3, 3, 3)
+    torch.testing.assert_close(model(x), original(x))
+
+
 def test_convert_does_not_fuse_by_default():
     model = tritonbn.convert(nn.Sequential(nn.BatchNorm1d(4), nn.ReLU()))
     assert model[0].activation is None and type(model[1]) is nn.ReLU

@@ -9,6 +9,7 @@ from itertools import pairwise
 
 from torch import nn
 
+from .functional import invertible
 from .kernels.activation_table import TABLE as ACTIVATION_TABLE
 from .modules import (
     BatchNorm1d,
@@ -78,9 +79,11 @@ def _fuse_in(sequential: nn.Sequential, uses: Counter[int]) -> None:
             or _has_hooks(act)
         ):
             continue
+        slope = float(act.negative_slope) if activation == "leaky_relu" else norm.negative_slope
+        if getattr(norm, "memory_efficient", False) and not invertible(activation, slope):
+            continue  # memory_efficient=True recovers the input from the output: it stays as it is
         norm.activation = activation
-        if activation == "leaky_relu":
-            norm.negative_slope = float(act.negative_slope)
+        norm.negative_slope = slope
         setattr(sequential, act_name, nn.Identity())
 
 
@@ -106,7 +109,10 @@ def convert(module: nn.Module, *, fuse_activations: bool = False) -> nn.Module:
     or ``nn.Tanh`` (``inplace`` or not) takes that activation as its fused ``activation``, and the
     activation's slot becomes an ``nn.Identity``: indices, and so the state_dict keys, stay the
     same, and the model computes the same function. Pairs where either module has hooks, the
-    BatchNorm is used more than once or already has an activation are left unfused.
+    BatchNorm is used more than once, already has an activation, or is ``memory_efficient`` and
+    the activation cannot be undone from its output, are left unfused. A fused activation lives in
+    the BatchNorm: a tool that folds a BatchNorm into the convolution before it from the
+    statistics alone (``torch.nn.utils.fusion.fuse_conv_bn_eval``) drops it, so fold first.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert: 'module' must be a torch.nn.Module, got {type(module).__name__}")

@@ -26,6 +26,12 @@ __all__ = ["batch_norm", "check_fusion", "check_memory_efficient"]
 INVERTIBLE_ACTIVATIONS = ("leaky_relu",)
 
 
+def invertible(activation: str | None, negative_slope: float) -> bool:
+    """Whether ``act`` can be undone from its output, as ``memory_efficient=True`` needs: None, or
+    ``"leaky_relu"`` with a positive ``negative_slope``."""
+    return activation is None or (activation == "leaky_relu" and negative_slope > 0)
+
+
 def check_memory_efficient(memory_efficient: object, activation: str | None, negative_slope: float) -> None:
     """``memory_efficient`` a bool (TypeError); when True, ``activation`` must be invertible:
     None, or ``"leaky_relu"`` with a positive ``negative_slope`` (ValueError otherwise)."""

@@ -49,6 +49,7 @@ class Case:
     rows: dict[int, tuple[int, ...]] = field(default_factory=lambda: WORLD_ROWS)
     steps: int = 3
     activation: str | None = None
+    residual: bool = False  # a residual added before the activation (tritonbn.fuse's blocks)
 
 
 CASES = (
@@ -61,6 +62,7 @@ CASES = (
     Case("5d-no-affine-no-running-stats", (2, 2, 3, 3), affine=False, track_running_stats=False),
     Case("2d-all-ranks-empty", (4,), rows={2: (0, 0), 3: (0, 0, 0)}, steps=2),
     Case("4d-fused-silu", (3, 2, 3), activation="silu"),
+    Case("4d-fused-relu-residual", (3, 2, 3), activation="relu", residual=True),
 )
 CASE_BY_NAME = {case.name: case for case in CASES}
 ONE_VALUE_ROWS = {2: (1, 0), 3: (0, 1, 0)}
@@ -100,6 +102,7 @@ def _case_data(case: Case, world_size: int) -> dict[str, Any]:
         "x_eval": draw(total, *case.shape, offset=case.offset),
         "weight": draw(channels) if case.affine else None,
         "bias": draw(channels) if case.affine else None,
+        "residual": [draw(total, *case.shape) if case.residual else None for _ in range(case.steps)],
     }
 
 
@@ -159,15 +162,20 @@ def _run_case(case: Case, rank: int, world_size: int) -> dict[str, Any]:
         with torch.no_grad():
             bn.weight.copy_(data["weight"])
             bn.bias.copy_(data["bias"])
-    result: dict[str, Any] = {"y": [], "dx": [], "dw": [], "db": [], "y_channels_last": []}
-    for x_global, dy_global in zip(data["x"], data["dy"], strict=True):
+    result: dict[str, Any] = {"y": [], "dx": [], "dw": [], "db": [], "dr": [], "y_channels_last": []}
+    for x_global, dy_global, r_global in zip(data["x"], data["dy"], data["residual"], strict=True):
         x = _rank_slice(x_global, rows, rank).to(dtype).contiguous(memory_format=memory_format)
         x.requires_grad_(True)
-        y = bn(x)
+        if r_global is None:
+            y = bn(x)
+        else:
+            r = _rank_slice(r_global, rows, rank).to(dtype).contiguous(memory_format=memory_format)
+            y = bn(x, residual=r.requires_grad_(True))
         (y * _rank_slice(dy_global, rows, rank).to(dtype)).sum().backward()
         result["y"].append(y.detach().double())
         result["y_channels_last"].append(y.is_contiguous(memory_format=torch.channels_last))
         result["dx"].append(x.grad.double())
+        result["dr"].append(None if r_global is None else r.grad.double())
         if case.affine:
             result["dw"].append(bn.weight.grad.double())
             result["db"].append(bn.bias.grad.double())
@@ -289,20 +297,23 @@ def _reference_run(case: Case, world_size: int) -> dict[str, Any]:
     data = _case_data(case, world_size)
     bn = _reference_module(case)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch_activation(bn(x), case.activation, 0.01)
+    def forward(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = bn(x)
+        return torch_activation(y if residual is None else y + residual, case.activation, 0.01)
 
     if case.affine:
         with torch.no_grad():
             bn.weight.copy_(data["weight"])
             bn.bias.copy_(data["bias"])
-    expected: dict[str, Any] = {"y": [], "dx": [], "dw": [], "db": []}
-    for x_global, dy_global in zip(data["x"], data["dy"], strict=True):
+    expected: dict[str, Any] = {"y": [], "dx": [], "dw": [], "db": [], "dr": []}
+    for x_global, dy_global, r_global in zip(data["x"], data["dy"], data["residual"], strict=True):
         x = x_global.clone().requires_grad_(True)
-        y = forward(x)
+        r = None if r_global is None else r_global.clone().requires_grad_(True)
+        y = forward(x, r)
         (y * dy_global).sum().backward()
         expected["y"].append(y.detach())
         expected["dx"].append(x.grad)
+        expected["dr"].append(None if r is None else r.grad)
         if case.affine:
             expected["dw"].append(bn.weight.grad.clone())
             expected["db"].append(bn.bias.grad.clone())
@@ -332,6 +343,8 @@ def test_training_matches_single_process_batch_norm(world, case_name):
     for step in range(case.steps):
         torch.testing.assert_close(torch.cat([r["y"][step] for r in ranks]), expected["y"][step], **tol)
         torch.testing.assert_close(torch.cat([r["dx"][step] for r in ranks]), expected["dx"][step], **tol)
+        if case.residual:
+            torch.testing.assert_close(torch.cat([r["dr"][step] for r in ranks]), expected["dr"][step], **tol)
         if case.affine:
             # Each rank returns its local share; the shares add up to the whole batch's gradient.
             grad_tol = {key: value * 10 for key, value in tol.items()}
@@ -540,6 +553,27 @@ def test_convert_keeps_a_fused_activation():
     assert (model[1].activation, model[1].negative_slope) == ("leaky_relu", 0.2)
     assert "activation='leaky_relu'" in repr(model[1])
     torch.testing.assert_close(model(x), expected)
+
+
+def test_convert_keeps_a_fused_resnet_block_working():
+    # tritonbn.fuse makes a block call bn2(out, residual=identity): the SyncBatchNorm that
+    # replaces bn2 takes the residual too.
+    resnet = pytest.importorskip("torchvision.models.resnet")
+    torch.manual_seed(0)
+    block = resnet.BasicBlock(4, 4).double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    expected = block(x)
+    fused = convert_sync_batchnorm(tritonbn.fuse(nn.Sequential(block)))
+    assert type(fused[0].bn2) is SyncBatchNorm and fused[0].bn2.activation == "relu"
+    torch.testing.assert_close(fused(x), expected)
+
+
+def test_a_bad_residual_raises_before_the_batch_is_counted():
+    bn = SyncBatchNorm(3)
+    with pytest.raises(ValueError, match="'residual' must have the input's shape"):
+        bn(torch.randn(4, 3), residual=torch.randn(4, 2))
+    assert bn.num_batches_tracked.item() == 0
+    assert torch.equal(bn.running_mean, torch.zeros(3))
 
 
 def test_convert_rejects_a_non_module():

@@ -29,7 +29,7 @@ from ._checks import (
 )
 from ._compat import batchnorm_bias_kwargs
 from .dispatch import select_plan
-from .functional import run_checked, torch_activation
+from .functional import check_fusion, run_checked, torch_activation
 from .modules import activation_repr, fx_leaf_call, is_fx_proxy, script_unsupported
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -284,10 +284,14 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 return 1.0 / float(self.num_batches_tracked)
         return momentum
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(sync_batch_norm(input) [+ residual])``; ``residual`` has ``input``'s shape, dtype
+        and device (a fused ResNet block's identity: ``tritonbn.fuse``)."""
         if is_fx_proxy(input):
-            return fx_leaf_call(self, input)
+            return fx_leaf_call(self, input, residual)
         self._check_input_dim(input)
+        if residual is not None:
+            check_fusion(input, residual, self.activation, self.negative_slope, False)
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
@@ -320,6 +324,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 activation=self.activation,
                 negative_slope=self.negative_slope,
                 plan=plan,
+                residual=residual,
             )
 
         group, world_size = sync
@@ -352,6 +357,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 activation=self.activation,
                 negative_slope=self.negative_slope,
                 plan=plan,
+                residual=residual,
             )
         if moments.count == 1:
             raise ValueError(
@@ -379,7 +385,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
                 running_mean.mul_(1.0 - momentum).add_(moments.mean.to(running_mean.dtype), alpha=momentum)
                 running_var.mul_(1.0 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
-        # The synchronized path is plain torch ops: the activation follows as one more.
+        # The synchronized path is plain torch ops: the residual and the activation follow as more.
+        if residual is not None:
+            output = output + residual
         return torch_activation(output, self.activation, self.negative_slope)
 
 

@@ -277,6 +277,23 @@ def test_fuse_leaves_hooked_and_other_blocks_alone():
         tritonbn.fuse("resnet")
 
 
+@pytest.mark.parametrize("block_name", ["BasicBlock", "Bottleneck"])
+def test_fused_block_under_autocast_takes_a_float32_identity_as_the_stock_block(block_name):
+    # Under autocast the convolutions give bfloat16 while the block's input (the identity) may
+    # be float32; torchvision's out += identity keeps the branch's dtype, and so does the fusion.
+    models()
+    from torchvision.models import resnet
+
+    torch.manual_seed(0)
+    stock = getattr(resnet, block_name)(16, 16 // (4 if block_name == "Bottleneck" else 1))
+    fused = tritonbn.fuse(copy.deepcopy(stock))
+    x = torch.randn(2, 16, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, out = stock(x), fused(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_fused_block_pickles():
     import io
 

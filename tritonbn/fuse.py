@@ -27,16 +27,23 @@ def _basic_block_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     # torchvision's BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + identity), with both
     # ReLUs fused into bn1 and bn2 and the add into bn2.
     identity = x if self.downsample is None else self.downsample(x)
-    out = self.bn1(self.conv1(x))
-    return self.bn2(self.conv2(out), residual=identity)
+    out = self.conv2(self.bn1(self.conv1(x)))
+    return self.bn2(out, residual=_as_dtype_of(identity, out))
 
 
 def _bottleneck_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     # torchvision's Bottleneck: relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + identity).
     identity = x if self.downsample is None else self.downsample(x)
     out = self.bn1(self.conv1(x))
-    out = self.bn2(self.conv2(out))
-    return self.bn3(self.conv3(out), residual=identity)
+    out = self.conv3(self.bn2(self.conv2(out)))
+    return self.bn3(out, residual=_as_dtype_of(identity, out))
+
+
+def _as_dtype_of(identity: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The residual in the dtype of the branch it joins: torchvision's ``out += identity`` keeps
+    ``out``'s, and under autocast a block's input may be float32 where its convolutions give
+    bfloat16 or float16."""
+    return identity if identity.dtype == out.dtype else identity.to(out.dtype)
 
 
 # name → (torchvision class name, fused forward, the BatchNorms in order; the last takes the add)

@@ -259,6 +259,22 @@ def test_cli_help_documents_the_sweep(capsys):
         assert words in text
 
 
+@pytest.mark.parametrize("budget", ["0", "-5", "nan", "inf"])
+def test_cli_refuses_a_budget_that_is_not_a_positive_number(budget, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main(["--budget-s", budget, "--list"])
+    assert exit_info.value.code == 2
+    assert "--budget-s must be a positive number of seconds" in capsys.readouterr().err
+
+
+def test_each_input_is_swept_once():
+    # (4096, 64, 1, 1) in channels_last is contiguous: the same input as its NCHW case.
+    swept = tune.cases(dtypes=[torch.float32])
+    assert len({(c.shape, c.strides, c.training) for c in swept}) == len(swept)
+    assert [c.channels_last for c in swept if c.shape == (4096, 64, 1, 1)] == [False, False]
+    assert [c.channels_last for c in swept if c.shape == (256, 6, 24, 24)] == [False, True] * 2
+
+
 def test_default_out_is_in_the_user_tuning_folder(tmp_path):
     assert tune.default_out("NVIDIA H200") == tmp_path / "cache" / "tritonbn" / "tuning" / "NVIDIA-H200.json"
 
@@ -281,6 +297,27 @@ def test_other_schema_and_malformed_entries_are_refused(tmp_path):
 def test_unreadable_tables_are_skipped_with_a_warning(tmp_path):
     write_table(tuning.user_dir(), [], schema=99)
     with pytest.warns(RuntimeWarning, match="ignores a tuning table"):
+        assert tuning.tables() == ()
+
+
+def test_tables_that_break_the_json_or_number_readers_are_refused(tmp_path):
+    huge = entry((8, 3, 4, 4), "torch", {"torch": 1.0})
+    path = write_table(tmp_path, [huge])
+    path.write_text(path.read_text().replace('"per_channel": 128', '"per_channel": 1e400'))
+    with pytest.raises(tuning.TableError, match="OverflowError"):
+        tuning.load_table(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(tuning.TableError, match="not a readable JSON table"):
+        tuning.load_table(path)
+
+
+def test_without_a_home_only_the_packaged_tables_are_read(monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(tuning.Path, "home", no_home)
+    with pytest.warns(RuntimeWarning, match="no user tuning tables: Could not determine home"):
         assert tuning.tables() == ()
 
 

@@ -172,7 +172,7 @@ def load_table(path: Path, origin: str = "user") -> Table:
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: absurdly deep nesting
         raise TableError(f"{path}: not a readable JSON table ({error})") from error
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         found = raw.get("schema") if isinstance(raw, dict) else None
@@ -192,7 +192,7 @@ def load_table(path: Path, origin: str = "user") -> Table:
         )
     except TableError as error:
         raise TableError(f"{path}: {error}") from error
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:  # OverflowError: int(1e400)
         raise TableError(f"{path}: malformed table ({type(error).__name__}: {error})") from error
 
 
@@ -215,7 +215,12 @@ def tables() -> tuple[Table, ...]:
     skipped with a RuntimeWarning."""
     if os.environ.get(ENV, "").strip().lower() in ("off", "0", "false", "no"):
         return ()
-    return (*_read_folder(user_dir(), "user"), *_read_folder(packaged_dir(), "packaged"))
+    try:
+        user = _read_folder(user_dir(), "user")
+    except RuntimeError as error:  # no XDG_CACHE_HOME, and Path.home() cannot find a home
+        warnings.warn(f"tritonbn reads no user tuning tables: {error}", RuntimeWarning, stacklevel=2)
+        user = []
+    return (*user, *_read_folder(packaged_dir(), "packaged"))
 
 
 def reload() -> None:

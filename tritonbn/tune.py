@@ -160,8 +160,9 @@ class Candidate:
 
 
 def cases(shapes: Iterable[tuple[int, ...]] = SHAPES, dtypes: Iterable[torch.dtype] = DTYPES) -> list[Case]:
-    """The sweep's cases in its order (see the module docstring); a channels_last case whose
-    strides equal the contiguous one's (C×1×1 images, 2-D) is left out."""
+    """The sweep's cases in its order (see the module docstring); a channels_last case that is
+    contiguous too (C×1×1 images, single-channel images, 2-D), the same input as its NCHW case,
+    is left out."""
     result = []
     shapes, dtypes = tuple(shapes), tuple(dtypes)
     for dtype in dtypes:
@@ -169,12 +170,16 @@ def cases(shapes: Iterable[tuple[int, ...]] = SHAPES, dtypes: Iterable[torch.dty
             for shape in shapes:
                 for channels_last in (False, True):
                     case = Case(tuple(shape), dtype, channels_last, training)
-                    if channels_last and (
-                        len(shape) != 4 or case.strides == replace(case, channels_last=False).strides
-                    ):
+                    if channels_last and (len(shape) != 4 or _also_contiguous(case)):
                         continue
                     result.append(case)
     return result
+
+
+def _also_contiguous(case: Case) -> bool:
+    """Whether ``case``'s strides describe a contiguous tensor (torch ignores the strides of
+    size-1 dimensions: (N, C, 1, 1) channels_last is contiguous)."""
+    return torch.empty_strided(case.shape, case.strides, device="meta").is_contiguous()
 
 
 def _geometries(case: Case, label: str, sm_count: int) -> tuple[object, ...]:
@@ -700,8 +705,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--list", action="store_true", help="print the cases and candidates (no GPU needed) and exit"
     )
     args = parser.parse_args(argv)
-    if args.budget_s <= 0:
-        parser.error("--budget-s must be positive")
+    if not math.isfinite(args.budget_s) or args.budget_s <= 0:
+        parser.error(f"--budget-s must be a positive number of seconds, got {args.budget_s}")
     if args.list:
         from tritonbn.dispatch import sm_count
 

@@ -76,6 +76,14 @@ def test_flat_gz_folder_is_unpacked_into_the_cache(tmp_path):
     assert not list((root / "FashionMNIST" / "raw").glob(".*tmp")), "temporary files left behind"
 
 
+def test_a_cache_that_cannot_be_written_is_named_with_the_way_around_it(tmp_path, monkeypatch):
+    folder = write_fake_set(tmp_path / "src")
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file" / "cache"))  # even root cannot
+    with pytest.raises(FashionMNISTError, match=r"cannot write tritonbn's data cache .*a-file.*XDG_CACHE"):
+        locate_fashion_mnist(folder, download=False)
+
+
 def test_cached_copy_is_refreshed_when_the_source_changes(tmp_path):
     folder = write_fake_set(tmp_path / "src")
     assert load_fashion_mnist(folder, download=False).train_images.shape[0] == SIZES["train"]

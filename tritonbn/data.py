@@ -232,11 +232,15 @@ def _unpack(source: Path, target: Path) -> None:
     """Copy or decompress ``source`` to ``target`` atomically, checking the result first."""
     with atomic_target(target) as tmp:
         if source.suffix == ".gz":
-            try:
-                with gzip.open(source, "rb") as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            except (OSError, EOFError, zlib.error) as exc:
-                raise FashionMNISTError(f"{source}: corrupt or truncated gzip file ({exc})") from None
+            with gzip.open(source, "rb") as src, open(tmp, "wb") as dst:
+                while True:
+                    try:  # a read error is the source's; a write error (disk full) the cache's
+                        chunk = src.read(1 << 20)
+                    except (OSError, EOFError, zlib.error) as exc:
+                        raise FashionMNISTError(f"{source}: corrupt or truncated gzip file ({exc})") from None
+                    if not chunk:
+                        break
+                    dst.write(chunk)
         else:
             shutil.copyfile(source, tmp)
         check_idx_file(tmp, shown_as=source, name=target.name)
@@ -246,10 +250,25 @@ def _prepare_root(files: dict[str, Path], root: Path, shown_dir: Path) -> str:
     """Fill ``root/FashionMNIST/raw`` from ``files`` (name -> source path), each file checked;
     returns :func:`check_raw_folder`'s verdict."""
     raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for name in FILE_NAMES:
-        _unpack(files[name], raw / name)
+    with _writing_cache(root):
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in FILE_NAMES:
+            _unpack(files[name], raw / name)
     return check_raw_folder(raw, shown_dir, contents=False)
+
+
+@contextlib.contextmanager
+def _writing_cache(root: Path) -> Iterator[None]:
+    """Turn an OSError while writing the cache (no home folder, no permission, disk full) into a
+    FashionMNISTError that names the cache and the way around it."""
+    try:
+        yield
+    except OSError as exc:
+        raise FashionMNISTError(
+            f"cannot write tritonbn's data cache {root} ({exc.strerror or exc}); set XDG_CACHE_HOME "
+            "to a writable folder, or point --data-dir or $TRITONBN_DATA at a folder in "
+            "torchvision's layout (FashionMNIST/raw/, unpacked), which is used in place"
+        ) from None
 
 
 def _stamp(files: dict[str, Path]) -> dict[str, list[object]]:
@@ -290,7 +309,7 @@ def _from_folder(folder: Path, source: str) -> tuple[Path, str]:
         if verified is not None:
             return root, verified
     verified = _prepare_root(found, root, folder)
-    with atomic_target(stamp_path) as tmp:
+    with _writing_cache(root), atomic_target(stamp_path) as tmp:
         tmp.write_text(json.dumps(stamp, indent=1))
     return root, verified
 

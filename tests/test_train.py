@@ -193,7 +193,13 @@ def test_resume_equals_uninterrupted(workspace, tmp_path):
     assert EPOCH_LINE.fullmatch(out.splitlines()[-1])["epoch"] == "2"
     assert_same_state(checkpoint(tmp_path), checkpoint(workspace["full"]))
     assert without_times(metrics(tmp_path)["epochs"]) == without_times(metrics(workspace["full"])["epochs"])
-    assert [s["after_epoch"] for s in metrics(tmp_path)["sessions"]] == [0, 1]
+    record = metrics(tmp_path)
+    assert [s["after_epoch"] for s in record["sessions"]] == [0, 1]
+    # The run's command is the one that started it; each session keeps its own.
+    first = ["--data-dir", str(workspace["data"]), *SHORT, "--epochs", "1", "--out", str(tmp_path)]
+    assert record["argv"] == record["sessions"][0]["argv"] == first
+    assert record["sessions"][1]["argv"][1:4] == [str(workspace["data"]), "--resume", "--epochs"]
+    assert set(record["sessions"][1]["versions"]) == set(record["versions"])
 
 
 def test_ctrl_c_keeps_the_last_epoch_and_resumes(workspace, tmp_path, monkeypatch):
@@ -357,6 +363,11 @@ def test_distributed_run_under_torchrun_matches_one_process(workspace, tmp_path)
     assert all(EPOCH_LINE.fullmatch(line) for line in lines[1:]), lines
     record = metrics(tmp_path)
     assert record["distributed"] == {"world_size": 2, "backend": "gloo"}
+    # Training runs SyncBatchNorm's synchronized path on each process's half of a batch.
+    first = record["dispatch"]["1"]
+    assert first["input_shape"] == [16, 6, 24, 24]
+    assert first["train"]["backend"] == "synchronized" and "over 2 processes" in first["train"]["reason"]
+    assert first["eval"]["backend"] == "torch"
     for ours, single in zip(record["epochs"], metrics(workspace["full"])["epochs"], strict=True):
         assert ours["loss"] == pytest.approx(single["loss"], abs=1e-3)
         assert ours["train_acc"] == pytest.approx(single["train_acc"], abs=0.02)
@@ -400,12 +411,64 @@ def test_errors_are_explained(workspace, tmp_path, argv, message):
     assert "epoch" not in out
 
 
-def test_resuming_a_finished_run_does_nothing(workspace):
-    before = checkpoint(workspace["full"])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "4"], "--batch-size 4 over 3 processes: each process needs at least 2 images"),
+        (["--bn", "torch", "--device", "cpu"], "--distributed --bn torch needs CUDA"),
+    ],
+)
+def test_distributed_runs_it_cannot_do_are_refused_before_they_start(tmp_path, monkeypatch, argv, message):
+    for name, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "3"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "1"),
+    ):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(train_module, "start_ranks", lambda *a: pytest.fail("process group started"))
+    monkeypatch.setattr(train_module, "load_fashion_mnist", lambda *a, **k: pytest.fail("data loaded"))
+    code, _, err = run_cli("--distributed", *argv, "--out", tmp_path / "run")
+    assert code == 1
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_finished_run_does_nothing(workspace, monkeypatch):
+    before, record = checkpoint(workspace["full"]), metrics(workspace["full"])
+    monkeypatch.setattr(train_module, "load_fashion_mnist", lambda *a, **k: pytest.fail("data loaded"))
     code, out, err = run_cli("--data-dir", workspace["data"], "--resume", "--out", workspace["full"])
     assert code == 0, err
-    assert "nothing to do" in err and out == "training on cpu\n"
+    assert "already trained for 2 epochs, nothing to do" in err and out == ""
     assert_same_state(checkpoint(workspace["full"]), before)
+    assert metrics(workspace["full"]) == record
+
+
+def test_runs_started_together_get_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_module, "_default_run_dir", lambda bn: Path("runs") / f"same-second-{bn}")
+    claimed = [train_module._claim_run_dir("tritonbn") for _ in range(3)]
+    assert [path.name for path in claimed] == [
+        "same-second-tritonbn",
+        "same-second-tritonbn-2",
+        "same-second-tritonbn-3",
+    ]
+    assert all(path.is_dir() for path in claimed)
+
+
+def test_an_interrupt_during_the_epochs_bookkeeping_waits_for_its_end():
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        pytest.skip("no signal masks here")
+    done = []
+    with pytest.raises(KeyboardInterrupt), train_module._interrupts_deferred():
+        signal.raise_signal(signal.SIGINT)
+        done.append("the block ran to its end")
+    assert done == ["the block ran to its end"]
+    with train_module._interrupts_ignored():
+        signal.raise_signal(signal.SIGINT)  # ignored: no KeyboardInterrupt
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.parametrize(
@@ -429,6 +492,7 @@ def test_resuming_a_finished_run_does_nothing(workspace):
         (["--out", "{file}"], "argument --out: expected a folder, got the file"),
         (["--out", "{file}/run"], "is a file, not a folder"),
         (["--out", ""], "argument --out: expected a folder, got an empty path"),
+        (["--out", "{dangling}"], "a symbolic link to nothing"),
         (["--data-dir", "{file}"], "argument --data-dir: expected a folder, got the file"),
     ],
 )
@@ -438,12 +502,13 @@ def test_bad_option_values_are_argparse_errors(tmp_path, monkeypatch, argv, mess
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train_module, "load_fashion_mnist", lambda *a, **k: pytest.fail("data loaded"))
     (tmp_path / "file").write_text("not a folder")
-    argv = [arg.format(file=tmp_path / "file") for arg in argv]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    argv = [arg.format(file=tmp_path / "file", dangling=tmp_path / "dangling") for arg in argv]
     with pytest.raises(SystemExit) as info, contextlib.redirect_stderr(io.StringIO()) as err:
         main(argv)
     assert info.value.code == 2
     assert message in err.getvalue() and "Traceback" not in err.getvalue()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"], "nothing may be created"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dangling", "file"], "nothing may be created"
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no one creates files")

@@ -21,8 +21,10 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,7 +39,7 @@ from .data import FashionMNISTError, FashionMNISTTensors, atomic_target, load_fa
 from .dispatch import backend as tritonbn_backend
 from .dispatch import explain
 from .models import LeNet
-from .sync_batchnorm import convert_sync_batchnorm
+from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "TrainConfig",
@@ -58,6 +60,7 @@ METRICS = "metrics.json"
 CURVES = "curves.png"
 FORMAT = 1
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, the status of a Unix tool whose reader went away
 INT64_MAX = 2**63 - 1
 # torch.manual_seed's range: negative seeds are taken modulo 2^64.
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -124,6 +127,8 @@ def _run_folder(text: str) -> Path:
     path = Path(text).expanduser()
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"expected a folder, got the file {text!r}")
+    if path.is_symlink() and not path.exists():
+        raise argparse.ArgumentTypeError(f"expected a folder, got {text!r}, a symbolic link to nothing")
     existing = path
     while not existing.exists():
         existing = existing.parent
@@ -325,6 +330,23 @@ def start_ranks(device_name: str, distributed: bool) -> Ranks:
     return Ranks(device, dist.get_rank(), dist.get_world_size(), backend)
 
 
+def check_distributed(config: TrainConfig, device_name: str) -> None:
+    """What a ``--distributed`` run cannot do, refused before the process group starts or any
+    data is loaded (torchrun's WORLD_SIZE gives the number of processes; :func:`start_ranks`
+    names what is missing without torchrun)."""
+    world = os.environ.get("WORLD_SIZE", "")
+    if world.isdigit() and config.batch_size < 2 * int(world):
+        raise TrainingError(
+            f"--batch-size {config.batch_size} over {world} processes: each process needs at least 2 "
+            f"images a step (an empty shard has no loss); use --batch-size {2 * int(world)} or more"
+        )
+    if config.bn == "torch" and resolve_device(device_name).type != "cuda":
+        raise TrainingError(
+            "--distributed --bn torch needs CUDA: torch.nn.SyncBatchNorm has no "
+            "CPU implementation (tritonbn.SyncBatchNorm has: use --bn tritonbn)"
+        )
+
+
 def prepare_model(model: nn.Module, config: TrainConfig, ranks: Ranks) -> nn.Module:
     """``model`` as trained: BatchNorm -> activation pairs fused (``--fuse``), and for a
     distributed run its BatchNorms synchronized and the whole wrapped in DistributedDataParallel.
@@ -333,12 +355,7 @@ def prepare_model(model: nn.Module, config: TrainConfig, ranks: Ranks) -> nn.Mod
         convert(model, fuse_activations=True)
     if ranks.backend is None:
         return model
-    if config.bn == "torch":
-        if ranks.device.type != "cuda":
-            raise TrainingError(
-                "--distributed --bn torch needs CUDA: torch.nn.SyncBatchNorm has no "
-                "CPU implementation (tritonbn.SyncBatchNorm has: use --bn tritonbn)"
-            )
+    if config.bn == "torch":  # on CUDA only: check_distributed refused the CPU
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     else:
         model = convert_sync_batchnorm(model)
@@ -398,6 +415,7 @@ def train_epoch(
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
+    shard_loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)  # the bar's
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
     seen = torch.zeros((), dtype=torch.int64, device=images.device)
     for step, global_index in enumerate(batches, 1):
@@ -410,13 +428,16 @@ def train_epoch(
         optimizer.step()
         # This shard's part of the global batch's mean: its mean weighted by its share.
         loss_sum += loss.detach() * (index.numel() / global_index.numel())
+        shard_loss_sum += loss.detach()
         correct += (logits.argmax(dim=1) == targets).sum()
         seen += index.numel()
         if progress is not None:
             progress.update(1)
             if step % 20 == 0 or step == len(batches):
+                # This process's shards (all of each batch in a single process): the all-reduce
+                # that completes loss_sum comes at the end of the epoch.
                 progress.set_postfix_str(
-                    f"loss {loss_sum.item() / step:.4f}, train acc {correct.item() / seen.item():.3f}"
+                    f"loss {shard_loss_sum.item() / step:.4f}, train acc {correct.item() / seen.item():.3f}"
                 )
     ranks.sum(loss_sum, correct, seen)
     return loss_sum.item() / len(batches), correct.item() / seen.item()
@@ -450,10 +471,14 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def dispatch_plans(model: nn.Module, bn: str, sample: torch.Tensor) -> dict[str, dict[str, object]]:
-    """Per BatchNorm layer: its class, its input shape for ``sample`` and, for tritonbn's modules,
-    ``tritonbn.explain``'s plan in training and in eval mode. Runs one eval-mode forward pass, which
-    changes no state."""
+def dispatch_plans(
+    model: nn.Module, bn: str, sample: torch.Tensor, world_size: int = 1
+) -> dict[str, dict[str, object]]:
+    """Per BatchNorm layer: its class, its input shape for ``sample`` (one process's share of a
+    batch) and, for tritonbn's modules, ``tritonbn.explain``'s plan in training and in eval mode;
+    a SyncBatchNorm over ``world_size`` > 1 processes trains on its synchronized path instead,
+    which the dispatcher does not choose. Runs one eval-mode forward pass, which changes no
+    state."""
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
         module.register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, args[0]))
@@ -481,6 +506,9 @@ def dispatch_plans(model: nn.Module, bn: str, sample: torch.Tensor) -> dict[str,
         else:
             with bn_backend(bn):
                 for mode, training in (("train", True), ("eval", False)):
+                    if training and world_size > 1 and isinstance(module, SyncBatchNorm):
+                        entry[mode] = _synchronized_plan(world_size)
+                        continue
                     plan = explain(x, training=training)
                     entry[mode] = {
                         "backend": plan.backend,
@@ -490,6 +518,15 @@ def dispatch_plans(model: nn.Module, bn: str, sample: torch.Tensor) -> dict[str,
                     }
         plans[name] = entry
     return plans
+
+
+def _synchronized_plan(world_size: int) -> dict[str, object]:
+    """The dispatch record of a SyncBatchNorm layer training over ``world_size`` processes."""
+    reason = (
+        f"tritonbn.SyncBatchNorm over {world_size} processes: per-channel moments all-gathered and "
+        "merged, then normalization and backward in torch operations, not a dispatched plan"
+    )
+    return {"backend": "synchronized", "kernel": None, "reason": reason, "explain": reason}
 
 
 def _installed_version(distribution: str) -> str | None:
@@ -547,7 +584,9 @@ def device_description(env: dict[str, object]) -> dict[str, object]:
 def versions(env: dict[str, object] | None = None) -> dict[str, str | None]:
     """Versions of Python and of the libraries that shape the run (from :func:`environment`)."""
     env = env if env is not None else environment(torch.device("cpu"))
-    return {key: env[key] for key in VERSION_KEYS}
+    # Plain str (torch.__version__ is a TorchVersion): a checkpoint keeps them, and loads with
+    # weights_only=True.
+    return {key: None if env[key] is None else str(env[key]) for key in VERSION_KEYS}
 
 
 def _load_average() -> float | None:
@@ -630,13 +669,53 @@ def epoch_line(record: dict[str, float]) -> str:
     )
 
 
-def _new_run_dir(bn: str) -> Path:
-    stem = Path("runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{bn}"
+def _default_run_dir(bn: str) -> Path:
+    """``runs/<date>-<time>-<bn>``: the name a new run's folder starts from."""
+    return Path("runs") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{bn}"
+
+
+def _claim_run_dir(bn: str) -> Path:
+    """Create a new default run folder and return it: ``_default_run_dir(bn)``, or the first of
+    ``-2``, ``-3``, ... after it that does not exist. Created rather than checked, so that runs
+    started together never share one."""
+    stem = _default_run_dir(bn)
     candidate, suffix = stem, 1
-    while candidate.exists():
-        suffix += 1
-        candidate = stem.with_name(f"{stem.name}-{suffix}")
-    return candidate
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = stem.with_name(f"{stem.name}-{suffix}")
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) while the block runs, and deliver it after: the block runs
+    whole, so the checkpoint, the history and metrics.json agree. Nothing is held back where
+    signal masks do not exist (Windows) or off the main thread."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C while the block runs (the report of an interrupt: a second Ctrl-C must not
+    cut it short); the previous handler is restored after. Main thread only, as signals are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _rng_states(shuffle: torch.Generator, device: torch.device) -> dict[str, object]:
@@ -687,11 +766,15 @@ def run(args: argparse.Namespace) -> int:
         raise TrainingError(
             "--fuse folds activations into tritonbn's modules: use --bn tritonbn or reference"
         )
-    run_dir = args.out
+    if saved is not None and config.epochs == saved["epoch"]:
+        _note(args.quiet, f"{args.out}: already trained for {saved['epoch']} epochs, nothing to do")
+        return 0
+    if args.distributed:
+        check_distributed(config, args.device)
+    run_dir = args.out  # None: a new default folder, claimed when the run starts writing
     if run_dir is None:
-        run_dir = _new_run_dir(config.bn)
         try:
-            _run_folder(str(run_dir))
+            _run_folder(str(_default_run_dir(config.bn)))
         except argparse.ArgumentTypeError as exc:
             raise TrainingError(f"the default run folder: {exc}; pass --out") from None
     ranks = start_ranks(args.device, args.distributed)
@@ -717,18 +800,21 @@ def run(args: argparse.Namespace) -> int:
         history = list(saved["metrics"])
         sessions = list(saved["sessions"])
     start_epoch = len(history)
+    env = environment(device)
     sessions.append(
         {
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "after_epoch": start_epoch,
             "device": str(device),
+            "argv": list(args.argv),
+            "versions": versions(env),
         }
     )
-
-    env = environment(device)
     record: dict[str, object] = {
         "format": FORMAT,
-        "argv": list(args.argv),
+        # The command that started the run (a checkpoint from before sessions kept their
+        # command: this one); each session's own is in "sessions", the others describe the last.
+        "argv": sessions[0].get("argv", list(args.argv)),
         "config": dataclasses.asdict(config),
         "compile": {"enabled": config.compile, "mode": compile_mode(device) if config.compile else None},
         "device": device_description(env),
@@ -747,9 +833,11 @@ def run(args: argparse.Namespace) -> int:
     }
     quiet = args.quiet or not ranks.main
     if ranks.main:
-        record["dispatch"] = dispatch_plans(
-            model, config.bn, as_inputs(data.train_images[: config.batch_size])
-        )
+        first_batch = data.train_images[: config.batch_size]
+        shard = ranks.shard(torch.arange(first_batch.shape[0], device=device))
+        record["dispatch"] = dispatch_plans(model, config.bn, as_inputs(first_batch[shard]), ranks.world_size)
+        if run_dir is None:
+            run_dir = _claim_run_dir(config.bn)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / METRICS, record)
         print(f"training on {device.type}", flush=True)
@@ -807,43 +895,47 @@ def run(args: argparse.Namespace) -> int:
                     "load_avg_1min": _load_average(),
                     "weights_sha256": weights_digest(model),
                 }
-                if ranks.main:
-                    save_checkpoint(
-                        run_dir / CHECKPOINT,
-                        {
-                            "format": FORMAT,
-                            "epoch": epoch,
-                            "config": dataclasses.asdict(config),
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "rng": _rng_states(shuffle, device),
-                            "metrics": [*history, entry],
-                            "sessions": sessions,
-                        },
-                    )
-                history.append(entry)
-                in_progress = None
-                if ranks.main:
-                    print(epoch_line(entry), flush=True)
-                    publish()
+                # A Ctrl-C lands before or after this block, never inside: the checkpoint, the
+                # history and metrics.json then hold the same epochs.
+                with _interrupts_deferred():
+                    if ranks.main:
+                        save_checkpoint(
+                            run_dir / CHECKPOINT,
+                            {
+                                "format": FORMAT,
+                                "epoch": epoch,
+                                "config": dataclasses.asdict(config),
+                                "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(),
+                                "rng": _rng_states(shuffle, device),
+                                "metrics": [*history, entry],
+                                "sessions": sessions,
+                            },
+                        )
+                    history.append(entry)
+                    in_progress = None
+                    if ranks.main:
+                        publish()
+                        print(epoch_line(entry), flush=True)
     except KeyboardInterrupt:
         where = f"in epoch {in_progress}" if in_progress is not None else f"after epoch {len(history)}"
         if not ranks.main:
             return EXIT_INTERRUPTED
-        if history:
-            publish()
-            print(
-                f"\ninterrupted {where}: the checkpoint in {run_dir} holds epoch {len(history)}; "
-                f"continue with --resume --out {run_dir}",
-                file=sys.stderr,
-                flush=True,
-            )
-        else:
-            print(
-                f"\ninterrupted {where}: no epoch finished, nothing saved to resume",
-                file=sys.stderr,
-                flush=True,
-            )
+        with _interrupts_ignored():
+            if history:
+                publish()
+                print(
+                    f"\ninterrupted {where}: the checkpoint in {run_dir} holds epoch {len(history)}; "
+                    f"continue with --resume --out {run_dir}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                print(
+                    f"\ninterrupted {where}: no epoch finished, nothing saved to resume",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return EXIT_INTERRUPTED
     finally:
         if ranks.backend is not None:
@@ -853,10 +945,7 @@ def run(args: argparse.Namespace) -> int:
             gc.collect()
             dist.barrier()
             dist.destroy_process_group()
-    if start_epoch >= config.epochs:
-        _note(quiet, f"{run_dir}: already trained for {start_epoch} epochs, nothing to do")
-    else:
-        _note(quiet, f"run saved in {run_dir}: {METRICS}, {CURVES}, {CHECKPOINT}")
+    _note(quiet, f"run saved in {run_dir}: {METRICS}, {CURVES}, {CHECKPOINT}")
     return 0
 
 
@@ -876,7 +965,7 @@ def _missing_extras() -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tritonbn-train`` and ``python -m tritonbn.train``; returns the exit status
-    (0 done, 1 an error explained on stderr, 2 bad options, 130 interrupted)."""
+    (0 done, 1 an error explained on stderr, 2 bad options, 130 interrupted, 141 stdout closed)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -898,6 +987,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the first epoch started: there is nothing to save
         print(f"\n{parser.prog}: interrupted before training started", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read the output has gone (tritonbn-train | head): stop as Unix tools do, quietly;
+        # the epoch whose line could not be printed is saved. stdout goes to devnull so that
+        # Python's flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -87,7 +87,13 @@ def load_runs(folders: list[Path]) -> dict[str, dict]:
         path = folder / "metrics.json"
         if not path.is_file():
             raise SystemExit(f"render_reproduction: {path} is missing")
-        runs[folder.name] = json.loads(path.read_text())
+        if folder.name in runs:
+            raise SystemExit(f"render_reproduction: two run folders are named {folder.name!r}, its label")
+        run = json.loads(path.read_text())
+        if not run["epochs"]:  # started, but interrupted before its first epoch ended
+            print(f"render_reproduction: {folder} has no finished epoch, left out", file=sys.stderr)
+            continue
+        runs[folder.name] = run
     if not runs:
         raise SystemExit(f"render_reproduction: no run folder given and none under {RUNS}")
     return runs

@@ -11,13 +11,14 @@ number on the page comes from this script. Rerunning it rewrites both files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shlex
 import sys
 from pathlib import Path
 
-from tritonbn.train import epoch_line, plot_curves
+from tritonbn.train import TrainConfig, epoch_line, plot_curves
 
 DOCS = Path(__file__).resolve().parent
 RUNS = DOCS / "reproduction"
@@ -90,6 +91,8 @@ def load_runs(folders: list[Path]) -> dict[str, dict]:
         if folder.name in runs:
             raise SystemExit(f"render_reproduction: two run folders are named {folder.name!r}, its label")
         run = json.loads(path.read_text())
+        # A record written before an option existed ran with its default.
+        run["config"] = {**dataclasses.asdict(TrainConfig()), **run["config"]}
         if not run["epochs"]:  # started, but interrupted before its first epoch ended
             print(f"render_reproduction: {folder} has no finished epoch, left out", file=sys.stderr)
             continue
@@ -234,10 +237,15 @@ def dispatch_section(runs: dict[str, dict]) -> list[str]:
         summary = f"backend {', '.join(backends)}"
         if kernels:
             summary += f", Triton kernel plans {', '.join(kernels)}"
-        lines.append(
-            f"- **{label}** ({run['device']['type']}): {summary}. Layer by layer "
-            "(`tritonbn.explain` on each BatchNorm input of one training batch):"
-        )
+        if world_size(run) > 1:
+            source = (
+                f"on each BatchNorm input of one process's share of a training batch; in training "
+                f"the {world_size(run)} processes' SyncBatchNorm layers take their synchronized "
+                "path, which the dispatcher does not choose"
+            )
+        else:
+            source = "`tritonbn.explain` on each BatchNorm input of one training batch"
+        lines.append(f"- **{label}** ({run['device']['type']}): {summary}. Layer by layer ({source}):")
         lines.append("")
         for name, plan in plans.items():
             lines.append(
@@ -250,7 +258,7 @@ def dispatch_section(runs: dict[str, dict]) -> list[str]:
         first = next(iter(plans.values()))
         lines += [
             "",
-            "  What `tritonbn.explain` printed for the first layer in training mode:",
+            "  What the record says of the first layer in training mode:",
             "",
             "  ```text",
             *(f"  {text}" for text in first["train"]["explain"].splitlines()),

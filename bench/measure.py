@@ -86,14 +86,20 @@ def time_step(benchmark: Any, step: Callable[[], object], device: torch.device) 
     if benchmark.disabled:
         benchmark(step)
         return None
+    times = benchmark.pedantic(run_times_ms, args=(step, device), rounds=1, iterations=1)
+    keep_runs(benchmark, [ms / 1e3 for ms in times])
+    return quartiles(times)
+
+
+def keep_runs(benchmark: Any, seconds: list[float]) -> None:
+    """Make ``seconds`` (one call's time, run by run) the statistics pytest-benchmark reports for
+    ``benchmark``, instead of the one round of the whole harness it timed."""
     from pytest_benchmark.stats import Stats
 
-    times = benchmark.pedantic(run_times_ms, args=(step, device), rounds=1, iterations=1)
     stats = Stats()
-    for ms in times:
-        stats.update(ms / 1e3)
+    for value in seconds:
+        stats.update(value)
     benchmark.stats.stats = stats
-    return quartiles(times)
 
 
 # Calls in the loop of the wall-clock timing.

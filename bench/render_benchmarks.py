@@ -166,6 +166,13 @@ def run_section(run: dict, root: Path) -> str:
             + report.shape_tables(run["records"])
             + "\n\n</details>"
         )
+    if run.get("fallback_records"):
+        parts.append(
+            "CPU fallback timed in pairs (`bench/test_bench_fallback.py`): tritonbn's module and "
+            "torch.nn's, forward+backward float32, in alternating blocks of calls; each adjacent "
+            "pair gives a ratio, so that the machine's drift, larger than the difference, cancels"
+            "\n\n" + report.fallback_table(run["fallback_records"])
+        )
     if run.get("activation_records"):
         parts.append(
             "Fused activation: `tritonbn.BatchNorm2d/1d(activation=...)` against "

@@ -125,6 +125,27 @@ def test_help(command):
     assert "--limit" not in result.stdout
 
 
+def test_uneven_shards_average_to_the_whole_batchs_gradient():
+    # What DistributedDataParallel does with three processes' gradients (their mean), done by hand
+    # on shards of 4, 3 and 3 rows of a 10-row batch: the whole batch's mean-loss gradient.
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 3)
+    x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    whole = torch.autograd.grad(loss_fn(layer(x), y), layer.weight)[0]
+    shards = torch.arange(10).tensor_split(3)
+    per_process = [
+        torch.autograd.grad(
+            train_module.for_gradient(loss_fn(layer(x[s]), y[s]), s.numel(), 10, 3), layer.weight
+        )[0]
+        for s in shards
+    ]
+    torch.testing.assert_close(sum(per_process) / 3, whole)
+    loss = loss_fn(layer(x), y)
+    assert train_module.for_gradient(loss, 10, 10, 1) is loss  # one process: untouched
+    assert train_module.for_gradient(loss, 5, 10, 2) is loss  # equal shards: untouched
+
+
 def test_seed_line_pattern_matches_the_notebook():
     assert EPOCH_LINE.fullmatch(SEED_LINE)
 

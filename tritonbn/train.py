@@ -399,6 +399,16 @@ def shuffled_batches(
     return batches
 
 
+def for_gradient(loss: torch.Tensor, shard: int, batch: int, world_size: int) -> torch.Tensor:
+    """What a process backpropagates for its shard's mean ``loss``: DistributedDataParallel
+    averages the processes' gradients, so each shard's mean is weighted by its share of the
+    ``batch`` times ``world_size``, and the average is the gradient of the whole batch's mean loss,
+    shards of unequal size included. ``loss`` itself where that weight is 1 (one process, or
+    equal shards)."""
+    weight = shard * world_size / batch
+    return loss if weight == 1.0 else loss * weight
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -424,7 +434,7 @@ def train_epoch(
         logits = model(as_inputs(images[index]))
         loss = loss_fn(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for_gradient(loss, index.numel(), global_index.numel(), ranks.world_size).backward()
         optimizer.step()
         # This shard's part of the global batch's mean: its mean weighted by its share.
         loss_sum += loss.detach() * (index.numel() / global_index.numel())

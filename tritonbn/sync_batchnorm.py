@@ -429,8 +429,11 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
     children replaced, or a new SyncBatchNorm if ``module`` itself is one. A replacement holds the
     original's Parameter objects (an optimizer built before stays valid, requires_grad included),
     its buffers, eps, momentum, fused activation and train/eval mode, so device and dtype are
-    unchanged. (torch's own ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` cannot keep a fused
-    activation: on a model with one it raises a ValueError pointing here.)
+    unchanged; it takes ``residual=`` like the original, so a ``tritonbn.fuse``d ResNet keeps
+    working. ``memory_efficient=True`` is not carried over: the synchronized path keeps its input
+    for the backward, as torch's SyncBatchNorm does. (torch's own
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` cannot keep a fused activation: on a model
+    with one it raises a ValueError pointing here.)
 
     Args:
         module (nn.Module): the model, or a BatchNorm layer.

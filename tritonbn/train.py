@@ -822,8 +822,9 @@ def run(args: argparse.Namespace) -> int:
     )
     record: dict[str, object] = {
         "format": FORMAT,
-        # The command that started the run (a checkpoint from before sessions kept their
-        # command: this one); each session's own is in "sessions", the others describe the last.
+        # The command that started the run (this one where the checkpoint's sessions predate
+        # their commands). Each session's command and versions are in "sessions"; the device,
+        # versions and data below are the latest session's.
         "argv": sessions[0].get("argv", list(args.argv)),
         "config": dataclasses.asdict(config),
         "compile": {"enabled": config.compile, "mode": compile_mode(device) if config.compile else None},

@@ -42,8 +42,9 @@ def _bottleneck_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 def _as_dtype_of(identity: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The residual in the dtype of the branch it joins: torchvision's ``out += identity`` keeps
     ``out``'s, and under autocast a block's input may be float32 where its convolutions give
-    bfloat16 or float16."""
-    return identity if identity.dtype == out.dtype else identity.to(out.dtype)
+    bfloat16 or float16. ``to`` returns the tensor itself where the dtypes agree; called
+    unconditionally, it traces under torch.fx, where comparing dtypes would be control flow."""
+    return identity.to(out.dtype)
 
 
 # name → (torchvision class name, fused forward, the BatchNorms in order; the last takes the add)

@@ -22,7 +22,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import struct
 import zlib
 from collections.abc import Iterator
@@ -229,20 +228,32 @@ def _source_files(folder: Path) -> dict[str, Path]:
 
 
 def _unpack(source: Path, target: Path) -> None:
-    """Copy or decompress ``source`` to ``target`` atomically, checking the result first."""
+    """Copy or decompress ``source`` to ``target`` atomically, checking the result first. A read
+    error is the source's (a FashionMNISTError naming it); a write error (disk full, no
+    permission) is left to the caller, the cache's."""
+    compressed = source.suffix == ".gz"
+    opener = gzip.open if compressed else open
+
+    def source_error(exc: BaseException) -> FashionMNISTError:
+        damaged = compressed and isinstance(exc, gzip.BadGzipFile | EOFError | zlib.error)
+        what = "corrupt or truncated gzip file" if damaged else "cannot be read"
+        return FashionMNISTError(f"{source}: {what} ({exc})")
+
     with atomic_target(target) as tmp:
-        if source.suffix == ".gz":
-            with gzip.open(source, "rb") as src, open(tmp, "wb") as dst:
-                while True:
-                    try:  # a read error is the source's; a write error (disk full) the cache's
-                        chunk = src.read(1 << 20)
-                    except (OSError, EOFError, zlib.error) as exc:
-                        raise FashionMNISTError(f"{source}: corrupt or truncated gzip file ({exc})") from None
-                    if not chunk:
-                        break
-                    dst.write(chunk)
-        else:
-            shutil.copyfile(source, tmp)
+        with contextlib.ExitStack() as files:
+            try:
+                src = files.enter_context(opener(source, "rb"))
+            except OSError as exc:
+                raise source_error(exc) from None
+            dst = files.enter_context(open(tmp, "wb"))
+            while True:
+                try:
+                    chunk = src.read(1 << 20)
+                except (OSError, EOFError, zlib.error) as exc:
+                    raise source_error(exc) from None
+                if not chunk:
+                    break
+                dst.write(chunk)
         check_idx_file(tmp, shown_as=source, name=target.name)
 
 

@@ -234,6 +234,23 @@ def test_unaligned_input_gets_its_own_launch_site():
     assert len(module._eager_calls) == 2
 
 
+@pytest.mark.parametrize("plan", SHAPES)
+def test_a_saved_input_given_back_in_another_layout_is_read_as_the_forward_laid_it_out(plan, remembered):
+    # save_on_cpu(pin_memory=True) and other offloading hooks hand the saved input back contiguous:
+    # the remembered backward's launches take the forward's (channels_last) strides.
+    module, oracle = twin_modules(tritonbn.BatchNorm2d, nn.BatchNorm2d, 3, torch.float32)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.contiguous()):
+        for step in range(3):
+            x, dy = _data(SHAPES[plan], step)
+            x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+            (got_dx, got_dw) = torch.autograd.grad(module(x), (x, module.weight), dy)
+            x64 = x.detach().double().requires_grad_()
+            (want_dx, want_dw) = torch.autograd.grad(oracle(x64), (x64, oracle.weight), dy.double())
+            torch.testing.assert_close(got_dx.double(), want_dx, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got_dw.double(), want_dw, rtol=1e-4, atol=1e-4)
+    assert remembered.calls == 2
+
+
 def test_calls_that_are_never_remembered(remembered):
     module = tritonbn.BatchNorm2d(3, activation="leaky_relu", memory_efficient=True)
     x, _ = _data(SHAPES["fused-small"])

@@ -340,6 +340,90 @@ def test_a_captured_call_leaves_the_glue_to_the_python_path(tmp_path):
     assert split["eager"]["kept workspace"] > 0, "the split plan's first steps used no kept workspace"
 
 
+# Backwards of a remembered channels_last module whose glue call is attached, without and then with
+# a saved-tensor hook that hands the saved input back contiguous (as save_on_cpu(pin_memory=True)
+# does). Counts, per backward: the glue's launches through the driver, and the Python path's
+# launches and how many of them were given the unpacked (contiguous) input itself.
+RELAID = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import standin_cuda
+standin_cuda.install()
+import torch
+import triton
+triton.runtime.driver.active.get_current_stream = lambda device=None: 4242
+import tritonbn
+from tritonbn import glue
+from tritonbn.kernels import launch
+
+unpacked = []
+counts = {"python launches": 0, "given the unpacked input": 0}
+original_call = launch.Launcher.__call__
+
+def counted_call(self, key, grid, args, meta):
+    counts["python launches"] += 1
+    pointers = {a.data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    counts["given the unpacked input"] += any(p.data_ptr() in pointers for p in unpacked)
+    return original_call(self, key, grid, args, meta)
+
+launch.Launcher.__call__ = counted_call
+
+def unpack(tensor):
+    tensor = tensor.contiguous()
+    if tensor.dim() == 4:  # the input (the others saved are vectors, contiguous already)
+        unpacked.append(tensor)
+    return tensor
+
+def backward(module, x, dy, hooked):
+    with tritonbn.backend("triton"):
+        if hooked:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+                y = module(x)
+        else:
+            y = module(x)
+        before_glue, before = glue.launch_counts(), dict(counts)
+        y.backward(dy)
+    return {"glue driver": glue.launch_counts()["driver"] - before_glue["driver"],
+            **{key: counts[key] - before[key] for key in counts}}
+
+result = []
+for shape in json.loads(sys.argv[2]):
+    torch.manual_seed(0)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    module = tritonbn.BatchNorm2d(shape[1])
+    for _ in range(3):  # checked, recorded, then the glue with its backward recorded
+        backward(module, x, dy, hooked=False)
+    plain, hooked = backward(module, x, dy, hooked=False), backward(module, x, dy, hooked=True)
+    result.append({"plain": plain, "hooked": hooked,
+                   "glued": [call.glue is not None for call in module._eager_calls.values()]})
+print(json.dumps(result))
+"""
+
+
+@needs_standin
+def test_a_saved_input_given_back_in_another_layout_leaves_the_glue_to_the_python_path(tmp_path):
+    # The glue's backward programs address the saved input with the forward's strides; one handed
+    # back contiguous goes to the Python pass, which launches on a copy laid out as recorded.
+    standin_cuda = _standin()
+    folder = standin_cuda.build(tmp_path / "standin")
+    shapes = [[64, 16, 8, 8], [64, 3, 40, 40]]  # fused-small, split
+    result = subprocess.run(
+        [sys.executable, "-c", RELAID, str(BENCH), json.dumps(shapes)],
+        env={**standin_cuda.environment(folder), "TRITONBN_GLUE": "auto"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for found in json.loads(result.stdout.splitlines()[-1]):
+        plain, hooked = found["plain"], found["hooked"]
+        assert found["glued"] == [True], found
+        assert plain["glue driver"] > 0 and plain["python launches"] == 0, found
+        assert hooked["glue driver"] == 0 and hooked["python launches"] > 0, found
+        assert hooked["given the unpacked input"] == 0, found
+
+
 def _standin():
     """bench/standin_cuda.py (the bench folder is not a package)."""
     if str(BENCH) not in sys.path:

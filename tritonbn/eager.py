@@ -54,7 +54,9 @@ class EagerCall:
     glue's call object once one is attached (``glue``, run by ``glue_run``), and whether the next
     run should record its launches to attach one (``wants_glue``). ``tensors`` is the
     :func:`identity` of the module's weight, bias, running_mean, running_var and
-    num_batches_tracked when the call was remembered, which a run must find again."""
+    num_batches_tracked when the call was remembered, which a run must find again; ``x_layout``
+    the input's strides and whether it was 16-byte aligned, which the launch site's backward
+    takes for granted of the saved input too."""
 
     __slots__ = (
         "activation",
@@ -69,6 +71,7 @@ class EagerCall:
         "tensors",
         "training",
         "wants_glue",
+        "x_layout",
     )
 
     def __init__(
@@ -83,9 +86,11 @@ class EagerCall:
         momentum: float | None,
         counts: bool,
         tensors: tuple[object, ...],
+        x_layout: tuple[tuple[int, ...], bool],
     ) -> None:
         self.site = site
         self.tensors = tensors
+        self.x_layout = x_layout
         self.training = training
         self.running = running
         self.eps = eps
@@ -133,6 +138,24 @@ def signature(module: torch.nn.Module, x: torch.Tensor) -> tuple[object, ...] | 
         dispatch.requested_backend(device.type),
         dispatch.epoch(),
     )
+
+
+def layout(x: torch.Tensor) -> tuple[tuple[int, ...], bool]:
+    """What a launch site assumes of its input beyond shape and dtype: its strides, and whether
+    it is 16-byte aligned (Triton specializes a pointer on that)."""
+    return tuple(x.stride()), x.data_ptr() % 16 == 0
+
+
+def as_laid_out(x: torch.Tensor, x_layout: tuple[tuple[int, ...], bool]) -> torch.Tensor:
+    """``x``, or a copy of it laid out as ``x_layout`` says. The backward of a remembered call
+    reads the saved input with the forward's strides and alignment, and a saved-tensor hook
+    (``torch.autograd.graph.save_on_cpu(pin_memory=True)``, offloading) may give it back
+    contiguous, or elsewhere; an aligned layout is met by a fresh tensor, and an unaligned one
+    by any."""
+    strides, aligned = x_layout
+    if tuple(x.stride()) == strides and (x.data_ptr() % 16 == 0 or not aligned):
+        return x
+    return torch.empty_strided(x.shape, strides, dtype=x.dtype, device=x.device).copy_(x)
 
 
 def identity(*tensors: torch.Tensor | None) -> tuple[object, ...]:
@@ -229,6 +252,7 @@ def _backward(
             running=(None, None) if call.training else (saved[3], saved[4]),
         )
         return dx, dw, db
+    x = as_laid_out(x, call.x_layout)
     dy = _like(grad_output, x)
     site = call.site
     if call.training:
@@ -295,6 +319,7 @@ def _attach_glue(
     passes = GluePasses(call)
     glue_call = module.Call(current_stream, current_stream(), passes.forward, passes.backward)
     glue_call.set_tensors(list(call.tensors), call.running, call.counts)
+    glue_call.set_input_layout(*call.x_layout)
     glue_call.set_forward(*forward)
     call.glue, call.glue_run = glue_call, module.batch_norm
 
@@ -331,6 +356,7 @@ class GluePasses:
             momentum=call.momentum,
             counts=call.counts,
             tensors=call.tensors,
+            x_layout=call.x_layout,
         )
         self.call.wants_glue = False
 
@@ -362,8 +388,11 @@ class GluePasses:
         stream = _stream_reader(x)
         with _device_of(x), recording() as notes:
             dx, dw, db = _backward(self.call, grad_output, saved, needs)
+        # A program replays the launches on the tensors it was given: only one that ran on the
+        # saved input itself (laid out as the forward's, not copied) and on dy as it came.
         dy_matches = grad_output.dtype == x.dtype and grad_output.stride() == x.stride()
-        if dy_matches and not torch.is_grad_enabled() and not workspace.capturing(x.device):
+        x_matches = as_laid_out(x, self.call.x_layout) is x
+        if dy_matches and x_matches and not torch.is_grad_enabled() and not workspace.capturing(x.device):
             found = program(notes, [grad_output, *saved], [dx, dw, db])
             if found is not None and stream() == glue_call.stream:
                 allocations, launches, outputs, _ = found

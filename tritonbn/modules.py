@@ -254,6 +254,7 @@ class _TritonBatchNorm(nn.modules.batchnorm._BatchNorm):
             momentum=None if self.momentum is None else float(self.momentum),
             counts=counter is not None,
             tensors=eager.identity(weight, bias, *_statistics_buffers(self)),
+            x_layout=eager.layout(input),
         )
         if self._eager_calls is None:
             self._eager_calls = eager.EagerCalls()

@@ -98,6 +98,11 @@ struct Call : torch::CustomClassHolder {
   // was remembered; whether it passes the running statistics and counts the batch.
   std::array<Identity, 5> tensors;
   bool running = true, counts = false;
+  // The input's strides and 16-byte alignment when the call was remembered: the programs address
+  // the saved input with them, so a backward whose saved input differs (a saved-tensor hook gave
+  // it back contiguous, or elsewhere) goes to the Python pass, which lays out a copy.
+  std::vector<int64_t> x_strides;
+  bool x_aligned = true;
   Program forward;
   std::map<int64_t, Program> backward;  // by (needs bits | dy aligned << 3)
   py::object current_stream;            // () -> the raw handle of the current stream (non-CUDA devices)
@@ -358,7 +363,9 @@ struct EagerBatchNorm : public torch::autograd::Function<EagerBatchNorm> {
     at::Tensor dy = grads[0];
     const int64_t needs = int64_t(need_input) | int64_t(need_weight) << 1 | int64_t(need_bias) << 2;
     py::gil_scoped_acquire gil;
-    if (!at::GradMode::is_enabled() && dy.scalar_type() == x.scalar_type()) {
+    const bool x_as_recorded = x.strides().equals(call->x_strides) &&
+                               (!call->x_aligned || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0);
+    if (x_as_recorded && !at::GradMode::is_enabled() && dy.scalar_type() == x.scalar_type()) {
       if (dy.strides() != x.strides()) dy = at::empty_like(x).copy_(dy);
       const bool aligned = reinterpret_cast<uintptr_t>(dy.data_ptr()) % 16 == 0;
       auto found = call->backward.find(needs | int64_t(aligned) << 3);
@@ -455,6 +462,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              }
              call.running = running;
              call.counts = counts;
+           })
+      .def("set_input_layout",
+           [](Call& call, std::vector<int64_t> strides, bool aligned) {
+             call.x_strides = std::move(strides);
+             call.x_aligned = aligned;
            })
       .def("set_forward",
            [](Call& call, py::list allocations, py::list launches, std::vector<int64_t> outputs,

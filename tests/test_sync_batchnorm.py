@@ -576,6 +576,17 @@ def test_a_bad_residual_raises_before_the_batch_is_counted():
     assert torch.equal(bn.running_mean, torch.zeros(3))
 
 
+@pytest.mark.parametrize("lazy", [nn.LazyBatchNorm2d, tritonbn.LazyBatchNorm2d])
+def test_convert_refuses_a_lazy_batchnorm_before_its_first_input_and_takes_it_after(lazy):
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), lazy())
+    with pytest.raises(ValueError, match=r"Lazy layer '3' \(LazyBatchNorm2d\) has not seen an input yet"):
+        convert_sync_batchnorm(model)
+    assert type(model[1]) is nn.BatchNorm2d and isinstance(model[3], lazy), "nothing is replaced"
+    model(torch.randn(2, 1, 5, 5))
+    convert_sync_batchnorm(model)
+    assert [type(model[i]) for i in (1, 3)] == [SyncBatchNorm, SyncBatchNorm]
+
+
 def test_convert_rejects_a_non_module():
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         convert_sync_batchnorm("model")

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ._checks import (
     check_activation,
@@ -443,6 +444,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
         nn.Module: ``module`` with its BatchNorm layers replaced (a new SyncBatchNorm when
         ``module`` is one).
 
+    Raises:
+        ValueError: a Lazy BatchNorm in ``module`` has not seen an input yet (its number of
+            features is not known); nothing is replaced.
+
     Examples::
 
         >>> model = tritonbn.convert_sync_batchnorm(torchvision.models.resnet18())
@@ -451,10 +456,21 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) 
         raise TypeError(
             f"convert_sync_batchnorm: 'module' must be a torch.nn.Module, got {type(module).__name__}"
         )
+    for name, sub in module.named_modules():
+        if isinstance(sub, LazyModuleMixin) and sub.has_uninitialized_params():
+            where = f"{name!r} ({type(sub).__name__})" if name else type(sub).__name__
+            raise ValueError(
+                f"convert_sync_batchnorm: the Lazy layer {where} has not seen an input yet, so its "
+                "number of features is not known; run one forward pass through the model first"
+            )
+    return _convert(module, process_group)
+
+
+def _convert(module: nn.Module, process_group: Any) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return _new_sync_batchnorm(module, process_group)
     for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child, process_group))
+        module.add_module(name, _convert(child, process_group))
     return module
 
 

@@ -81,7 +81,10 @@ def program(
         full = [*record.before, None, *record.after]
         slots = [(len(record.before), STREAM, 0)]
         nest_from = len(full) if record.nested else -1
-        kept: list[torch.Tensor] = []
+        # What the launch must keep alive: its compiled kernel, whose function handle it launches
+        # (Triton 3.8 unloads a kernel's module when the kernel is freed, and launch records are
+        # evicted), and the workspaces whose addresses it passes.
+        kept: list[object] = [record.compiled]
         arguments: list[tuple[int, object]] = []  # each argument as (slot kind, tensor index) or (-1, value)
         for position, arg in enumerate(args, start=len(full)):
             if isinstance(arg, torch.Tensor) and not is_workspace(arg):

@@ -64,7 +64,7 @@ struct Launch {
   py::object run;                                // Triton's launch function (or the compiled launcher)
   py::tuple args;                                // its arguments, slots included
   std::vector<std::array<int64_t, 3>> slots;     // (position, Slot, tensor index)
-  py::object kept;                               // workspaces whose addresses args holds
+  py::object kept;                               // the compiled kernel, and workspaces args points into
   Py_ssize_t nest_from;                          // args from here go as one tuple (-1: all flat)
   std::optional<DriverLaunch> driver;            // the same launch without Python, where it is plain
 };

@@ -26,8 +26,9 @@ import tritonbn
 LENET_SHAPES = dict(SHAPES)["lenet"]
 # Pairs of blocks, and the time a block aims at: short enough that the machine's state rarely
 # changes within a pair, long enough to average over calls. On LeNet's first layer a call's time
-# varies by several percent (its 3.5 MB tensors come from mmap and fault their pages in afresh):
-# there 20 ms blocks (8 calls) left the median of 31 pairs anywhere from -7% to +10%.
+# varies by several percent (its 3.5 MB tensors come from mmap and fault their pages in afresh:
+# with glibc's mmap threshold raised, the spread narrowed): there 20 ms blocks (8 calls) left the
+# median of 31 pairs anywhere from -7% to +10% over eight runs.
 PAIRS = 31
 BLOCK_SECONDS = 0.1
 

@@ -196,17 +196,7 @@ CASES = [
 
 @needs_standin
 def test_the_glue_launches_what_the_python_path_launches(tmp_path):
-    standin_cuda = _standin()
-    folder = standin_cuda.build(tmp_path / "standin")
-    result = subprocess.run(
-        [sys.executable, "-c", SAME_LAUNCHES, str(BENCH), json.dumps(CASES)],
-        env=standin_cuda.environment(folder),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    for found in json.loads(result.stdout.splitlines()[-1]):
+    for found in _under_standin(tmp_path, SAME_LAUNCHES, CASES, timeout=900):
         case, reference = found["case"], found["python through the compiled launchers"]
         glue, glue_through_triton = found["glue"], found["glue through Triton's launch function"]
         assert glue["glued"] and glue_through_triton["glued"], f"{case}: no glue attached"
@@ -308,18 +298,9 @@ def test_a_captured_call_leaves_the_glue_to_the_python_path(tmp_path):
     # The glue's programs launch with the workspace kept for eager calls, which a CUDA graph must not
     # share: a call captured into one runs the Python passes (the graph's own workspace), records
     # nothing, and the glue takes the calls after the capture again.
-    standin_cuda = _standin()
-    folder = standin_cuda.build(tmp_path / "standin")
     shapes = [[64, 3, 40, 40], [64, 16, 8, 8]]  # split (workspace), fused-small (none)
-    result = subprocess.run(
-        [sys.executable, "-c", CAPTURED, str(BENCH), json.dumps(shapes)],
-        env={**standin_cuda.environment(folder), "TRITONBN_GLUE": "auto"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    for found in json.loads(result.stdout.splitlines()[-1]):
+    results = _under_standin(tmp_path, CAPTURED, shapes, glue="auto")
+    for found in results:
         eager, captured, after = found["eager"], found["captured"], found["after"]
         assert found["glued"] == found["first glued"] == [True], found
         assert eager["checked"] == 1 and eager["programs"] >= 2 and eager["glue driver"] > 0, found
@@ -336,7 +317,7 @@ def test_a_captured_call_leaves_the_glue_to_the_python_path(tmp_path):
         assert first_captured["programs"] == first_captured["kept workspace"] == 0, found
         assert first_captured["checked"] == 1 and first_after["checked"] == 0, found
         assert first_after["programs"] >= 2 and first_after["glue driver"] > 0, found
-    split = json.loads(result.stdout.splitlines()[-1])[0]
+    split = results[0]
     assert split["eager"]["kept workspace"] > 0, "the split plan's first steps used no kept workspace"
 
 
@@ -405,23 +386,34 @@ print(json.dumps(result))
 def test_a_saved_input_given_back_in_another_layout_leaves_the_glue_to_the_python_path(tmp_path):
     # The glue's backward programs address the saved input with the forward's strides; one handed
     # back contiguous goes to the Python pass, which launches on a copy laid out as recorded.
-    standin_cuda = _standin()
-    folder = standin_cuda.build(tmp_path / "standin")
     shapes = [[64, 16, 8, 8], [64, 3, 40, 40]]  # fused-small, split
-    result = subprocess.run(
-        [sys.executable, "-c", RELAID, str(BENCH), json.dumps(shapes)],
-        env={**standin_cuda.environment(folder), "TRITONBN_GLUE": "auto"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    for found in json.loads(result.stdout.splitlines()[-1]):
+    for found in _under_standin(tmp_path, RELAID, shapes, glue="auto"):
         plain, hooked = found["plain"], found["hooked"]
         assert found["glued"] == [True], found
         assert plain["glue driver"] > 0 and plain["python launches"] == 0, found
         assert hooked["glue driver"] == 0 and hooked["python launches"] > 0, found
         assert hooked["given the unpacked input"] == 0, found
+
+
+def _under_standin(
+    tmp_path: Path, script: str, argument: object, *, glue: str | None = None, timeout: int = 600
+) -> list:
+    """Run ``script`` in a process on the stand-in CUDA driver (built under ``tmp_path``), with
+    the bench folder and ``argument`` (as JSON) as its arguments and ``TRITONBN_GLUE`` set to
+    ``glue`` (unless None); the JSON list its last line prints."""
+    standin_cuda = _standin()
+    env = standin_cuda.environment(standin_cuda.build(tmp_path / "standin"))
+    if glue is not None:
+        env["TRITONBN_GLUE"] = glue
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(BENCH), json.dumps(argument)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def _standin():

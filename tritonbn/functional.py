@@ -22,9 +22,6 @@ from .kernels.layout import output_format
 
 __all__ = ["batch_norm", "check_fusion", "check_memory_efficient"]
 
-# Activations whose output determines their input (memory_efficient=True); None is one too.
-INVERTIBLE_ACTIVATIONS = ("leaky_relu",)
-
 
 def invertible(activation: str | None, negative_slope: float) -> bool:
     """Whether ``act`` can be undone from its output, as ``memory_efficient=True`` needs: None, or
@@ -37,18 +34,17 @@ def check_memory_efficient(memory_efficient: object, activation: str | None, neg
     None, or ``"leaky_relu"`` with a positive ``negative_slope`` (ValueError otherwise)."""
     if not isinstance(memory_efficient, bool):
         raise TypeError(f"'memory_efficient' must be a bool, got {type(memory_efficient).__name__}")
-    if not memory_efficient:
+    if not memory_efficient or invertible(activation, negative_slope):
         return
-    if activation is not None and activation not in INVERTIBLE_ACTIVATIONS:
-        raise ValueError(
-            "memory_efficient=True recovers the input from the output, so the activation must be "
-            f"invertible: None or 'leaky_relu' with negative_slope > 0, got activation={activation!r}"
-        )
-    if activation == "leaky_relu" and not negative_slope > 0:
+    if activation == "leaky_relu":
         raise ValueError(
             "memory_efficient=True with activation='leaky_relu' needs negative_slope > 0 (an "
             f"invertible activation), got negative_slope={negative_slope}"
         )
+    raise ValueError(
+        "memory_efficient=True recovers the input from the output, so the activation must be "
+        f"invertible: None or 'leaky_relu' with negative_slope > 0, got activation={activation!r}"
+    )
 
 
 def check_fusion(

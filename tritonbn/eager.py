@@ -152,10 +152,15 @@ def as_laid_out(x: torch.Tensor, x_layout: tuple[tuple[int, ...], bool]) -> torc
     (``torch.autograd.graph.save_on_cpu(pin_memory=True)``, offloading) may give it back
     contiguous, or elsewhere; an aligned layout is met by a fresh tensor, and an unaligned one
     by any."""
-    strides, aligned = x_layout
-    if tuple(x.stride()) == strides and (x.data_ptr() % 16 == 0 or not aligned):
+    if laid_out(x, x_layout):
         return x
-    return torch.empty_strided(x.shape, strides, dtype=x.dtype, device=x.device).copy_(x)
+    return torch.empty_strided(x.shape, x_layout[0], dtype=x.dtype, device=x.device).copy_(x)
+
+
+def laid_out(x: torch.Tensor, x_layout: tuple[tuple[int, ...], bool]) -> bool:
+    """Whether ``x`` meets ``x_layout``: the same strides, and aligned if the layout is."""
+    strides, aligned = x_layout
+    return tuple(x.stride()) == strides and (x.data_ptr() % 16 == 0 or not aligned)
 
 
 def identity(*tensors: torch.Tensor | None) -> tuple[object, ...]:
@@ -391,7 +396,7 @@ class GluePasses:
         # A program replays the launches on the tensors it was given: only one that ran on the
         # saved input itself (laid out as the forward's, not copied) and on dy as it came.
         dy_matches = grad_output.dtype == x.dtype and grad_output.stride() == x.stride()
-        x_matches = as_laid_out(x, self.call.x_layout) is x
+        x_matches = laid_out(x, self.call.x_layout)
         if dy_matches and x_matches and not torch.is_grad_enabled() and not workspace.capturing(x.device):
             found = program(notes, [grad_output, *saved], [dx, dw, db])
             if found is not None and stream() == glue_call.stream:

@@ -166,8 +166,9 @@ def backward_sums_kernel(
             store_channel(grad_bias_ptr, sum_dz, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
         if NEEDS_COEF:
             store_channel(coef_ptr, sum_dz / count, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
+            # Σ dz·(x − mean)·invstd²/n, ordered as in fused_small.py so that no step overflows.
             store_channel(
-                coef_ptr + C, invstd * invstd * sum_dz_xmu / count, pid_k, C, BLOCK_K, CHANNEL_MAJOR
+                coef_ptr + C, sum_dz_xmu * invstd / count * invstd, pid_k, C, BLOCK_K, CHANNEL_MAJOR
             )
         tl.store(ticket_ptr + pid_k, 0)
 

@@ -161,26 +161,39 @@ def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     frac = count_b / tl.maximum(count, 1.0)
     delta = mean_b - mean_a
     mean = mean_a + delta * frac
-    m2 = m2_a + m2_b + delta * delta * count_a * frac
+    # Grouped so that the empty side's δ (the other side's mean, up to 3.4e38) meets na·nb/n = 0
+    # before it is squared: δ²·0 would be inf·0 = NaN for a mean over ~1.8e19.
+    m2 = m2_a + m2_b + delta * (delta * (count_a * frac))
     return count, mean, m2
 
 
 @triton.jit
 def tile_welford(x, mask):
-    # Column statistics of a tile, two-pass in registers: count, mean and M2 = Σ(x − mean)².
+    # Column statistics of a tile, the corrected two-pass algorithm in registers: with m = Σx/n
+    # (rounded) and r = Σ(x − m), the mean is m + r/n and M2 = Σ(x − m)² − r²/n. r is the rounding
+    # error of m: it is what keeps a channel whose mean is large next to its spread (1e4 ± 1 in
+    # fp32) from losing its variance, and makes a constant channel's M2 exactly 0.
     count = tl.sum(mask.to(tl.float32), axis=0)
-    mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
-    centered = tl.where(mask, x - mean[None, :], 0.0)
-    m2 = tl.sum(centered * centered, axis=0)
-    return count, mean, m2
+    n = tl.maximum(count, 1.0)
+    first = tl.sum(x, axis=0) / n
+    centered = tl.where(mask, x - first[None, :], 0.0)
+    residual = tl.sum(centered, axis=0)
+    m2 = tl.sum(centered * centered, axis=0) - residual * (residual / n)
+    # M2 ≥ 0 in exact arithmetic; a select rather than tl.maximum, which would turn NaN into 0.
+    m2 = tl.where(m2 < 0.0, 0.0, m2)
+    return count, first + residual / n, m2
 
 
 @triton.jit
 def merge_lanes(count, mean, m2):
     # Merge the per-column statistics of a program into one: the parallel form of Chan's formula,
     # mean = Σ nᵢ·meanᵢ / n and M2 = Σ (M2ᵢ + nᵢ·(meanᵢ − mean)²).
+    # The weighted mean gets the same correction as a tile's: Σ nᵢ·(meanᵢ − mean) / n, the error
+    # of the first estimate.
     total = tl.sum(count, axis=0)
-    merged_mean = tl.sum(count * mean, axis=0) / tl.maximum(total, 1.0)
+    n = tl.maximum(total, 1.0)
+    merged_mean = tl.sum(count * mean, axis=0) / n
+    merged_mean = merged_mean + tl.sum(count * (mean - merged_mean), axis=0) / n
     delta = mean - merged_mean
     merged_m2 = tl.sum(m2 + count * delta * delta, axis=0)
     return total, merged_mean, merged_m2

@@ -255,18 +255,24 @@ def test_convert_fuses_the_seed_lenet(backend):
         assert fused[index - 1].activation == "sigmoid"
     assert [type(fused[i]) for i in (1, 5, 10, 13)] == [tritonbn.BatchNorm2d] * 2 + [tritonbn.BatchNorm1d] * 2
     assert fused.state_dict().keys() == original.state_dict().keys()
+    # The oracle: the unfused torch.nn model in float64.
+    oracle = original.double()
     x = torch.randn(4, 1, 28, 28)
     for training in (True, False):
-        original.train(training)
+        oracle.train(training)
         fused.train(training)
-        y, grads = _forward_backward(original, x)
+        y, grads = _forward_backward(oracle, x.double())
         with tritonbn.backend(backend):
             y_fused, grads_fused = _forward_backward(fused, x)
-        torch.testing.assert_close(y_fused, y, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y_fused.double(), y, rtol=1e-4, atol=1e-5)
+        # fp32 rounding through four layers reaches ~3e-5 of the model's largest gradient, in
+        # torch.nn's fp32 model as in this one; the conv biases' true gradients (0 under a
+        # BatchNorm) are rounding noise on that scale.
+        scale = max(grad.abs().max() for grad in grads.values())
         for name, grad in grads.items():
-            torch.testing.assert_close(grads_fused[name], grad, rtol=1e-4, atol=1e-5, msg=name)
-    for (name, buf), (_, buf_fused) in zip(original.named_buffers(), fused.named_buffers(), strict=True):
-        torch.testing.assert_close(buf_fused, buf, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(grads_fused[name].double(), grad, rtol=0, atol=1e-4 * scale, msg=name)
+    for (name, buf), (_, buf_fused) in zip(oracle.named_buffers(), fused.named_buffers(), strict=True):
+        torch.testing.assert_close(buf_fused.double(), buf.double(), rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_convert_fuses_every_supported_activation_inplace_or_not():

@@ -124,6 +124,67 @@ def test_large_mean_offset_half(plan, dtype, device):
     torch.testing.assert_close(got.running_var.double().cpu(), want.running_var.cpu(), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "plan, channels_last",
+    [
+        ("split-welford", False),
+        ("split-welford", True),
+        ("fused-small", False),
+        ("fused-small", True),
+        ("column-tiled", True),
+    ],
+)
+def test_constant_channel_has_zero_variance(plan, channels_last, device):
+    # A channel holding one value has mean exactly that value and variance exactly 0. With eps =
+    # 1e-12, a mean one ulp off (2.4e-7 at 3.7) would move y by 2.4e-7/1e-6 ≈ 0.24.
+    shape = (9, 3, 7, 5)
+    inputs = make_inputs(shape, torch.float32, device, channels_last=channels_last)
+    inputs["x"][:, 1] = 3.7
+    got = run_step(inputs, backend="triton", plan=plan, eps=1e-12)
+    want = reference_step(inputs, eps=1e-12)
+    torch.testing.assert_close(got.y[:, 1].cpu(), want.y[:, 1].float().cpu(), rtol=0, atol=0)
+    # dx of the constant channel is γ/sqrt(eps)·(dy − mean(dy)): ~1e6, compared relatively.
+    assert_step_close(got, want, torch.float32, reduced=_reduced(shape))
+
+
+@pytest.mark.parametrize(
+    "plan, channels_last",
+    [("split-welford", False), ("split-welford", True), ("column-tiled", True), ("fused-small", False)],
+)
+def test_mean_near_the_top_of_fp32(plan, channels_last, device):
+    # Mean 2e19, spread 1e17: the square of the mean overflows fp32 (above ~1.8e19), so no
+    # statistic may square a mean, not even in the merge of a split's empty first accumulator.
+    shape = (6, 3, 11, 13)
+    inputs = make_inputs(shape, torch.float32, device, offset=2e19, scale=1e17, channels_last=channels_last)
+    inputs["running_mean"] = inputs["running_mean"] + 2e19
+    inputs["running_var"] = inputs["running_var"] * 1e34
+    got = run_step(inputs, backend="triton", plan=plan)
+    want = reference_step(inputs)
+    for name in ("y", "dx", "dw", "db", "running_mean", "running_var"):
+        assert torch.isfinite(getattr(got, name)).all(), f"{name} has non-finite values"
+    # x is stored to ulp(2e19) = 2.2e12, 2e-5 of its spread; dx is of size 1/spread.
+    torch.testing.assert_close(got.y.double().cpu(), want.y.cpu(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(1e17 * got.dx.double().cpu(), 1e17 * want.dx.cpu(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(got.running_mean.double().cpu(), want.running_mean.cpu(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.running_var.double().cpu(), want.running_var.cpu(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("plan", ["split-welford", "fused-small"])
+def test_backward_with_subnormal_variance(plan):
+    # var + eps ≈ 2e-40 is subnormal: invstd ≈ 7e19 is finite but invstd² is not, so the backward
+    # must never form it. Interpreter only: compiled kernels may flush subnormals to zero (libdevice
+    # is linked with ftz), and then no order of operations helps.
+    shape = (7, 3, 5, 5)
+    inputs = make_inputs(shape, torch.float32, "cpu", scale=1e-20)
+    got = run_step(inputs, backend="triton", plan=plan, eps=1e-40)
+    want = reference_step(inputs, eps=1e-40)
+    assert torch.isfinite(got.dx).all(), "dx has non-finite values"
+    # Subnormals keep ~5 significant digits at 1e-40: compare dx relatively.
+    scale = want.dx.abs().max()
+    torch.testing.assert_close(got.dx.double() / scale, want.dx / scale, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("plan", ["split-welford", "fused-small", "column-tiled"])
 @pytest.mark.parametrize("affine, running", [(False, True), (True, False), (False, False)])
 def test_optional_tensors(plan, affine, running, device):

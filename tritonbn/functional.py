@@ -124,8 +124,11 @@ def batch_norm(
             layer, shared with the next layer's saved input. Needs an invertible activation (None,
             or ``"leaky_relu"`` with ``negative_slope > 0``) and no ``residual``; |γ| is floored
             at ``tritonbn.reference.MIN_WEIGHT`` = 1e-5 (sign kept, 0 → +1e-5) and dγ passes
-            straight through the floor, so for |γ| ≥ 1e-5 the result and every gradient are those
-            of the plain call. The backward cannot be differentiated again (``create_graph``).
+            straight through the floor, so for |γ| ≥ 1e-5 the result is the plain call's and so
+            are the gradients, up to the rounding of the saved output: x̂ recovered from y stored
+            in ``input``'s dtype is off by about ulp(|y|)/|γ| an element, which shows in dγ where
+            |β| is large next to |γ|, above all in half precision. The backward cannot be
+            differentiated again (``create_graph``).
 
     Shape:
         - Input: (N, C) or (N, C, *); ``residual`` the same; output the same.

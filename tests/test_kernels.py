@@ -18,7 +18,7 @@ import tritonbn.kernels as kernels_package
 from tritonbn.kernels import describe
 
 from .conftest import DEVICE
-from .kernel_cases import assert_step_close, make_inputs, reference_step, run_step
+from .kernel_cases import Step, assert_step_close, make_inputs, reference_step, run_step
 
 # (shape, channels_last, plan): ragged N, C = 1, 3 and primes, spatial 1, 9, 49, 2-D and 3-D,
 # and slabs larger than one tile (split plans) or exactly one (fused-small).
@@ -390,6 +390,75 @@ def test_gradient_with_other_strides(device):
         (tritonbn.batch_norm(x, None, None, training=True) * 3).sum().backward()
     (tritonbn.reference.batch_norm(x_ref, None, None, training=True) * 3).sum().backward()
     torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last, plan",
+    [
+        ((3, 5, 41, 43), False, "split-welford"),
+        ((2, 3, 5, 31, 7), False, "split-welford"),
+        ((1031, 5), False, "column-tiled"),
+        ((6, 13, 9, 11), True, "column-tiled"),
+    ],
+)
+def test_programs_that_fold_several_tiles(shape, channels_last, plan, device):
+    # On the interpreter's 4 SMs every other test gives each program one tile; with one SM and
+    # 1,024-element tiles each program loops over several: forward, running statistics, backward.
+    from tritonbn import kernels
+    from tritonbn.kernels.plans import Tunables, geometry, plan_token
+
+    inputs = make_inputs(shape, torch.float32, device, channels_last=channels_last, offset=0.5)
+    x = inputs["x"]
+    dy = torch.empty_like(x).copy_(inputs["grad"])  # the kernels take dy in x's strides
+    tunables = Tunables(tile=1024)
+    layout = describe(x)
+    tiling = geometry(layout, channel_major=plan == "split-welford", sm_count=1, tunables=tunables)
+    assert tiling.blocks_per_split > 1, tiling
+    token = plan_token(plan, tunables)
+    weight, bias = (inputs[name].float().to(device) for name in ("weight", "bias"))
+    running_mean, running_var = (inputs[name].float().to(device) for name in ("running_mean", "running_var"))
+    y, save = kernels.forward_train(
+        x, weight, bias, running_mean, running_var, 0.1, 1e-5, plan=token, sm_count=1
+    )
+    dx, dweight, dbias = kernels.backward_train(
+        dy, x, weight, save, (True, True, True), plan=token, sm_count=1, bias=bias
+    )
+    got = Step(y, dx, dweight, dbias, running_mean, running_var)
+    assert_step_close(got, reference_step(inputs), torch.float32, reduced=_reduced(shape))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "shape, channels_last, plan",
+    [
+        ((5, 3, 9, 7), False, "split-welford"),
+        ((5, 3, 9, 7), True, "fused-small"),
+        ((37, 13), False, "column-tiled"),
+    ],
+)
+def test_large_eps(shape, channels_last, plan, training, device):
+    # eps = 0.5 against variances of 0.01: an eps dropped or added twice moves every result by
+    # a factor, where the default eps = 1e-5 would hide it under the tolerance.
+    inputs = make_inputs(shape, torch.float32, device, channels_last=channels_last, scale=0.1)
+    inputs["running_var"] = inputs["running_var"] * 0.01
+    got = run_step(inputs, backend="triton", plan=plan if training else None, training=training, eps=0.5)
+    want = reference_step(inputs, training=training, eps=0.5)
+    assert_step_close(got, want, torch.float32, reduced=_reduced(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("param_dtype", ["float32", "same"])
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((6, 3, 7, 7), False), ((5, 3, 5, 5), True), ((4, 5, 11), False), ((33, 6), False)],
+)
+def test_half_inputs_in_eval(shape, channels_last, dtype, param_dtype, device):
+    inputs = make_inputs(shape, dtype, device, channels_last=channels_last)
+    pdtype = torch.float32 if param_dtype == "float32" else dtype
+    got = run_step(inputs, backend="triton", training=False, param_dtype=pdtype)
+    assert got.y.dtype == dtype and got.dx.dtype == dtype and got.dw.dtype == pdtype
+    want = reference_step(inputs, training=False)
+    assert_step_close(got, want, dtype, reduced=_reduced(shape), param_dtype=pdtype)
 
 
 def test_int64_offsets_forced(device):

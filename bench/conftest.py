@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
-from cases import PASSES, Case
+from cases import PASSES, TIERS, Case, dtype_name, tier
 from environment import environment
 from measure import TIMER, copy_gbps
 from report import SCHEMA, add_speedups
@@ -31,6 +31,7 @@ BENCH_DIR = Path(__file__).parent
 CPU_BACKENDS = ("tritonbn", "torch", "reference")
 _COPY_GBPS = pytest.StashKey[float]()
 _STARTED = pytest.StashKey[float]()
+_PLANNED = pytest.StashKey[list]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,15 +62,56 @@ def skip_reason(pass_name: str, case: Case, backend: str, quick: bool) -> str | 
     return None
 
 
+def item_tier(item: pytest.Item) -> int:
+    """When a benchmark runs (``cases.tier``): a BatchNorm case by its pass, dtype and backend, the
+    other suites by their module's ``TIER``, anything else last."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "case" in params:
+        return tier(params["pass_name"], params["case"], params["backend"])
+    return getattr(getattr(item, "module", None), "TIER", TIERS)
+
+
+def planned_entry(item: pytest.Item) -> dict[str, object] | None:
+    """What a collected benchmark will record if it runs, as the report matches records: the
+    BatchNorm suite's pass, shape, dtype, layout, family and backend, the activation suite's shape,
+    activation and variant; None for the others."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "case" in params:
+        case = params["case"]
+        return {
+            "pass": params["pass_name"],
+            "shape": list(case.shape),
+            "dtype": dtype_name(case.dtype),
+            "layout": case.layout,
+            "family": case.family,
+            "backend": params["backend"],
+        }
+    if "variant" in params and "activation" in params:
+        return {
+            "suite": "activation",
+            "shape": list(params["shape"]),
+            "activation": params["activation"],
+            "variant": params["variant"],
+        }
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip what this session does not time, and order the rest by tier across the suites (a run
+    cut short by ``--bench-budget`` keeps what the targets need)."""
     quick = config.getoption("bench_quick", False)
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if not item.path.is_relative_to(BENCH_DIR) or "case" not in params:
-            continue
-        reason = skip_reason(params["pass_name"], params["case"], params["backend"], quick)
-        if reason is not None:
-            item.add_marker(pytest.mark.skip(reason=reason))
+        if item.path.is_relative_to(BENCH_DIR) and "case" in params:
+            reason = skip_reason(params["pass_name"], params["case"], params["backend"], quick)
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))
+    # The benchmarks take the places they had among the session's items, in tier order (a stable
+    # sort: within a tier, collection order); other items (a `pytest tests bench` run) stay put.
+    places = [index for index, item in enumerate(items) if item.path.is_relative_to(BENCH_DIR)]
+    ordered = sorted((items[index] for index in places), key=item_tier)
+    for index, item in zip(places, ordered, strict=True):
+        items[index] = item
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +140,18 @@ def copy_bandwidth(request: pytest.FixtureRequest) -> float | None:
     return gbps
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Note what this session plans to time, once ``-k`` and the like have deselected what they
+    do: the report tells a case that failed or was not reached from one never meant to run."""
+    session.config.stash[_PLANNED] = [
+        entry
+        for item in session.items
+        if item.path.is_relative_to(BENCH_DIR) and item.get_closest_marker("skip") is None
+        for entry in [planned_entry(item)]
+        if entry is not None
+    ]
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     machine_info["tritonbn"] = {
         **environment(DEVICE),
@@ -107,9 +161,11 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output_json: dict) -> None:
-    """Mark the schema, add speedups; drop the raw per-round times (megabytes on a CPU), the params
-    (``extra_info`` holds them in JSON form) and pytest-benchmark's options (the same for all)."""
+    """Mark the schema, list what was planned, add speedups; drop the raw per-round times (megabytes
+    on a CPU), the params (``extra_info`` holds them in JSON form) and pytest-benchmark's options
+    (the same for all)."""
     output_json["schema"] = SCHEMA
+    output_json["planned"] = config.stash.get(_PLANNED, [])
     for bench in output_json["benchmarks"]:
         bench["stats"].pop("data", None)
         bench.pop("params", None)

@@ -102,35 +102,43 @@ def keep_runs(benchmark: Any, seconds: list[float]) -> None:
     benchmark.stats.stats = stats
 
 
-# Calls in the loop of the wall-clock timing.
-WALL_CALLS = 100
+# The wall-clock timing: the best of WALL_LOOPS loops of calls, each loop about WALL_LOOP_MS
+# long (by the device time) and of WALL_MIN_CALLS to WALL_MAX_CALLS calls.
+WALL_LOOPS = 5
+WALL_LOOP_MS = 50
+WALL_MIN_CALLS = 10
+WALL_MAX_CALLS = 100
+# Milliseconds do_bench_cudagraph replays its graph for, each of its ten times.
+CUDAGRAPH_REP_MS = 20
 
 
-def user_timings_ms(step: Callable[[], object], device: torch.device) -> dict[str, float | None]:
-    """The times a user would recognize, besides the device time of ``time_step`` (CUDA only):
-    ``wall_ms``, the wall-clock time per call of a loop of calls without cache flushes,
-    synchronized once (a small layer's host time shows here), and ``cudagraph_ms``, the time per
-    call replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: no host time at all;
-    None where the step cannot be captured)."""
+def user_timings_ms(step: Callable[[], object], device: torch.device, device_ms: float) -> dict[str, object]:
+    """The times a user would recognize, besides the device time ``device_ms`` of ``time_step``
+    (CUDA only): ``wall_ms``, the wall-clock time per call of a loop of calls without cache
+    flushes, synchronized once (a small layer's host time shows here), and ``cudagraph_ms``, the
+    time per call replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: no host time
+    at all; None where the step cannot be captured, with the reason in ``cudagraph_error``)."""
     if device.type != "cuda":
         return {}
     import time
 
     import triton.testing
 
+    calls = max(WALL_MIN_CALLS, min(WALL_MAX_CALLS, int(WALL_LOOP_MS / max(device_ms, 1e-6))))
     torch.cuda.synchronize(device)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(WALL_LOOPS):
         start = time.perf_counter()
-        for _ in range(WALL_CALLS):
+        for _ in range(calls):
             step()
         torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - start) / WALL_CALLS * 1e3)
+        best = min(best, (time.perf_counter() - start) / calls * 1e3)
+    timings: dict[str, object] = {"wall_ms": best, "cudagraph_ms": None}
     try:
-        graphed = float(triton.testing.do_bench_cudagraph(step, rep=REPEAT_MS))
-    except Exception:  # a step that cannot be captured (host synchronization, say): no graph time
-        graphed = None
-    return {"wall_ms": best, "cudagraph_ms": graphed}
+        timings["cudagraph_ms"] = float(triton.testing.do_bench_cudagraph(step, rep=CUDAGRAPH_REP_MS))
+    except Exception as exc:  # a step that cannot be captured (host synchronization, say)
+        timings["cudagraph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return timings
 
 
 def copy_gbps(device: torch.device) -> float:

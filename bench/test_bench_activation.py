@@ -25,6 +25,16 @@ SHAPES = ((256, 6, 24, 24), (256, 120), (32, 64, 112, 112), (32, 256, 56, 56))
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
 VARIANTS = ("fused", "unfused")
 CPU_SHAPES = ((256, 6, 24, 24), (256, 120))
+# When this suite runs among the others (bench/cases.py's tiers): after the float32
+# forward+backward of tritonbn and torch, as it holds the fused-activation target.
+TIER = 1
+
+
+def shape_param(shape: tuple[int, ...]) -> object:
+    """``shape`` as a parameter, skipped without CUDA unless it is one of CPU_SHAPES."""
+    runs = torch.cuda.is_available() or shape in CPU_SHAPES
+    marks = () if runs else pytest.mark.skip(reason="no CUDA: only the LeNet layers are checked on a CPU")
+    return pytest.param(shape, marks=marks, id="x".join(map(str, shape)))
 
 
 def build(variant: str, activation: str, channels: int, dims: int, device: torch.device) -> nn.Module:
@@ -58,12 +68,10 @@ def forward_backward(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Ca
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+@pytest.mark.parametrize("shape", [shape_param(shape) for shape in SHAPES])
 def test_fused_activation(
     benchmark, device: torch.device, shape: tuple[int, ...], activation: str, variant: str
 ) -> None:
-    if device.type != "cuda" and shape not in CPU_SHAPES:
-        pytest.skip("no CUDA: only the LeNet layers are checked on a CPU")
     x = torch.randn(shape, device=device, requires_grad=True)
     dy = torch.randn_like(x)
     module = build(variant, activation, shape[1], len(shape), device)

@@ -165,4 +165,4 @@ def test_batch_norm(
         median, q1, q3 = times
         benchmark.extra_info.update(ms=median, ms_q1=q1, ms_q3=q3)
         benchmark.extra_info.update(throughput(nbytes, median, copy_bandwidth))
-        benchmark.extra_info.update(user_timings_ms(step, device))
+        benchmark.extra_info.update(user_timings_ms(step, device, median))

@@ -31,6 +31,9 @@ CPU_SHAPES = ((8, 16, 8, 8),)
 RESIDUAL_VARIANTS = ("tritonbn", "torch", "torch.compile")
 LEAN_VARIANTS = ("tritonbn-memory-efficient", "tritonbn", "torch", "torch.compile")
 SLOPE = 0.01
+# When this suite runs among the others (bench/cases.py's tiers): with the forced plans and the
+# reference in float32, before torch.compile's tier.
+TIER = 2
 
 
 class TorchTail(nn.Module):

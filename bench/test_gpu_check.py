@@ -4,6 +4,8 @@ pytest's summary. The whole script is rehearsed with ``--dry-run``."""
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +155,54 @@ def test_the_cuda_suite_runs_every_test_file_once_the_gpu_only_ones_first():
     every = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py"))
     assert sorted(order) == every
     assert order[: len(gpu_check.FIRST_TESTS)] == list(gpu_check.FIRST_TESTS)
+
+
+IGNORED_SIGINT_STEP = """
+import signal, sys
+sys.path.insert(0, {bench!r})
+import gpu_check
+from pathlib import Path
+gpu_check.MIN_STEP = 0
+gpu_check.ROOT = Path({folder!r})
+if {restore}:
+    gpu_check._interruptible()
+step = gpu_check.run_step("tests", {pytest!r} + ["test_sample.py"], 8, Path({folder!r}) / "tests.log")
+print(step["status"])
+"""
+
+
+def test_a_step_is_interrupted_even_where_the_check_started_with_sigint_ignored(tmp_path):
+    # As a background job of a script or under nohup: an ignored SIGINT stays ignored in every
+    # child, so a step out of time would be killed without writing its summary.
+    (tmp_path / "test_sample.py").write_text(SLOW_SUITE)
+    script = IGNORED_SIGINT_STEP.format(
+        bench=str(ROOT / "bench"), folder=str(tmp_path), pytest=PYTEST, restore=True
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "timed out after 8 s" in result.stdout
+    assert "1 failed" in (tmp_path / "tests.log").read_text()
+
+
+def test_the_check_itself_never_imports_tritonbn(tmp_path):
+    # On the GPU machine tritonbn is installed by a child of the check, which the check's own
+    # import system never sees: whatever the check runs in its own process must do without it.
+    script = f"""
+import json, sys
+sys.modules["tritonbn"] = None  # any import of tritonbn now raises
+sys.path.insert(0, {str(ROOT / "bench")!r})
+import gpu_check
+step = gpu_check.versions_step(sys.executable, "cpu", 120)
+print(json.dumps(step))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    step = json.loads(result.stdout.strip().splitlines()[-1])
+    assert step["status"].startswith("ok"), step
+    assert step["environment"]["tritonbn"] and step["environment"]["torch"]

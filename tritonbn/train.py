@@ -550,7 +550,7 @@ def _installed_version(distribution: str) -> str | None:
 def environment(device: torch.device) -> dict[str, object]:
     """What a run or a benchmark ran on: device kind and name (the GPU's, or the CPU model), CPU
     count and torch's threads, Python and library versions, and on CUDA the GPU's memory, SM count,
-    CUDA runtime, cuDNN and NVIDIA driver. The CPU model and the driver come from
+    L2 size, CUDA runtime, cuDNN and NVIDIA driver. The CPU model and the driver come from
     ``torch.utils.collect_env`` (lscpu, nvidia-smi), None where it cannot tell."""
     from torch.utils import collect_env
 
@@ -576,6 +576,7 @@ def environment(device: torch.device) -> dict[str, object]:
             device_name=props.name,
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             sm_count=props.multi_processor_count,
+            l2_cache_mib=round(props.L2_cache_size / 2**20, 1),
             cuda_runtime=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(),
             driver=collect_env.get_nvidia_driver_version(collect_env.run),

@@ -145,19 +145,45 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+# The memory system moves 32-byte sectors; the cost model counts them in fp32 elements' worth.
+SECTOR_BYTES = 32
+MODEL_ITEMSIZE = 4
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_sectors(s: int, block: int) -> float:
+    """Sectors a program's loads touch to read one row of S contiguous fp32 elements in pieces
+    of ``block``, on average over where rows start (row r at byte r·S·4 of a channel's plane):
+    a piece that straddles a sector boundary costs both sectors."""
+    row_bytes = s * MODEL_ITEMSIZE
+    starts = [(row * row_bytes) % SECTOR_BYTES for row in range(SECTOR_BYTES)]
+    total = 0
+    for start in starts:
+        for first in range(0, s, block):
+            low = start + first * MODEL_ITEMSIZE
+            high = start + min(s, first + block) * MODEL_ITEMSIZE
+            total += (high - 1) // SECTOR_BYTES - low // SECTOR_BYTES + 1
+    return total / len(starts)
+
+
 def _spatial_block(s: int, n: int, tile: int = TILE, max_block: int = MAX_SPATIAL_BLOCK) -> int:
     """Power-of-two spatial block for S elements a row and N rows (channel-major tiling).
 
-    Minimizes the padded elements loaded plus a fixed cost a tile (TILE_OVERHEAD elements' worth),
-    the larger block on ties: S = 49 gets 64, S = 576 gets 64 (no padding), and a small batch of
-    large images gets wide blocks rather than many tiny tiles.
+    Minimizes the memory a channel costs, in 32-byte sectors touched (a piece of a row that
+    straddles a sector boundary fetches both, and narrow pieces of a row whose length is no
+    multiple of 8 fp32 mostly do), plus a fixed cost a tile (TILE_OVERHEAD elements' worth); the
+    larger block on ties. Masked lanes past a row's end load nothing and count only through the
+    tiles they make. At N = 256: S = 49 gets 64 (one piece a row, about 7 sectors, where pieces
+    of 8 would touch about 12), S = 196 gets 256, S = 576 gets 64 (rows aligned, no padding); a small
+    batch of large images gets wide blocks rather than many tiny tiles.
     """
     best, best_cost = 1, None
     block = 1
     while block <= min(max_block, _pow2(s)):
         block_r = max(1, min(_pow2(n), tile // block))
         tiles = cdiv(n, block_r) * cdiv(s, block)
-        cost = tiles * (block_r * block + TILE_OVERHEAD)
+        sectors = n * _row_sectors(s, block)
+        cost = sectors * SECTOR_BYTES / MODEL_ITEMSIZE + tiles * TILE_OVERHEAD
         if best_cost is None or cost <= best_cost:
             best, best_cost = block, cost
         block *= 2
@@ -264,7 +290,10 @@ def geometry(
     if single_tile:
         split, per_split = 1, 1
     else:
-        split = min(max(1, cdiv(programs_per_sm * sm_count, groups)), blocks)
+        # Rounded down: at most programs_per_sm·SMs programs, one wave where that many fit, rather
+        # than a second wave of a few programs each doing a whole share (64 channels on 132 SMs
+        # at 4 a SM: 8 a channel, 512 programs, not 9 and 576).
+        split = min(max(1, (programs_per_sm * sm_count) // groups), blocks)
         per_split = max(cdiv(blocks, split), cdiv(blocks, MAX_GRID_Y))
         split = cdiv(blocks, per_split)
     return Geometry(

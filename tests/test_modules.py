@@ -79,6 +79,20 @@ def run_steps(
         assert_modules_match(module, oracle, x, dy, dtype)
 
 
+@pytest.mark.parametrize("options", [{}, {"momentum": None}], ids=["default", "momentum-None"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_plans_over_steps(options, channels_last):
+    # 17,995 elements a channel: the split plans, whose statistics kernel counts the batch (the
+    # other shapes here take fused-small's); momentum None reads that count.
+    shape = (5, 3, 61, 59)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    module, oracle = twin_modules(tritonbn.BatchNorm2d, nn.BatchNorm2d, shape[1], torch.float32, **options)
+    x = torch.empty(shape).contiguous(memory_format=memory_format)
+    with tritonbn.backend("triton"):
+        assert tritonbn.explain(x, training=True).kernel in ("split-welford", "column-tiled")
+        run_steps(module, oracle, shape, torch.float32, memory_format=memory_format)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)

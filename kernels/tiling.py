@@ -8,6 +8,9 @@ import triton.language as tl
 
 from . import normalization
 
+# The largest finite fp32: |mean| above it is ±inf (or NaN).
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+
 
 @triton.jit
 def tile_offsets(
@@ -181,7 +184,8 @@ def tile_welford(x, mask):
     m2 = tl.sum(centered * centered, axis=0) - residual * (residual / n)
     # M2 ≥ 0 in exact arithmetic; a select rather than tl.maximum, which would turn NaN into 0.
     m2 = tl.where(m2 < 0.0, 0.0, m2)
-    return count, first + residual / n, m2
+    # An infinite first mean stays as it is (r is inf − inf = NaN there): torch's is ±inf too.
+    return count, tl.where(tl.abs(first) <= FLOAT32_MAX, first + residual / n, first), m2
 
 
 @triton.jit
@@ -193,7 +197,8 @@ def merge_lanes(count, mean, m2):
     total = tl.sum(count, axis=0)
     n = tl.maximum(total, 1.0)
     merged_mean = tl.sum(count * mean, axis=0) / n
-    merged_mean = merged_mean + tl.sum(count * (mean - merged_mean), axis=0) / n
+    correction = tl.sum(count * (mean - merged_mean), axis=0) / n
+    merged_mean = tl.where(tl.abs(merged_mean) <= FLOAT32_MAX, merged_mean + correction, merged_mean)
     delta = mean - merged_mean
     merged_m2 = tl.sum(m2 + count * delta * delta, axis=0)
     return total, merged_mean, merged_m2

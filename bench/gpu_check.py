@@ -62,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import host_overhead
@@ -680,7 +681,10 @@ def main(argv: list[str] | None = None) -> int:
         (outdir / "results.json").write_text(
             json.dumps({k: v for k, v in results.items() if not k.endswith("records")}, indent=1) + "\n"
         )
-        summary = summary_markdown(results)
+        try:
+            summary = summary_markdown(results)
+        except Exception:  # results.json is written: a report bug must not end the check here
+            summary = "# tritonbn GPU check: the summary failed\n\n```\n" + traceback.format_exc() + "```\n"
         (outdir / "summary.md").write_text(summary)
         return summary
 

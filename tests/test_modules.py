@@ -54,8 +54,10 @@ OPTION_IDS = [
 # Training steps interleaved with eval steps, so that eval sees the updated running statistics.
 MODES = (True, False, True, False)
 
-# The Triton kernels take float32/16/bf16; float64 on backend "triton" falls back to torch.
-DTYPES = [torch.float64, torch.float32]
+# The Triton kernels take float32/16/bf16 (the module's parameters and buffers in that dtype too);
+# float64 on backend "triton" falls back to torch.
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["float64", "float32", "float16", "bfloat16"]
 
 
 def run_steps(
@@ -94,7 +96,7 @@ def test_split_plans_over_steps(options, channels_last):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize(("cls", "torch_cls", "shape"), KINDS, ids=KIND_IDS)
 def test_matches_torch_module_over_steps(backend, dtype, options, cls, torch_cls, shape):

@@ -247,6 +247,21 @@ def deal(ids: list[str], count: int) -> list[list[str]]:
     return [shard for shard in shards if shard]
 
 
+def start_background(command: list[str], output: Path) -> subprocess.Popen:
+    """Start ``command`` in the checkout, its output into ``output``, in a session of its own (so
+    that :func:`_finish` can interrupt it and its children)."""
+    with output.open("w") as sink:
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=_environment(None),
+            text=True,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def run_test_shards(name: str, pytest: list[str], shards: list[list[str]], budget: float, log: Path) -> dict:
     """Run ``pytest`` over each shard's node ids at once, for at most ``budget`` seconds, like
     :func:`run_step`; each one's output is appended to ``log`` when all have ended, and its last
@@ -263,20 +278,9 @@ def run_test_shards(name: str, pytest: list[str], shards: list[list[str]], budge
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as scratch:
         outputs = [Path(scratch) / f"shard-{number}.log" for number in range(len(shards))]
-        processes = []
-        for shard, output in zip(shards, outputs, strict=True):
-            with output.open("w") as sink:
-                processes.append(
-                    subprocess.Popen(
-                        [*pytest, *shard],
-                        cwd=ROOT,
-                        env=_environment(None),
-                        text=True,
-                        stdout=sink,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+        processes = [
+            start_background([*pytest, *shard], output) for shard, output in zip(shards, outputs, strict=True)
+        ]
         timed_out = _finish(processes, started + budget)
         with log.open("a") as sink:
             for number, (process, output) in enumerate(zip(processes, outputs, strict=True)):
@@ -576,21 +580,6 @@ def skipped(name: str, command: str, why: str) -> dict[str, object]:
         "returncode": None,
         "status": f"skipped: {why}",
     }
-
-
-def start_background(command: list[str], output: Path) -> subprocess.Popen:
-    """Start ``command`` in the checkout, its output into ``output``, in a session of its own (so
-    that :func:`_finish` can interrupt it and its children)."""
-    with output.open("w") as sink:
-        return subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=_environment(None),
-            text=True,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
 
 # The benchmark suites (bench/conftest.py orders their tests by tier across the files); the

@@ -92,6 +92,9 @@ BUDGETS = {
 }
 BENCH_WIND_DOWN = 40
 MIN_STEP = 20
+# Seconds the benchmarks' untimed run may go on once the tests have ended, to finish rather than be
+# interrupted in its last lines.
+WARM_GRACE = 5
 # Seconds to wait for the last output of a step once its process has ended.
 COPY_GRACE = 10
 # Seconds a step out of time has, once interrupted, to write what it has (pytest its summary of the
@@ -733,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             steps.append(tests_step)
             if warm is not None:
-                _finish([warm], time.monotonic())
+                _finish([warm], time.monotonic() + WARM_GRACE)
                 with log.open("a") as sink:
                     sink.write("\n== bench warm-up (untimed, beside the tests)\n")
                     sink.write(warm_output.read_text(errors="replace"))

@@ -211,8 +211,9 @@ def render(
     else:
         status = (
             "**No GPU run has been committed yet**, so the GPU targets (forward+backward speedup "
-            "over torch, share of copy bandwidth) are not judged here and no GPU number appears "
-            "on this page."
+            "over torch, share of copy bandwidth, fused activation over BatchNorm then the "
+            "activation, the LeNet epoch) are not judged here and no GPU number appears on this "
+            "page."
         )
         if runs:
             status += (

@@ -206,3 +206,11 @@ print(json.dumps(step))
     step = json.loads(result.stdout.strip().splitlines()[-1])
     assert step["status"].startswith("ok"), step
     assert step["environment"]["tritonbn"] and step["environment"]["torch"]
+
+
+def test_only_names_the_steps_it_can_select(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main([str(tmp_path / "out"), "--only", "bench,trainn"])
+    assert stop.value.code == 2
+    assert "unknown step(s) trainn" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is made

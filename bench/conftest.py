@@ -62,10 +62,15 @@ def skip_reason(pass_name: str, case: Case, backend: str, quick: bool) -> str | 
     return None
 
 
+def _params(item: pytest.Item) -> dict[str, object]:
+    """The parameters of a parametrized test item (none for the others)."""
+    return getattr(getattr(item, "callspec", None), "params", {})
+
+
 def item_tier(item: pytest.Item) -> int:
     """When a benchmark runs (``cases.tier``): a BatchNorm case by its pass, dtype and backend, the
     other suites by their module's ``TIER``, anything else last."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
+    params = _params(item)
     if "case" in params:
         return tier(params["pass_name"], params["case"], params["backend"])
     return getattr(getattr(item, "module", None), "TIER", TIERS)
@@ -75,7 +80,7 @@ def planned_entry(item: pytest.Item) -> dict[str, object] | None:
     """What a collected benchmark will record if it runs, as the report matches records: the
     BatchNorm suite's pass, shape, dtype, layout, family and backend, the activation suite's shape,
     activation and variant; None for the others."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
+    params = _params(item)
     if "case" in params:
         case = params["case"]
         return {
@@ -101,7 +106,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     cut short by ``--bench-budget`` keeps what the targets need)."""
     quick = config.getoption("bench_quick", False)
     for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
+        params = _params(item)
         if item.path.is_relative_to(BENCH_DIR) and "case" in params:
             reason = skip_reason(params["pass_name"], params["case"], params["backend"], quick)
             if reason is not None:

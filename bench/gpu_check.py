@@ -707,6 +707,34 @@ def main(argv: list[str] | None = None) -> int:
     steps.append(run_step("glue", [python, "-m", "tritonbn.glue"], budget("glue"), log))
     publish()
 
+    def train(name: str) -> None:
+        options = TRAININGS[name]
+        run_dir = outdir / f"train-{name}"
+        command = [
+            python,
+            "-m",
+            "tritonbn.train",
+            *options,
+            "--device",
+            device,
+            "--out",
+            str(run_dir),
+            "--quiet",
+            "--data-dir",
+            str(data_dir),
+            *(["--epochs", "1"] if pick else []),
+        ]
+        key = _train_budget(name)
+        if key not in args.only:
+            step = skipped(f"train {name}", shlex.join(command), "not selected (--only)")
+        elif not data_dir.is_dir():
+            step = skipped(f"train {name}", shlex.join(command), f"no Fashion-MNIST folder {data_dir}")
+        else:
+            step = run_step(f"train {name}", command, budget(key), log)
+        steps.append(step)
+        state["training"][name] = training_summary(step, run_dir)  # type: ignore[index]
+        publish()
+
     with tempfile.TemporaryDirectory() as scratch:
         if "tests" in args.only:
             # The suite and, beside it, the benchmark suites once each untimed: their checks on
@@ -768,33 +796,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             steps.append(skipped("bench", "pytest " + " ".join(BENCH_SUITES), "not selected (--only)"))
         publish()
-
-        def train(name: str) -> None:
-            options = TRAININGS[name]
-            run_dir = outdir / f"train-{name}"
-            command = [
-                python,
-                "-m",
-                "tritonbn.train",
-                *options,
-                "--device",
-                device,
-                "--out",
-                str(run_dir),
-                "--quiet",
-                "--data-dir",
-                str(data_dir),
-                *(["--epochs", "1"] if pick else []),
-            ]
-            if _train_budget(name) not in args.only:
-                step = skipped(f"train {name}", shlex.join(command), "not selected (--only)")
-            elif not data_dir.is_dir():
-                step = skipped(f"train {name}", shlex.join(command), f"no Fashion-MNIST folder {data_dir}")
-            else:
-                step = run_step(f"train {name}", command, budget(_train_budget(name)), log)
-            steps.append(step)
-            state["training"][name] = training_summary(step, run_dir)  # type: ignore[index]
-            publish()
 
         # The LeNet epoch both ways before the diagnostics: the figures first.
         train("tritonbn")

@@ -246,6 +246,29 @@ def large_input(run: dict) -> tuple[str, Callable[[dict], bool]]:
     return ">= 2^22 elements", lambda entry: math.prod(entry["shape"]) >= LARGE_NUMEL
 
 
+def _tritonbn_cases(
+    run: dict, keep: Callable[[dict], bool], field: str, with_torch: bool
+) -> tuple[list[tuple] | None, dict[tuple, dict]]:
+    """(expected, measured) of a target on tritonbn's own dispatch: the keys of the planned tritonbn
+    cases ``keep`` selects (None where no plan is recorded; ``with_torch``: only those where torch
+    was planned too), and by key the measured records ``keep`` selects that have ``field``."""
+    plan = planned(run)
+    expected = None
+    if plan is not None:
+        torch_cases = {case_key(e) for e in plan if e.get("backend") == "torch"}
+        expected = [
+            case_key(e)
+            for e in plan
+            if e.get("backend") == "tritonbn" and keep(e) and (not with_torch or case_key(e) in torch_cases)
+        ]
+    measured = {
+        case_key(r): r
+        for r in select(run["records"], backend="tritonbn")
+        if r.get(field) is not None and keep(r)
+    }
+    return expected, measured
+
+
 def _speedup_target(
     run: dict,
     name: str,
@@ -256,20 +279,7 @@ def _speedup_target(
 ) -> Target:
     """A target on tritonbn's speedup over torch in the cases ``keep`` selects: a planned tritonbn
     case counts only where torch was planned too (its speedup needs both)."""
-    plan = planned(run)
-    expected = None
-    if plan is not None:
-        torch_cases = {case_key(e) for e in plan if e.get("backend") == "torch"}
-        expected = [
-            case_key(e)
-            for e in plan
-            if e.get("backend") == "tritonbn" and keep(e) and case_key(e) in torch_cases
-        ]
-    measured = {
-        case_key(r): r
-        for r in select(run["records"], backend="tritonbn")
-        if r.get("speedup_vs_torch") and keep(r)
-    }
+    expected, measured = _tritonbn_cases(run, keep, "speedup_vs_torch", with_torch=True)
     return _judge_planned(name, asks, expected, measured, measure, _case_label, one_case_decides)
 
 
@@ -280,15 +290,7 @@ def _bandwidth_target(run: dict) -> Target:
     def keep(entry: dict) -> bool:
         return entry["dtype"] == "float32" and large(entry)
 
-    plan = planned(run)
-    expected = None
-    if plan is not None:
-        expected = [case_key(e) for e in plan if e.get("backend") == "tritonbn" and keep(e)]
-    measured = {
-        case_key(r): r
-        for r in select(run["records"], backend="tritonbn")
-        if r.get("pct_of_copy") is not None and keep(r)
-    }
+    expected, measured = _tritonbn_cases(run, keep, "pct_of_copy", with_torch=False)
     verdict = _judge_planned(
         f"float32 inputs of {rule}, every pass: % of copy bandwidth",
         f">= {COPY_TARGET_PCT:.0f}%",
@@ -298,7 +300,8 @@ def _bandwidth_target(run: dict) -> Target:
         _pass_case_label,
         one_case_decides=True,
     )
-    sizes = [x_bytes(e) for e in plan or () if e.get("backend") == "tritonbn" and e["dtype"] == "float32"]
+    plan = planned(run) or ()
+    sizes = [x_bytes(e) for e in plan if e.get("backend") == "tritonbn" and e["dtype"] == "float32"]
     if expected == [] and sizes:
         detail = f"no planned float32 input is that large (the largest: {max(sizes) / 2**20:.0f} MiB)"
         verdict = replace(verdict, detail=detail)

@@ -18,6 +18,7 @@ hands the kernels). This module is plain Python on shapes; it imports no Triton.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -234,6 +235,14 @@ class Geometry:
             self.blocks_per_split,
         )
 
+    def fitted(self, programs: int) -> Geometry:
+        """This tiling with its channel groups' tiles re-split so that at most ``programs``
+        programs run (at least one a group): itself when it has no more than that already."""
+        if self.groups * self.split <= programs:
+            return self
+        split, per_split = _split(cdiv(self.rows, self.block_r) * self.key_blocks, self.groups, programs)
+        return dataclasses.replace(self, split=split, blocks_per_split=per_split)
+
     def meta(self) -> dict[str, object]:
         return {
             "BLOCK_R": self.block_r,
@@ -287,15 +296,7 @@ def geometry(
         key_blocks = 1
         groups = cdiv(keys, block_k)
     blocks = cdiv(rows, block_r) * key_blocks
-    if single_tile:
-        split, per_split = 1, 1
-    else:
-        # Rounded down: at most programs_per_sm·SMs programs, one wave where that many fit, rather
-        # than a second wave of a few programs each doing a whole share (64 channels on 132 SMs
-        # at 4 a SM: 8 a channel, 512 programs, not 9 and 576).
-        split = min(max(1, (programs_per_sm * sm_count) // groups), blocks)
-        per_split = max(cdiv(blocks, split), cdiv(blocks, MAX_GRID_Y))
-        split = cdiv(blocks, per_split)
+    split, per_split = (1, 1) if single_tile else _split(blocks, groups, programs_per_sm * sm_count)
     return Geometry(
         channel_major=channel_major,
         rows=rows,
@@ -312,6 +313,17 @@ def geometry(
         int64=force_int64 or layout.needs_int64,
         num_warps=_num_warps(block_r * block_k, tunables.num_warps),
     )
+
+
+def _split(blocks: int, groups: int, programs: int) -> tuple[int, int]:
+    """(split, blocks_per_split): each of ``groups`` channel groups' ``blocks`` tiles cut into
+    contiguous ranges so that groups × split is at most ``programs`` (at least one range a
+    group, at most MAX_GRID_Y). Rounded down: one wave where that many programs fit, rather than
+    a second wave of a few programs each doing a whole share (64 channels on 132 SMs at 4 a SM:
+    8 a channel, 512 programs, not 9 and 576)."""
+    split = min(max(1, programs // groups), blocks)
+    per_split = max(cdiv(blocks, split), cdiv(blocks, MAX_GRID_Y))
+    return cdiv(blocks, per_split), per_split
 
 
 def _fused_column_block(rows: int, channels: int, max_tile: int = FUSED_MAX_TILE) -> tuple[int, int]:

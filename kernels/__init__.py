@@ -5,9 +5,9 @@ One file per kernel family: ``stats`` (training statistics of the split plans), 
 eval backward), ``fused_small`` (single-launch forward and backward); ``activation`` holds the
 fused activations and their derivatives, ``tiling`` the shared ``@triton.jit`` helpers,
 ``normalization`` the per-channel map as kernel arguments. Host side: ``plans`` (the plan table
-and launch geometry), ``layout`` (the (N, C, S) view), ``launch`` (launch records),
-``workspace`` (the last-program tickets), ``runtime`` (interpreter or compiled) and ``ops`` (the
-entry points).
+and launch geometry), ``occupancy`` (the split fitted to the programs an SM holds), ``layout``
+(the (N, C, S) view), ``launch`` (launch records), ``workspace`` (the last-program tickets),
+``runtime`` (interpreter or compiled) and ``ops`` (the entry points).
 """
 
 import importlib

@@ -22,6 +22,7 @@ import triton.language as tl
 from .activation import NONE, activation_grad, activation_inverse
 from .launch import Launcher
 from .normalization import Normalization
+from .occupancy import fitted
 from .plans import Geometry
 from .tiling import affine_rows, as_row, channel_affine, load_channel, store_channel, tile_offsets
 from .workspace import split_workspace
@@ -276,10 +277,9 @@ def backward_sums(
     count = float(x.numel() // channels)
     grad_weight, grad_bias = norm.parameter_grads(x, need_weight, need_bias)
     coef = torch.empty((2, channels), device=x.device, dtype=torch.float32) if need_coef else None
-    launch_sums(
-        key,
-        geo.grid,
-        (
+
+    def args(geo: Geometry) -> tuple[object, ...]:
+        return (
             dy,
             x,
             residual,
@@ -291,8 +291,10 @@ def backward_sums(
             count,
             *geo.args(),
             geo.split,
-        ),
-        lambda: {
+        )
+
+    def meta() -> dict[str, object]:
+        return {
             "NEEDS_WEIGHT": need_weight,
             "NEEDS_BIAS": need_bias,
             "NEEDS_COEF": need_coef,
@@ -300,8 +302,10 @@ def backward_sums(
             "FROM_OUTPUT": from_output,
             **norm.meta(),
             **geo.meta(),
-        },
-    )
+        }
+
+    geo = fitted(launch_sums, key, geo, x.device, args, meta)
+    launch_sums(key, geo.grid, args(geo), meta)
     return grad_weight, grad_bias, coef
 
 
@@ -324,11 +328,12 @@ def backward_dx(
     for). ``x`` is the forward's input, or its output when ``from_output``."""
     dx = torch.empty_like(x) if need_input else None
     dres = torch.empty_like(x) if need_residual else None
-    launch_dx(
-        key,
-        geo.grid,
-        (dy, x, residual, dx, dres, coef, *norm.args(x.shape[1]), *geo.args()),
-        lambda: {
+
+    def args(geo: Geometry) -> tuple[object, ...]:
+        return (dy, x, residual, dx, dres, coef, *norm.args(x.shape[1]), *geo.args())
+
+    def meta() -> dict[str, object]:
+        return {
             "TRAINING": coef is not None,
             "NEEDS_INPUT": need_input,
             "HAS_RESIDUAL": residual is not None,
@@ -336,6 +341,8 @@ def backward_dx(
             "FROM_OUTPUT": from_output,
             **norm.meta(),
             **geo.meta(),
-        },
-    )
+        }
+
+    geo = fitted(launch_dx, key, geo, x.device, args, meta)
+    launch_dx(key, geo.grid, args(geo), meta)
     return dx, dres

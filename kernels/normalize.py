@@ -11,6 +11,7 @@ import triton.language as tl
 from .activation import activate
 from .launch import Launcher
 from .normalization import Normalization
+from .occupancy import fitted
 from .plans import Geometry
 from .tiling import affine_rows, tile_offsets
 
@@ -84,10 +85,13 @@ def normalize(
     """y = act((x − mean)·invstd·weight + bias [+ residual]) in ``x``'s dtype and strides;
     ``residual`` has x's shape and strides; ``key`` names the launch site."""
     y = torch.empty_like(x)
-    launch_normalize(
-        key,
-        geo.grid,
-        (x, y, residual, *norm.args(x.shape[1]), *geo.args()),
-        lambda: {**norm.meta(), "HAS_RESIDUAL": residual is not None, **geo.meta()},
-    )
+
+    def args(geo: Geometry) -> tuple[object, ...]:
+        return (x, y, residual, *norm.args(x.shape[1]), *geo.args())
+
+    def meta() -> dict[str, object]:
+        return {**norm.meta(), "HAS_RESIDUAL": residual is not None, **geo.meta()}
+
+    geo = fitted(launch_normalize, key, geo, x.device, args, meta)
+    launch_normalize(key, geo.grid, args(geo), meta)
     return y

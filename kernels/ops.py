@@ -80,8 +80,9 @@ class Site:
 
     ``id`` is the key of the launchers' records (a small int, cheap to hash on every launch),
     ``key`` what the site was built from: everything the launches depend on — plan, tunables,
-    shape, strides, dtypes, pointer alignment, SM count (it sets the split), activation, flags —
-    since a launch record replays its first call's grid. The methods run the kernels of the
+    shape, strides, dtypes, pointer alignment, SM count (it sets the split, with the programs of
+    each kernel an SM holds: ``occupancy.py``), activation, flags — since a launch record
+    replays its first call's grid. The methods run the kernels of the
     site's plan on tensors of that signature; :meth:`derived` gives the site of a launch that
     shares this one's signature plus a few flags (the backward of a forward site).
     """

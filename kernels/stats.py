@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .launch import Launcher
+from .occupancy import fitted
 from .plans import Geometry
 from .tiling import (
     chan_merge,
@@ -141,10 +142,9 @@ def batch_statistics(
     int64 num_batches_tracked) when given. ``key`` names the launch site."""
     channels = x.shape[1]
     save = torch.empty((4, channels), device=x.device, dtype=torch.float32)
-    launch_stats(
-        key,
-        geo.grid,
-        (
+
+    def args(geo: Geometry) -> tuple[object, ...]:
+        return (
             x,
             *split_workspace(x.device, 3 * geo.split * channels, geo.groups),  # [3, SPLIT, C], [groups]
             weight,
@@ -158,13 +158,17 @@ def batch_statistics(
             float(eps),
             *geo.args(),
             geo.split,
-        ),
-        lambda: {
+        )
+
+    def meta() -> dict[str, object]:
+        return {
             "HAS_WEIGHT": weight is not None,
             "HAS_BIAS": bias is not None,
             "HAS_RUNNING": running_mean is not None,
             "HAS_COUNTER": counter is not None,
             **geo.meta(),
-        },
-    )
+        }
+
+    geo = fitted(launch_stats, key, geo, x.device, args, meta)
+    launch_stats(key, geo.grid, args(geo), meta)
     return save

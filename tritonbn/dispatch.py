@@ -279,7 +279,11 @@ def _heuristic_plan(
             "tile) fits one program: statistics, normalization and running statistics in one launch"
         )
     sms = sm_count(device)
-    fill = f"{sms} SMs" if device.type == "cuda" and not interpreted() else f"{sms} stand-in SMs off the GPU"
+    fill = (
+        f"{sms} SMs (as many programs an SM as each kernel's registers let run at once)"
+        if device.type == "cuda" and not interpreted()
+        else f"{sms} stand-in SMs off the GPU"
+    )
     if plan.name == "column-tiled":
         return plan, (
             f"{layout.name} rows of C={layout.c} contiguous channels: tiles coalesced along C, "

@@ -89,9 +89,9 @@ SHAPES: tuple[tuple[int, ...], ...] = (
     (4096, 64, 1, 1),  # 2-D and small-C
 )
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# One tunable at a time around the defaults, per plan (values other than the default). Three
-# reduction programs an SM are what fit of a 256-thread kernel at 65 to 85 registers a thread
-# (65,536 registers an SM), where the default's four would leave a second, partial wave.
+# One tunable at a time around the defaults, per plan (values other than the default). The
+# programs an SM are an aim: a kernel of which fewer fit runs that many (kernels/occupancy.py), so
+# the sweep asks whether fewer, longer programs (2, 3) or more (8, where they fit) beat four.
 PLAN_GRID: dict[str, dict[str, tuple[int, ...]]] = {
     "fused-small": {"fused_max_tile": (32768, 65536), "num_warps": (8, 32)},
     "split-welford": {

@@ -28,6 +28,11 @@ FUSED_TARGET = 1.8
 EPOCH_TARGET_SEC = 1.0
 CPU_OVERHEAD_TARGET_PCT = 10.0
 NO_PLAN = "(no plan recorded: judged on what was measured)"
+# A case is host-bound where its wall-clock time per call (a loop of calls, synchronized once) is
+# more than HOST_BOUND_FACTOR times its time replayed from a CUDA graph (no host work at all):
+# the GPU waited for the host's launches. Both run with a warm L2, unlike the device time, whose
+# runs each follow an L2 flush.
+HOST_BOUND_FACTOR = 1.5
 
 
 def add_speedups(benchmarks: list[dict]) -> None:
@@ -475,7 +480,8 @@ def shape_tables(records: list[dict]) -> str:
 
 
 def headline_table(records: list[dict]) -> str:
-    """forward+backward float32 per case: tritonbn's plan and time against torch and torch.compile."""
+    """forward+backward float32 per case: tritonbn's plan and time against torch and torch.compile,
+    and how much of each one's wall-clock time the host adds (``host_bound``)."""
     rows = []
     fwd_bwd = of_pass(select(records, dtype="float32"), "forward+backward")
     for group in dict.fromkeys(r["group"] for r in fwd_bwd):
@@ -494,6 +500,7 @@ def headline_table(records: list[dict]) -> str:
                 _times(auto, "cudagraph_speedup_vs_torch"),
                 _times(compiled, "speedup_vs_torch"),
                 f"{auto['pct_of_copy']:.0f}%" if auto and auto.get("pct_of_copy") is not None else "—",
+                _host_cell(auto, native),
             ]
         )
     return markdown_table(
@@ -507,9 +514,34 @@ def headline_table(records: list[dict]) -> str:
             "(CUDA graph)",
             "torch.compile speedup",
             "tritonbn % of copy",
+            "wall ÷ CUDA graph (tritonbn / torch)",
         ],
         rows,
     )
+
+
+def host_bound(record: dict | None) -> bool | None:
+    """Whether a CUDA record's wall-clock time is host-bound (see ``HOST_BOUND_FACTOR``); None
+    where either time was not measured."""
+    wall = record.get("wall_ms") if record else None
+    graph = record.get("cudagraph_ms") if record else None
+    if not wall or not graph:
+        return None
+    return wall > HOST_BOUND_FACTOR * graph
+
+
+def _host_cell(auto: dict | None, native: dict | None) -> str:
+    """``wall ÷ CUDA graph`` of tritonbn and torch, "host" after a host-bound one."""
+
+    def side(record: dict | None) -> str:
+        bound = host_bound(record)
+        if bound is None:
+            return "—"
+        ratio = record["wall_ms"] / record["cudagraph_ms"]
+        return f"{ratio:.1f} host" if bound else f"{ratio:.1f}"
+
+    sides = (side(auto), side(native))
+    return "—" if sides == ("—", "—") else " / ".join(sides)
 
 
 def _times(record: dict | None, field: str) -> str:

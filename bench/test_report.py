@@ -275,6 +275,25 @@ def test_a_gpu_run_judges_the_five_targets():
     assert all(t.met is None for t in report.targets(gpu_run([], [])))
 
 
+def test_the_headline_marks_a_host_bound_side():
+    shape = (256, 120)
+    run = gpu_run(
+        [
+            bench(entry(shape, "tritonbn"), 0.010, wall_ms=0.012, cudagraph_ms=0.010),
+            bench(entry(shape, "torch"), 0.030, wall_ms=0.040, cudagraph_ms=0.016),
+            *timed_pair((256, 84), 1.2),  # neither time measured
+        ],
+        None,
+    )
+    rows = report.headline_table(run["records"]).splitlines()
+    assert rows[0].endswith("| wall ÷ CUDA graph (tritonbn / torch) |")
+    assert rows[2].endswith("| 1.2 / 2.5 host |")
+    assert rows[3].endswith("| — |")
+    assert report.host_bound(run["records"][0]) is False
+    assert report.host_bound(run["records"][1]) is True
+    assert report.host_bound(run["records"][2]) is None
+
+
 def test_the_cpu_target_is_unchanged_by_a_plan():
     paired = {
         "name": "test_cpu_fallback_against_torch[256x120]",

@@ -88,6 +88,7 @@ def backward_sums_kernel(
     BLOCK_K: tl.constexpr,
     CHANNEL_MAJOR: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr,
     STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -124,7 +125,19 @@ def backward_sums_kernel(
     first = split * BLOCKS_PER_SPLIT
     for i in range(0, BLOCKS_PER_SPLIT):
         offsets, mask = tile_offsets(
-            pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+            pid_k,
+            first + i,
+            R,
+            K,
+            KB,
+            stride_r,
+            stride_k,
+            stride_c,
+            BLOCK_R,
+            BLOCK_K,
+            CHANNEL_MAJOR,
+            INT64,
+            ALIGN,
         )
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         xmu, u = _recompute(
@@ -200,6 +213,7 @@ def backward_dx_kernel(
     BLOCK_K: tl.constexpr,
     CHANNEL_MAJOR: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr,
     STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -235,7 +249,19 @@ def backward_dx_kernel(
     first = split * BLOCKS_PER_SPLIT
     for i in range(0, BLOCKS_PER_SPLIT):
         offsets, mask = tile_offsets(
-            pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+            pid_k,
+            first + i,
+            R,
+            K,
+            KB,
+            stride_r,
+            stride_k,
+            stride_c,
+            BLOCK_R,
+            BLOCK_K,
+            CHANNEL_MAJOR,
+            INT64,
+            ALIGN,
         )
         dz = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if TRAINING or ACTIVATION != NONE:

@@ -52,6 +52,7 @@ def fused_forward_kernel(
     BLOCK_K: tl.constexpr,
     CHANNEL_MAJOR: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RUNNING: tl.constexpr,
@@ -67,7 +68,7 @@ def fused_forward_kernel(
         if pid_k == 0:
             tl.store(counter_ptr, tl.load(counter_ptr) + 1)
     offsets, mask = tile_offsets(
-        pid_k, 0, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+        pid_k, 0, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64, ALIGN
     )
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     count, mean, m2 = tile_welford(x, mask)
@@ -125,6 +126,7 @@ def fused_backward_kernel(
     BLOCK_K: tl.constexpr,
     CHANNEL_MAJOR: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr,
     STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -142,7 +144,7 @@ def fused_backward_kernel(
     # z = act⁻¹(y) and x − mean = (z − b)/a.
     pid_k = tl.program_id(0)
     offsets, mask = tile_offsets(
-        pid_k, 0, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+        pid_k, 0, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64, ALIGN
     )
     mean, invstd, a, b = channel_affine(
         stats_ptr,

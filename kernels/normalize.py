@@ -39,6 +39,7 @@ def normalize_kernel(
     BLOCK_K: tl.constexpr,
     CHANNEL_MAJOR: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr,
     STATS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -66,7 +67,19 @@ def normalize_kernel(
     first = split * BLOCKS_PER_SPLIT
     for i in range(0, BLOCKS_PER_SPLIT):
         offsets, mask = tile_offsets(
-            pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+            pid_k,
+            first + i,
+            R,
+            K,
+            KB,
+            stride_r,
+            stride_k,
+            stride_c,
+            BLOCK_R,
+            BLOCK_K,
+            CHANNEL_MAJOR,
+            INT64,
+            ALIGN,
         )
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         z = (x - mean) * a + b

@@ -10,6 +10,14 @@ Two tilings cover every layout (see ``layout.py``):
 Along grid axis 1 a channel's tiles are split into ``split`` contiguous ranges of
 ``blocks_per_split`` tiles each, so that C × split programs fill the GPU.
 
+A tile's element (r, k) lies at r·stride_r + k·stride_k (+ the channel's stride_c, channel-major).
+Triton tells the compiler which integer arguments are multiples of 16, nothing finer: with
+S = 196 (14×14) or a row of C = 120 channels the compiler cannot prove a run of four fp32 in a
+tile row 16-byte aligned, nor the mask k < K uniform over it, and loads element by element.
+``Geometry.align`` is the power of two those values share, which the kernels make visible to the
+compiler (``tiling.tile_offsets``); it depends on the shape and strides alone, and whether the
+data pointers are 16-byte aligned the compiler learns from Triton's own specialization.
+
 ``KERNEL_PLANS`` is the dispatcher's vocabulary: one entry a plan. ``Tunables`` holds the
 thresholds below (their defaults); a tuning table may give a plan other values for a shape, and
 ``plan_token`` / ``parse_plan`` carry a plan with its tunables as one string (what the dispatcher
@@ -219,6 +227,9 @@ class Geometry:
     blocks_per_split: int
     int64: bool
     num_warps: int
+    # The largest power of two, at most 16, dividing K, stride_r and (channel-major) stride_c when
+    # the key axis is contiguous (stride_k = 1), else 1: rows of `align` elements start aligned.
+    align: int = 1
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -249,6 +260,7 @@ class Geometry:
             "BLOCK_K": self.block_k,
             "CHANNEL_MAJOR": self.channel_major,
             "INT64": self.int64,
+            "ALIGN": self.align,
             "num_warps": self.num_warps,
         }
 
@@ -312,6 +324,7 @@ def geometry(
         blocks_per_split=per_split,
         int64=force_int64 or layout.needs_int64,
         num_warps=_num_warps(block_r * block_k, tunables.num_warps),
+        align=_alignment(keys, stride_r, layout.stride_c if channel_major else 0) if stride_k == 1 else 1,
     )
 
 
@@ -324,6 +337,14 @@ def _split(blocks: int, groups: int, programs: int) -> tuple[int, int]:
     split = min(max(1, programs // groups), blocks)
     per_split = max(cdiv(blocks, split), cdiv(blocks, MAX_GRID_Y))
     return cdiv(blocks, per_split), per_split
+
+
+def _alignment(*values: int) -> int:
+    """The largest power of two, at most 16, that divides every one of ``values``."""
+    align = 16
+    while any(value % align for value in values):
+        align //= 2
+    return align
 
 
 def _fused_column_block(rows: int, channels: int, max_tile: int = FUSED_MAX_TILE) -> tuple[int, int]:

@@ -49,6 +49,7 @@ def stats_kernel(
     BLOCK_K: tl.constexpr,
     CHANNEL_MAJOR: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RUNNING: tl.constexpr,
@@ -71,7 +72,19 @@ def stats_kernel(
     first = split * BLOCKS_PER_SPLIT
     for i in range(0, BLOCKS_PER_SPLIT):
         offsets, mask = tile_offsets(
-            pid_k, first + i, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64
+            pid_k,
+            first + i,
+            R,
+            K,
+            KB,
+            stride_r,
+            stride_k,
+            stride_c,
+            BLOCK_R,
+            BLOCK_K,
+            CHANNEL_MAJOR,
+            INT64,
+            ALIGN,
         )
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         t_count, t_mean, t_m2 = tile_welford(x, mask)

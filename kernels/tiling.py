@@ -1,6 +1,7 @@
 """Triton helpers shared by every kernel: tile addressing, per-channel loads and stores (and the
 per-channel affine coefficients), and the Welford/Chan merges of (count, mean, M2) statistics.
-See ``plans.py`` for the two tilings.
+See ``plans.py`` for the two tilings and the alignment (ALIGN) that ``tile_offsets`` shows the
+compiler.
 """
 
 import triton
@@ -26,9 +27,20 @@ def tile_offsets(
     BLOCK_K: tl.constexpr,
     CHANNEL_MAJOR: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     # Tile `block` of program group `pid_k`: element (r, k) sits at r·stride_r + k·stride_k
     # (+ pid_k·stride_c for the channel-major tiling, whose tiles run over (row block, key block)).
+    if ALIGN > 1 and ALIGN < 16:
+        # K, stride_r and stride_c are multiples of ALIGN (plans.Geometry.align): written as
+        # (v // ALIGN)·ALIGN, the same values, they show the compiler that each run of ALIGN
+        # elements along k starts aligned and lies wholly in or out of the mask, so that it
+        # loads and stores whole vectors. (tl.multiple_of on a function argument is silently
+        # dropped by Triton 3.6 and 3.8; at 16 Triton's own specialization says it.)
+        K = K // ALIGN * ALIGN
+        stride_r = stride_r // ALIGN * ALIGN
+        if CHANNEL_MAJOR:
+            stride_c = stride_c // ALIGN * ALIGN
     if INT64:
         block = tl.cast(block, tl.int64)
     if CHANNEL_MAJOR:

@@ -44,6 +44,7 @@ BLOCKS = {"BLOCK_R": 16, "BLOCK_K": 64, "BLOCK_C": 128}
 # Constexprs with more than two values, and the values to build (code 0 is no activation).
 CHOICES = {
     "ACTIVATION": range(len(ACTIVATIONS) + 1),
+    "ALIGN": (1, 4),
     "STATS": (normalization.RUNNING, normalization.SAVED, normalization.FOLDED),
 }
 KERNELS = (

@@ -427,6 +427,80 @@ def test_programs_that_fold_several_tiles(shape, channels_last, plan, device):
     assert_step_close(got, reference_step(inputs), torch.float32, reduced=_reduced(shape))
 
 
+def _misaligned(t):
+    """A copy of ``t``, strides and all, whose data pointer is one element past a 16-byte
+    boundary (Triton then cannot assume its rows aligned, whatever the strides say)."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = storage[1:].as_strided(t.shape, t.stride()).copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+# (shape, channels_last, plan, Geometry.align): spatial extents and channel counts that are
+# multiples of 2, 4 or 8 but not of 16, so that the kernels show the compiler runs of that many
+# aligned elements (tiling.tile_offsets); ragged batches.
+ALIGNED_CASES = [
+    ((3, 5, 14, 14), False, "split-welford", 4),  # S = 196, ResNet's 14×14
+    ((3, 5, 14, 14), False, "fused-small", 4),
+    ((3, 5, 14, 14), False, "eval", 4),
+    ((5, 3, 7, 2), False, "split-welford", 2),  # S = 14
+    ((37, 12), False, "column-tiled", 4),  # rows of C = 12 (LeNet's 84 and 120 alike)
+    ((9, 24), False, "fused-small", 8),
+    ((3, 12, 3, 5), True, "column-tiled", 4),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("shape, channels_last, plan, align", ALIGNED_CASES)
+def test_aligned_runs(shape, channels_last, plan, align, misaligned, dtype, device):
+    # Whole vectors of `align` elements where the data pointers are 16-byte aligned; with the
+    # input and its gradient one element off a boundary, those two are read element by element
+    # (Triton specializes pointers on their alignment): either way, the reference's results.
+    from tritonbn.kernels.plans import KERNEL_PLANS, geometry
+
+    training = plan != "eval"
+    inputs = make_inputs(shape, dtype, device, channels_last=channels_last)
+    layout = describe(inputs["x"])
+    kernel_plan = KERNEL_PLANS[plan]
+    tiling = geometry(
+        layout,
+        channel_major=kernel_plan.channel_major(layout),
+        sm_count=4,
+        single_tile=kernel_plan.single_tile,
+    )
+    assert tiling.align == align, tiling
+    if misaligned:
+        inputs["x"] = _misaligned(inputs["x"])
+        inputs["grad"] = _misaligned(torch.empty_like(inputs["x"]).copy_(inputs["grad"]))
+        assert not tritonbn.explain(inputs["x"], training=training, backend="triton").copies_input
+    got = run_step(inputs, backend="triton", plan=plan, training=training)
+    want = reference_step(inputs, training=training)
+    assert_step_close(got, want, dtype, reduced=_reduced(shape))
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last, channel_major, align",
+    [
+        ((32, 64, 14, 14), False, True, 4),  # S = 196
+        ((32, 64, 56, 56), False, True, 16),  # S = 3,136: Triton's specialization says it
+        ((32, 64, 7, 7), False, True, 1),  # S = 49
+        ((256, 120), False, False, 8),
+        ((256, 84), False, False, 4),
+        ((256, 84), False, True, 1),  # one element a row
+        ((8, 12, 3, 5), True, False, 4),  # channels_last: rows of C = 12
+        ((8, 12, 3, 5), True, True, 1),  # tiled channel-major: no contiguous run along k
+    ],
+)
+def test_geometry_alignment(shape, channels_last, channel_major, align):
+    from tritonbn.kernels.plans import geometry
+
+    x = torch.empty(shape, device="meta")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert geometry(describe(x), channel_major=channel_major, sm_count=132).align == align
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(
     "shape, channels_last, plan",

@@ -58,10 +58,16 @@ KERNELS = (
 
 
 def build(
-    kernel: triton.JITFunction, constexprs: dict[str, object], data_type: str, ones: tuple[str, ...] = ()
+    kernel: triton.JITFunction,
+    constexprs: dict[str, object],
+    data_type: str,
+    ones: tuple[str, ...] = (),
+    *,
+    aligned: bool = False,
 ) -> triton.compiler.CompiledKernel:
     """Compile ``kernel`` for TARGET with ``constexprs``; the int arguments named in ``ones`` are 1,
-    which Triton's launcher turns into constants (as it does for a unit stride). Returns the
+    which Triton's launcher turns into constants (as it does for a unit stride); with ``aligned``
+    the data pointers are 16-byte aligned, as Triton specializes a fresh tensor's. Returns the
     compiled kernel; raises on a compiler error."""
     absent = {
         ptr for flag, ptrs in OPTIONAL_POINTERS.items() if constexprs.get(flag) is False for ptr in ptrs
@@ -70,7 +76,8 @@ def build(
         absent.add("var_ptr")
     signature: dict[str, str] = {}
     values: dict[str, object] = {}
-    for param in kernel.params:
+    attrs: dict[tuple[int, ...], list[list[object]]] = {}
+    for index, param in enumerate(kernel.params):
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
@@ -85,11 +92,14 @@ def build(
             signature[name] = (
                 f"*{data_type}" if name in DATA_POINTERS else INTEGER_POINTERS.get(name, "*fp32")
             )
+            if aligned and name in DATA_POINTERS:
+                attrs[(index,)] = [["tt.divisibility", 16]]
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
         else:
             signature[name] = "i64" if constexprs.get("INT64") else "i32"
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=values), target=TARGET)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=values, attrs=attrs)
+    return triton.compile(source, target=TARGET)
 
 
 def variants(kernel: triton.JITFunction) -> list[tuple[dict[str, object], str, tuple[str, ...]]]:

@@ -1,6 +1,7 @@
 """Every kernel variant compiles for sm_90 with Triton's real compiler — on a machine without a
 GPU, where the rest of the suite only runs the kernels through the interpreter — and the split
-kernels' ticket protocol reads, in the machine code's PTX, as its memory ordering needs."""
+kernels' ticket protocol reads, in the machine code's PTX, as its memory ordering needs, and
+aligned runs of a tile compile to vector loads and stores."""
 
 from __future__ import annotations
 
@@ -83,3 +84,45 @@ def test_the_ticket_protocol_in_ptx():
         first_load = next(i for i, opcode in enumerate(code) if i > at and opcode.startswith("ld.global"))
         assert "bar.sync" in code[at:first_load], name
         assert not any(opcode.startswith("ld.global.nc") for opcode in code), name
+
+
+# Compiles the normalize kernel, fp32, data pointers 16-byte aligned, unit stride along k and
+# the other integer arguments of no known divisibility (as S = 196 gives), with ALIGN 1 and 4;
+# prints the vector loads and stores of each.
+VECTOR_PTX = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import kernel_build
+from tritonbn.kernels import normalize
+
+kernel = normalize.normalize_kernel
+base = next(c for c, data_type, ones in kernel_build.variants(kernel) if data_type == "fp32" and ones)
+found = {}
+for channel_major in (True, False):
+    for align in (1, 4):
+        constexprs = dict(base, CHANNEL_MAJOR=channel_major, ALIGN=align)
+        ptx = kernel_build.build(kernel, constexprs, "fp32", ("stride_k",), aligned=True).asm["ptx"]
+        found[f"channel-major={channel_major} ALIGN={align}"] = [
+            ptx.count("ld.global.v4"), ptx.count("st.global.v4")
+        ]
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every test compiles the kernels")
+def test_aligned_runs_compile_to_vector_loads():
+    # Triton says only which integer arguments are multiples of 16: with ALIGN = 4 the tiles'
+    # 16-byte runs must still load and store as ld/st.global.v4 (tiling.tile_offsets), and
+    # without it (ALIGN = 1) they cannot.
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    folder = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-c", VECTOR_PTX, str(folder)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    counts = json.loads(result.stdout.splitlines()[-1])
+    for name, (loads, stores) in counts.items():
+        if name.endswith("ALIGN=4"):
+            assert loads > 0 and stores > 0, (name, counts)
+        else:
+            assert loads == 0 and stores == 0, (name, counts)

@@ -450,8 +450,8 @@ ALIGNED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("shape, channels_last, plan, align", ALIGNED_CASES)
 def test_aligned_runs(shape, channels_last, plan, align, misaligned, dtype, device):
     # Whole vectors of `align` elements where the data pointers are 16-byte aligned; with the

@@ -118,10 +118,11 @@ FIRST_TESTS = (
     "tests/test_models.py",
 )
 # Processes the CUDA suite is dealt over. Each compiles its kernels one at a time, and the suite
-# compiles about a thousand kernel variants on a cold Triton cache: bench/suite_compiles.py (its
-# files that launch kernels in-process, under the stand-in driver) counts at least 866, compiled
-# in 127-136 s of a 190-200 s run on the 2-core dev box. The GPU machine has 16 cores: these and
-# the benchmarks' untimed run beside them leave a few for the copying of output.
+# compiles over a thousand kernel variants on a cold Triton cache: bench/suite_compiles.py (its
+# files that launch kernels in-process, under the stand-in driver) counts at least 1,203 (866
+# before the tiles' alignment became a constexpr), compiled in 194 s of a 354 s run on the 2-core
+# dev box, one process: about 100 a shard. The GPU machine has 16 cores: these and the
+# benchmarks' untimed run beside them leave a few for the copying of output.
 TEST_SHARDS = 12
 # Files whose module-scoped fixtures are costly (training runs, process groups of 2 and 3 ranks):
 # each goes whole to one process, which then runs those fixtures once.

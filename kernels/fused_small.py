@@ -22,6 +22,7 @@ from .tiling import (
     merge_lanes,
     store_channel,
     tile_offsets,
+    tile_pointers,
     tile_welford,
 )
 
@@ -70,7 +71,11 @@ def fused_forward_kernel(
     offsets, mask = tile_offsets(
         pid_k, 0, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64, ALIGN
     )
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # The column tiling's per-channel statistics and coefficients are [BLOCK_K] vectors of the
+    # tile's layout: a 16-bit slab takes fp32's (tiling.tile_pointers). Channel-major, they are
+    # scalars, and the hint saves no registers (the backward takes more with it).
+    NARROW: tl.constexpr = not CHANNEL_MAJOR
+    x = tl.load(tile_pointers(x_ptr, offsets, ALIGN, NARROW), mask=mask, other=0.0).to(tl.float32)
     count, mean, m2 = tile_welford(x, mask)
     if CHANNEL_MAJOR:
         count, mean, m2 = merge_lanes(count, mean, m2)
@@ -83,9 +88,10 @@ def fused_forward_kernel(
     if HAS_BIAS:
         y = y + as_row(load_channel(bias_ptr, pid_k, C, BLOCK_K, CHANNEL_MAJOR), CHANNEL_MAJOR)
     if HAS_RESIDUAL:
-        y = y + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        residual = tl.load(tile_pointers(residual_ptr, offsets, ALIGN, NARROW), mask=mask, other=0.0)
+        y = y + residual.to(tl.float32)
     y = activate(y, ACTIVATION, slope)
-    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(tile_pointers(y_ptr, offsets, ALIGN, NARROW), y.to(y_ptr.dtype.element_ty), mask=mask)
     store_channel(save_ptr, mean, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
     store_channel(save_ptr + C, invstd, pid_k, C, BLOCK_K, CHANNEL_MAJOR)
     if HAS_RUNNING:
@@ -146,6 +152,7 @@ def fused_backward_kernel(
     offsets, mask = tile_offsets(
         pid_k, 0, R, K, KB, stride_r, stride_k, stride_c, BLOCK_R, BLOCK_K, CHANNEL_MAJOR, INT64, ALIGN
     )
+    NARROW: tl.constexpr = not CHANNEL_MAJOR  # as in the forward
     mean, invstd, a, b = channel_affine(
         stats_ptr,
         var_ptr,
@@ -160,8 +167,8 @@ def fused_backward_kernel(
         HAS_WEIGHT,
         HAS_BIAS,
     )
-    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(tile_pointers(dy_ptr, offsets, ALIGN, NARROW), mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(tile_pointers(x_ptr, offsets, ALIGN, NARROW), mask=mask, other=0.0).to(tl.float32)
     if FROM_OUTPUT:
         z = activation_inverse(x, ACTIVATION, slope)
         a_safe = tl.where(a == 0.0, 1.0, a)  # padded channels of a column tile have a = 0
@@ -170,10 +177,11 @@ def fused_backward_kernel(
         xmu = tl.where(mask, x - as_row(mean, CHANNEL_MAJOR), 0.0)
         z = xmu * as_row(a, CHANNEL_MAJOR) + as_row(b, CHANNEL_MAJOR)
     if HAS_RESIDUAL:
-        z = z + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        residual = tl.load(tile_pointers(residual_ptr, offsets, ALIGN, NARROW), mask=mask, other=0.0)
+        z = z + residual.to(tl.float32)
     dz = activation_grad(dy, z, ACTIVATION, slope)
     if NEEDS_RESIDUAL:
-        tl.store(dres_ptr + offsets, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+        tl.store(tile_pointers(dres_ptr, offsets, ALIGN, NARROW), dz.to(dres_ptr.dtype.element_ty), mask=mask)
     sum_dz = tl.sum(dz, axis=0)
     sum_dz_xmu = tl.sum(dz * xmu, axis=0)
     if CHANNEL_MAJOR:
@@ -190,7 +198,7 @@ def fused_backward_kernel(
         dx = as_row(a, CHANNEL_MAJOR) * (
             dz - as_row(sum_dz / count, CHANNEL_MAJOR) - xmu * as_row(k_xmu, CHANNEL_MAJOR)
         )
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(tile_pointers(dx_ptr, offsets, ALIGN, NARROW), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 launch_forward = Launcher(fused_forward_kernel)

@@ -18,6 +18,7 @@ from .tiling import (
     merge_lanes,
     store_channel,
     tile_offsets,
+    tile_pointers,
     tile_welford,
 )
 from .workspace import split_workspace
@@ -86,7 +87,7 @@ def stats_kernel(
             INT64,
             ALIGN,
         )
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(tile_pointers(x_ptr, offsets, ALIGN, True), mask=mask, other=0.0).to(tl.float32)
         t_count, t_mean, t_m2 = tile_welford(x, mask)
         count, mean, m2 = chan_merge(count, mean, m2, t_count, t_mean, t_m2)
     if CHANNEL_MAJOR:

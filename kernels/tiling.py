@@ -65,6 +65,24 @@ def tile_offsets(
 
 
 @triton.jit
+def tile_pointers(ptr, offsets, ALIGN: tl.constexpr, NARROW: tl.constexpr):
+    # ptr + offsets for a tile from ``tile_offsets``. With NARROW, a 16-bit tile whose rows run
+    # in aligned runs of 8 or more (ALIGN > 4) is read 4 elements (8 bytes) a thread at a time,
+    # as an fp32 tile is. Triton lays a tile out by its widest vector, 8 16-bit elements a thread
+    # against 4 fp32, and each [BLOCK_K] vector of column statistics reduced from the tile (a
+    # slice of that layout) then holds 8 values a thread where fp32's holds 4: without the hint
+    # the split statistics kernel, whose three such vectors live across its loop, takes 111
+    # registers a thread in bfloat16 against 64 in fp32 (sm_90, Triton 3.8). The hint, a
+    # contiguity of 4 along k (true: ALIGN > 1 only where stride_k = 1), gives the tile fp32's
+    # layout, so that after the cast to fp32 the registers, the reductions and their order are
+    # fp32's. (On the pointers: a hint on the offsets is lost when their adds are folded.)
+    ptrs = ptr + offsets
+    if NARROW and ALIGN > 4 and ptr.dtype.element_ty.primitive_bitwidth < 32 and offsets.shape[1] > 4:
+        ptrs = tl.max_contiguous(ptrs, [1, 4])
+    return ptrs
+
+
+@triton.jit
 def load_channel(ptr, pid_k, K, BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr):
     # The fp32 per-channel value(s) of this program: a scalar (channel-major) or [BLOCK_K].
     # (One return after a static if/else: the compiler type-checks every return it meets.)

@@ -1,7 +1,8 @@
 """Every kernel variant compiles for sm_90 with Triton's real compiler — on a machine without a
 GPU, where the rest of the suite only runs the kernels through the interpreter — and the split
-kernels' ticket protocol reads, in the machine code's PTX, as its memory ordering needs, and
-aligned runs of a tile compile to vector loads and stores."""
+kernels' ticket protocol reads, in the machine code's PTX, as its memory ordering needs,
+aligned runs of a tile compile to vector loads and stores, and a 16-bit tile of the statistics
+kernels takes fp32's register layout."""
 
 from __future__ import annotations
 
@@ -126,3 +127,55 @@ def test_aligned_runs_compile_to_vector_loads():
             assert loads > 0 and stores > 0, (name, counts)
         else:
             assert loads == 0 and stores == 0, (name, counts)
+
+
+# Compiles the kernels that keep [BLOCK_K] vectors of column statistics (the split statistics in
+# both tilings, the fused kernels in the column tiling) with rows in aligned runs of 8 (ALIGN = 8,
+# unit stride along k, data pointers 16-byte aligned), in fp32, bf16 and fp16; prints each one's
+# distributed layouts (the TTGIR's #blocked attributes).
+LAYOUT_TTGIR = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import kernel_build
+from tritonbn.kernels import fused_small, stats
+
+found = {}
+for kernel, channel_major in (
+    (stats.stats_kernel, True),
+    (stats.stats_kernel, False),
+    (fused_small.fused_forward_kernel, False),
+    (fused_small.fused_backward_kernel, False),
+):
+    base = next(c for c, data_type, ones in kernel_build.variants(kernel) if data_type == "bf16")
+    constexprs = dict(base, CHANNEL_MAJOR=channel_major, ALIGN=8)
+    for data_type in ("fp32", "bf16", "fp16"):
+        ttgir = kernel_build.build(kernel, constexprs, data_type, ("stride_k",), aligned=True).asm["ttgir"]
+        layouts = sorted(line for line in ttgir.splitlines() if line.startswith("#blocked"))
+        found.setdefault(f"{kernel.fn.__name__} channel-major={channel_major}", {})[data_type] = layouts
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU every test compiles the kernels")
+def test_half_tiles_take_the_fp32_layout():
+    # Laid out by its widest vector, a 16-bit tile holds 8 elements of a row a thread, and each
+    # column-statistics vector reduced from it 8 values a thread where fp32's holds 4: 111
+    # registers a thread against 64 in the split statistics kernel (sm_90, Triton 3.8).
+    # tiling.tile_pointers reads it 4 at a time, so that after the cast to fp32 the kernel is
+    # the fp32 one, layouts and reduction order included.
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    folder = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-c", LAYOUT_TTGIR, str(folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert len(found) == 4, sorted(found)
+    for name, layouts in found.items():
+        assert any("sizePerThread = [1, 4]" in line for line in layouts["fp32"]), (name, layouts["fp32"])
+        assert layouts["bf16"] == layouts["fp32"], (name, layouts)
+        assert layouts["fp16"] == layouts["fp32"], (name, layouts)

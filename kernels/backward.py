@@ -24,7 +24,15 @@ from .launch import Launcher
 from .normalization import Normalization
 from .occupancy import fitted
 from .plans import Geometry
-from .tiling import affine_rows, as_row, channel_affine, load_channel, store_channel, tile_offsets
+from .tiling import (
+    affine_rows,
+    as_row,
+    channel_affine,
+    load_channel,
+    store_channel,
+    tile_offsets,
+    tile_pointers,
+)
 from .workspace import split_workspace
 
 
@@ -41,11 +49,15 @@ def _recompute(
     ACTIVATION: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     FROM_OUTPUT: tl.constexpr,
+    ALIGN: tl.constexpr,
+    NARROW: tl.constexpr,
 ):
     # (x − mean, u): from the saved input, x − mean and u = (x − mean)·a + b [+ r]; from the
     # saved output (FROM_OUTPUT), z = act⁻¹(y), x − mean = (z − b)/a and u = z. Masked lanes
-    # give x − mean = 0.
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # give x − mean = 0. NARROW (tiling.tile_pointers): the sums kernel, whose [BLOCK_K]
+    # accumulators live across its loop, reads 16-bit tiles in fp32's layout; the elementwise
+    # dx kernel keeps its 16-byte vectors.
+    x = tl.load(tile_pointers(x_ptr, offsets, ALIGN, NARROW), mask=mask, other=0.0).to(tl.float32)
     if FROM_OUTPUT:
         u = activation_inverse(x, ACTIVATION, slope)
         # Padded channels of a column tile have a = 0: divide by 1 there (their lanes are masked).
@@ -54,7 +66,8 @@ def _recompute(
         xmu = tl.where(mask, x - mean, 0.0)
         u = xmu * a + b
     if HAS_RESIDUAL:
-        u = u + tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        residual = tl.load(tile_pointers(residual_ptr, offsets, ALIGN, NARROW), mask=mask, other=0.0)
+        u = u + residual.to(tl.float32)
     return xmu, u
 
 
@@ -139,9 +152,21 @@ def backward_sums_kernel(
             INT64,
             ALIGN,
         )
-        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(tile_pointers(dy_ptr, offsets, ALIGN, True), mask=mask, other=0.0).to(tl.float32)
         xmu, u = _recompute(
-            x_ptr, residual_ptr, offsets, mask, mean, a, b, slope, ACTIVATION, HAS_RESIDUAL, FROM_OUTPUT
+            x_ptr,
+            residual_ptr,
+            offsets,
+            mask,
+            mean,
+            a,
+            b,
+            slope,
+            ACTIVATION,
+            HAS_RESIDUAL,
+            FROM_OUTPUT,
+            ALIGN,
+            True,
         )
         dz = activation_grad(dy, u, ACTIVATION, slope)
         acc_dz += tl.sum(dz, axis=0)
@@ -266,7 +291,19 @@ def backward_dx_kernel(
         dz = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if TRAINING or ACTIVATION != NONE:
             xmu, u = _recompute(
-                x_ptr, residual_ptr, offsets, mask, mean, a, b, slope, ACTIVATION, HAS_RESIDUAL, FROM_OUTPUT
+                x_ptr,
+                residual_ptr,
+                offsets,
+                mask,
+                mean,
+                a,
+                b,
+                slope,
+                ACTIVATION,
+                HAS_RESIDUAL,
+                FROM_OUTPUT,
+                ALIGN,
+                False,
             )
             dz = activation_grad(dz, u, ACTIVATION, slope)
             if NEEDS_RESIDUAL:

@@ -129,20 +129,22 @@ def test_aligned_runs_compile_to_vector_loads():
             assert loads == 0 and stores == 0, (name, counts)
 
 
-# Compiles the kernels that keep [BLOCK_K] vectors of column statistics (the split statistics in
-# both tilings, the fused kernels in the column tiling) with rows in aligned runs of 8 (ALIGN = 8,
-# unit stride along k, data pointers 16-byte aligned), in fp32, bf16 and fp16; prints each one's
-# distributed layouts (the TTGIR's #blocked attributes).
+# Compiles the kernels that keep [BLOCK_K] vectors of column statistics or sums (the split
+# statistics and backward sums in both tilings, the fused kernels in the column tiling) with rows
+# in aligned runs of 8 (ALIGN = 8, unit stride along k, data pointers 16-byte aligned), in fp32,
+# bf16 and fp16; prints each one's distributed layouts (the TTGIR's #blocked attributes).
 LAYOUT_TTGIR = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import kernel_build
-from tritonbn.kernels import fused_small, stats
+from tritonbn.kernels import backward, fused_small, stats
 
 found = {}
 for kernel, channel_major in (
     (stats.stats_kernel, True),
     (stats.stats_kernel, False),
+    (backward.backward_sums_kernel, True),
+    (backward.backward_sums_kernel, False),
     (fused_small.fused_forward_kernel, False),
     (fused_small.fused_backward_kernel, False),
 ):
@@ -174,7 +176,7 @@ def test_half_tiles_take_the_fp32_layout():
     )
     assert result.returncode == 0, result.stderr[-4000:]
     found = json.loads(result.stdout.splitlines()[-1])
-    assert len(found) == 4, sorted(found)
+    assert len(found) == 6, sorted(found)
     for name, layouts in found.items():
         assert any("sizePerThread = [1, 4]" in line for line in layouts["fp32"]), (name, layouts["fp32"])
         assert layouts["bf16"] == layouts["fp32"], (name, layouts)

@@ -8,8 +8,14 @@ and 8 warps fits 3, not 4, and 4·SMs equal programs then take two waves, the se
 full, where 3·SMs programs with a third more work each take one. So before a split kernel's
 first launch on a GPU, :func:`fitted` compiles it (Triton's ``warmup``: no launch), reads its
 registers and shared memory from the loaded kernel and, where fewer programs fit than the plan
-aims at, re-splits the channels' tiles over the programs that do (``Geometry.fitted``). Once a
-launch site: every later launch replays the same grid, so the result stays deterministic.
+aims at, re-splits the channels' tiles over the programs that do (``Geometry.fitted``).
+
+Decided once for a kernel on a tiling and a device, by the first launch site that needs it, and
+kept for every later site with that tiling. The split sets the order in which partial statistics
+merge, so two sites of one tiling that differ only in flags (a module's first call, say, which
+leaves the batch count to Python, and its later ones, which give it to the kernel: a variant with
+other registers) run the same grid and give the same bits; and every later launch replays its
+site's grid.
 
 Without a real GPU (the interpreter, the stand-in driver, whose loaded kernels report no
 registers) the geometry is used as planned.
@@ -89,9 +95,11 @@ def kernel_registers(compiled: Any) -> int:
     return int(getattr(compiled, "n_regs", 0) or 0)
 
 
-# The geometry each (launcher, launch site) runs with, once decided.
+# The geometry each (launcher, launch site) runs with, and each (launcher, planned geometry,
+# device) was fitted to, once decided.
 MAX_FITTED = 4096
 _fitted: dict[tuple[object, Hashable], Geometry] = {}
+_decided: dict[tuple[object, Geometry, torch.device], Geometry] = {}
 
 
 def fitted(
@@ -105,14 +113,22 @@ def fitted(
     """The geometry launch site ``key`` of ``launcher`` (a ``launch.Launcher``) runs with: ``geo``
     re-split to the programs the GPU's SMs hold at once when fewer than ``geo``'s fit, else
     ``geo``. ``args(g)`` are the kernel's runtime arguments on geometry ``g`` and ``meta()`` its
-    constexprs, as the launch will pass them; decided at a site's first call and kept."""
+    constexprs, as the launch will pass them; decided at the first call of the first site with
+    this tiling on ``device``, and kept."""
     found = _fitted.get((launcher, key))
     if found is None:
-        found = _fit(launcher.kernel, geo, device, args, meta)
-        if len(_fitted) >= MAX_FITTED:
-            _fitted.pop(next(iter(_fitted)))
-        _fitted[(launcher, key)] = found
+        found = _decided.get((launcher, geo, device))
+        if found is None:
+            found = _fit(launcher.kernel, geo, device, args, meta)
+            _keep(_decided, (launcher, geo, device), found)
+        _keep(_fitted, (launcher, key), found)
     return found
+
+
+def _keep(cache: dict, key: object, value: Geometry) -> None:
+    if len(cache) >= MAX_FITTED:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
 
 
 def _fit(

@@ -77,6 +77,7 @@ def _spy_launches(monkeypatch) -> list[tuple[launch.Launcher, object, tuple[int,
     launch record replays the grid of its site's first launch, fitted before this test)."""
     monkeypatch.setattr(ops, "_sites", {})
     monkeypatch.setattr(occupancy, "_fitted", {})
+    monkeypatch.setattr(occupancy, "_decided", {})
     calls: list[tuple[launch.Launcher, object, tuple[int, ...]]] = []
     original = launch.Launcher.__call__
 
@@ -113,9 +114,26 @@ def test_refitted_launches_match_reference(shape, channels_last, plan, device, m
     assert len(fits) == len(SPLIT_KERNELS)
 
 
+def test_sites_of_one_tiling_share_the_first_decision(monkeypatch):
+    # Two launch sites of one kernel on one tiling (a module's first call and its later ones run
+    # kernel variants with other registers) must run one grid: the split sets the merge order.
+    monkeypatch.setattr(occupancy, "_fitted", {})
+    monkeypatch.setattr(occupancy, "_decided", {})
+    decisions = iter((2 * 132, 132))
+    monkeypatch.setattr(occupancy, "_fit", lambda kernel, geo, *rest: geo.fitted(next(decisions)))
+    launcher, geo = launch.Launcher(lambda: None), _split_geometry()
+    first = occupancy.fitted(launcher, "first site", geo, DEVICE, tuple, dict)
+    assert first.groups * first.split <= 2 * 132 < geo.groups * geo.split
+    assert occupancy.fitted(launcher, "later site", geo, DEVICE, tuple, dict) is first
+    other = launch.Launcher(lambda: None)  # another kernel decides for itself
+    second = occupancy.fitted(other, "first site", geo, DEVICE, tuple, dict)
+    assert second.groups * second.split <= 132 < first.groups * first.split
+
+
 @pytest.mark.interpreter
 def test_the_interpreter_runs_the_planned_geometry(monkeypatch):
     monkeypatch.setattr(occupancy, "_fitted", {})
+    monkeypatch.setattr(occupancy, "_decided", {})
     geo = _split_geometry()
     key = object()
     assert occupancy.fitted(launch.Launcher(lambda: None), key, geo, DEVICE, tuple, dict) is geo
@@ -123,7 +141,8 @@ def test_the_interpreter_runs_the_planned_geometry(monkeypatch):
 
 # Runs one training step of split-welford with a fused SiLU on a channels_last float32 input under
 # the stand-in driver, with the registers read from each kernel's sm_90 cubin by cuobjdump (the
-# stand-in reports none), and prints each split kernel's launched grid, warps and resources.
+# stand-in reports none), and prints each split kernel's launched grid, warps and resources; then
+# what tune.launches sees of a second step.
 STANDIN_STEP = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -152,9 +171,15 @@ def spy(self, key, grid, args, meta):
 launch.Launcher.__call__ = spy
 x = torch.randn(32, 64, 56, 56).to(memory_format=torch.channels_last).requires_grad_()
 module = tritonbn.BatchNorm2d(64, activation="silu")
-with tritonbn.backend("triton", plan="split-welford"):
-    module(x).sum().backward()
-print(json.dumps(launched))
+
+def step():
+    with tritonbn.backend("triton", plan="split-welford"):
+        module(x).sum().backward()
+
+step()
+first = list(launched)
+again = [{"kernel": kernel.name, "grid": list(grid)} for kernel, grid in tune.launches(step)]
+print(json.dumps({"launched": first, "again": again}))
 """
 
 
@@ -175,7 +200,11 @@ def test_standin_grids_fit_the_compiled_kernels(tmp_path):
         text=True,
         check=True,
     ).stdout
-    launched = {entry["kernel"]: entry for entry in json.loads(out.splitlines()[-1])}
+    found = json.loads(out.splitlines()[-1])
+    # tune.launches (what the GPU benchmarks record of each case) sees the same launches on a
+    # second step, with the C++ glue and the launch records stepping aside for its hook.
+    assert found["again"] == [{"kernel": e["kernel"], "grid": e["grid"]} for e in found["launched"]]
+    launched = {entry["kernel"]: entry for entry in found["launched"]}
     assert sorted(launched) == sorted(SPLIT_KERNELS)
     for entry in launched.values():
         fit = resident_programs(entry["registers"], entry["num_warps"], entry["shared"], SM90)

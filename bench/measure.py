@@ -141,6 +141,38 @@ def user_timings_ms(step: Callable[[], object], device: torch.device, device_ms:
     return timings
 
 
+def triton_launches(step: Callable[[], object], device: torch.device) -> list[dict[str, object]] | None:
+    """What one call of ``step`` launches on a GPU, kernel by kernel, in order: its name, grid,
+    warps, registers a thread and spill bytes (as the driver reports them), shared memory, and
+    the programs one SM holds at once (``kernels/occupancy.py``); None off CUDA. Calls ``step``
+    once more, every launch through Triton's JIT (``tritonbn.tune.launches``)."""
+    if device.type != "cuda":
+        return None
+    from tritonbn.kernels import occupancy
+    from tritonbn.tune import launches
+
+    limits = occupancy.sm_limits(device)
+    found: list[dict[str, object]] = []
+    for compiled, grid in launches(step):
+        registers = int(getattr(compiled, "n_regs", 0) or 0)
+        warps = int(compiled.metadata.num_warps)
+        shared = int(compiled.metadata.shared)
+        found.append(
+            {
+                "kernel": compiled.name,
+                "grid": list(grid),
+                "num_warps": warps,
+                "registers": registers,
+                "spill_bytes": int(getattr(compiled, "n_spills", 0) or 0),
+                "shared": shared,
+                "resident_per_sm": (
+                    occupancy.resident_programs(registers, warps, shared, limits) if registers else None
+                ),
+            }
+        )
+    return found
+
+
 def copy_gbps(device: torch.device) -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read plus bytes written), timed like the
     benchmarks."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from cases import MATRIX, Case, dtype_name
-from measure import pass_bytes, throughput, time_step, user_timings_ms
+from measure import pass_bytes, throughput, time_step, triton_launches, user_timings_ms
 from torch import nn
 
 import tritonbn
@@ -166,3 +166,5 @@ def test_batch_norm(
         benchmark.extra_info.update(ms=median, ms_q1=q1, ms_q3=q3)
         benchmark.extra_info.update(throughput(nbytes, median, copy_bandwidth))
         benchmark.extra_info.update(user_timings_ms(step, device, median))
+        if backend not in ("torch", "reference", "torch.compile"):
+            benchmark.extra_info["launches"] = triton_launches(step, device)

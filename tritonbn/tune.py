@@ -399,28 +399,37 @@ def _jit_kernels() -> tuple[Any, ...]:
 
 
 def launched_kernels(run: Callable[[], object]) -> list[Any]:
-    """The compiled kernels ``run()`` launches (empty under the interpreter): each kernel's JIT
-    ``run`` is wrapped for the call to collect what it returns, and a no-op launch hook makes
-    every launch take the JIT path (``kernels.launch`` skips its records while a hook is in)."""
+    """The compiled kernels ``run()`` launches, each once (empty under the interpreter)."""
+    compiled: dict[int, Any] = {}
+    for kernel, _ in launches(run):
+        compiled.setdefault(id(kernel), kernel)
+    return list(compiled.values())
+
+
+def launches(run: Callable[[], object]) -> list[tuple[Any, tuple[int, ...]]]:
+    """(compiled kernel, grid) of every launch ``run()`` makes, in order (empty under the
+    interpreter): each kernel's JIT ``run`` is wrapped for the call to note what it launches, and
+    a no-op launch hook makes every launch take the JIT path (``kernels.launch`` skips its
+    records, and the C++ glue its replays, while a hook is in)."""
     from triton import knobs
 
-    compiled: dict[int, Any] = {}
+    noted: list[tuple[Any, tuple[int, ...]]] = []
     kernels = _jit_kernels()
 
-    def collecting(original: Callable[..., Any]) -> Callable[..., Any]:
-        def run_and_keep(*args: Any, **kwargs: Any) -> Any:
+    def noting(original: Callable[..., Any]) -> Callable[..., Any]:
+        def run_and_note(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
-            if result is not None and hasattr(result, "asm"):
-                compiled.setdefault(id(result), result)
+            if result is not None and hasattr(result, "asm") and not kwargs.get("warmup"):
+                noted.append((result, tuple(kwargs["grid"])))
             return result
 
-        return run_and_keep
+        return run_and_note
 
     def hook(metadata: Any) -> None:
         return None
 
     for kernel in kernels:
-        kernel.run = collecting(kernel.run)  # an instance attribute over the method
+        kernel.run = noting(kernel.run)  # an instance attribute over the method
     knobs.runtime.launch_enter_hook.add(hook)
     try:
         run()
@@ -428,7 +437,7 @@ def launched_kernels(run: Callable[[], object]) -> list[Any]:
         knobs.runtime.launch_enter_hook.remove(hook)
         for kernel in kernels:
             del kernel.run
-    return list(compiled.values())
+    return noted
 
 
 @dataclass

@@ -144,11 +144,13 @@ def user_timings_ms(step: Callable[[], object], device: torch.device, device_ms:
 def triton_launches(step: Callable[[], object], device: torch.device) -> list[dict[str, object]] | None:
     """What one call of ``step`` launches on a GPU, kernel by kernel, in order: its name, grid,
     warps, registers a thread and spill bytes (as the driver reports them), shared memory, and
-    the programs one SM holds at once (``kernels/occupancy.py``); None off CUDA. Calls ``step``
-    once more, every launch through Triton's JIT (``tritonbn.tune.launches``)."""
-    if device.type != "cuda":
+    the programs one SM holds at once (``kernels/occupancy.py``); None where no Triton kernel
+    launches (the CPU without the stand-in driver, whose kernels report no registers). Calls
+    ``step`` once more, every launch through Triton's JIT (``tritonbn.tune.launches``)."""
+    from tritonbn.kernels import occupancy, runtime
+
+    if device.type != "cuda" and not runtime.launches_cpu_tensors():
         return None
-    from tritonbn.kernels import occupancy
     from tritonbn.tune import launches
 
     limits = occupancy.sm_limits(device)

@@ -167,4 +167,6 @@ def test_batch_norm(
         benchmark.extra_info.update(throughput(nbytes, median, copy_bandwidth))
         benchmark.extra_info.update(user_timings_ms(step, device, median))
         if backend not in ("torch", "reference", "torch.compile"):
-            benchmark.extra_info["launches"] = triton_launches(step, device)
+            launched = triton_launches(step, device)
+            if launched is not None:
+                benchmark.extra_info["launches"] = launched

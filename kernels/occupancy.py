@@ -76,7 +76,9 @@ def sm_limits(device: torch.device) -> SMLimits:
     with the stand-in driver's SM count off the GPU."""
     if device.type != "cuda":
         return SMLimits(stand_in_sm_count(), 65536, 2048, 32, 233472, RESERVED_SHARED)
-    props = torch.cuda.get_device_properties(device.index if device.index is not None else 0)
+    props = torch.cuda.get_device_properties(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
     capability = (props.major, props.minor)
     return SMLimits(
         count=props.multi_processor_count,

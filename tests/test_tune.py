@@ -221,6 +221,40 @@ def test_sweep_drops_and_reports_a_candidate_that_fails_the_reference(tmp_path, 
 
 
 @pytest.mark.interpreter
+def test_sweep_drops_a_candidate_that_launches_what_a_timed_one_launched(tmp_path, monkeypatch):
+    # On a GPU, splits fitted to the programs an SM holds can make two candidates launch the same
+    # kernels on the same grids: the later one is dropped, not timed again.
+    labels = [c.label for c in tune.candidates(TRAIN, 4) if c.label != "torch"]
+    first, twin, other = labels[0], labels[-1], labels[1]
+    launched = {first: (("kernel-a", (3, 4)),), twin: (("kernel-a", (3, 4)),)}
+
+    def screen(case, names, device):
+        (label,) = names
+        return [tune.Screening(label, launches=launched.get(label, ((f"kernel-{label}", (3, 1)),)))]
+
+    monkeypatch.setattr(tune, "screen", screen)
+    calls: list[tuple[str, str]] = []
+    result = tune.run_sweep(
+        600,
+        tmp_path / "t.json",
+        progress=False,
+        timer=timer_from({}, calls),
+        sweep_cases=[TRAIN],
+        identity=FAKE_GPU,
+        screen_candidates=True,
+    )
+    timed = [label for _, label in calls]
+    assert first in timed and other in timed and twin not in timed
+    assert result["dropped"] == [
+        {
+            "case": str(TRAIN),
+            "candidate": twin,
+            "reason": f"launches what {first} launches (the same kernels on the same grids)",
+        }
+    ]
+
+
+@pytest.mark.interpreter
 def test_short_budget_skips_the_grid_from_its_end(tmp_path):
     ticks = iter(range(10_000))
     calls: list[tuple[str, str]] = []

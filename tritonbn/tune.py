@@ -9,7 +9,9 @@ The sweep (``python -m tritonbn.tune --help`` prints this):
   torch here"), then every kernel plan that can run the case with the default tunables, then one
   tunable at a time changed around the defaults (``PLAN_GRID``). Candidates whose launches would
   be identical to an earlier candidate's (same plan, same block sizes, splits and warps) are
-  dropped before anything runs;
+  dropped before anything runs, and on the GPU those whose launches turn out identical once the
+  splits are fitted to the programs an SM holds (``kernels/occupancy.py``: eight programs an SM
+  where only three fit run as three) are dropped before they are timed;
 * **check, then time** — each candidate runs once and its output (and in training its input,
   weight and bias gradients and running statistics) is compared with ``tritonbn.reference`` in
   float64 at the dtype's tolerance; a candidate that fails, raises, or whose compiled kernels
@@ -442,11 +444,13 @@ def launches(run: Callable[[], object]) -> list[tuple[Any, tuple[int, ...]]]:
 
 @dataclass
 class Screening:
-    """What ``screen`` found for one candidate: its kernels' resources and why it is dropped."""
+    """What ``screen`` found for one candidate: its kernels' resources, why it is dropped, and
+    its launches (each compiled kernel's hash with its grid, in order)."""
 
     label: str
     kernels: dict[str, dict[str, int]] = field(default_factory=dict)
     dropped: str | None = None
+    launches: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 def _shared_limit(device: torch.device) -> int:
@@ -471,11 +475,12 @@ def screen(case: Case, labels: Sequence[str], device: torch.device) -> list[Scre
         if label != "torch":
             inputs = _inputs(case, device)
             try:
-                compiled = launched_kernels(_runner(case, label, inputs))
+                launched = launches(_runner(case, label, inputs))
             except Exception as error:  # a compiler or resource error drops the candidate
                 result.dropped = f"does not compile or launch: {type(error).__name__}: {str(error)[:200]}"
-                compiled = []
-            for kernel in compiled:
+                launched = []
+            result.launches = tuple((str(kernel.hash), grid) for kernel, grid in launched)
+            for kernel in {id(kernel): kernel for kernel, _ in launched}.values():
                 name = f"{kernel.name}[w{kernel.metadata.num_warps}]"
                 usage = kernel_resources(kernel)
                 result.kernels[name] = usage
@@ -552,6 +557,7 @@ def run_sweep(
     device: torch.device | None = None,
     identity: tuple[str, tuple[int, int]] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    screen_candidates: bool | None = None,
 ) -> dict[str, Any]:
     """Measure the candidates of every case on the current CUDA GPU and write a tuning table.
 
@@ -567,6 +573,9 @@ def run_sweep(
         device: the device (default the current CUDA device).
         identity: (device name, (major, minor)) written in the table (default the device's).
         clock: the budget's clock.
+        screen_candidates: launch each kernel candidate once before checking and timing it, to
+            drop those whose kernels spill or that launch what a timed one launched (``screen``);
+            default: on CUDA.
 
     Returns:
         The table written (``tritonbn.tuning`` schema 1) with ``"out"`` (the path) added; its
@@ -609,15 +618,26 @@ def run_sweep(
     failures: list[dict[str, str]] = []
     dropped: list[dict[str, str]] = []
     skipped = 0
-    screen_here = device.type == "cuda"
+    if screen_candidates is None:
+        screen_candidates = device.type == "cuda"
+    # Per case, the launches of each timed candidate: a later one that launches the same kernels
+    # on the same grids would only time the same thing twice.
+    timed_launches: dict[Case, dict[tuple[tuple[str, tuple[int, ...]], ...], str]] = {
+        case: {} for case in all_cases
+    }
     try:
         for case, candidate in order:
             if clock() - start >= budget_s:
                 skipped += 1
                 continue
             label = candidate.label
-            if screen_here and label != "torch":
-                reason = screen(case, [label], device)[0].dropped
+            launched: tuple[tuple[str, tuple[int, ...]], ...] = ()
+            if screen_candidates and label != "torch":
+                screening = screen(case, [label], device)[0]
+                reason, launched = screening.dropped, screening.launches
+                twin = timed_launches[case].get(launched) if launched else None
+                if reason is None and twin is not None:
+                    reason = f"launches what {twin} launches (the same kernels on the same grids)"
                 if reason is not None:
                     dropped.append({"case": str(case), "candidate": label, "reason": reason})
                     bar.step(f"{case} {label}: dropped")
@@ -629,6 +649,8 @@ def run_sweep(
                 continue
             run = _runner(case, label, _inputs(case, device))
             timings[case][label] = float(timer(run, case, label))
+            if launched:
+                timed_launches[case][launched] = label
             bar.step(f"{case} {label}")
     finally:
         bar.close()

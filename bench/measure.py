@@ -144,21 +144,24 @@ def user_timings_ms(step: Callable[[], object], device: torch.device, device_ms:
 def triton_launches(step: Callable[[], object], device: torch.device) -> list[dict[str, object]] | None:
     """What one call of ``step`` launches on a GPU, kernel by kernel, in order: its name, grid,
     warps, registers a thread and spill bytes (as the driver reports them), shared memory, and
-    the programs one SM holds at once (``kernels/occupancy.py``); None where no Triton kernel
-    launches (the CPU without the stand-in driver, whose kernels report no registers). Calls
-    ``step`` once more, every launch through Triton's JIT (``tritonbn.tune.launches``)."""
+    the programs one SM holds at once (``kernels/occupancy.py``); None where no compiled Triton
+    kernel launches (the interpreter, the CPU without the stand-in driver, whose kernels report no
+    registers). Calls ``step`` once more, every launch through Triton's JIT
+    (``tritonbn.tune.launches``)."""
     from tritonbn.kernels import occupancy, runtime
 
-    if device.type != "cuda" and not runtime.launches_cpu_tensors():
+    if runtime.interpreted() or (device.type != "cuda" and not runtime.launches_cpu_tensors()):
         return None
     from tritonbn.tune import launches
 
-    limits = occupancy.sm_limits(device)
     found: list[dict[str, object]] = []
     for compiled, grid in launches(step):
         registers = int(getattr(compiled, "n_regs", 0) or 0)
         warps = int(compiled.metadata.num_warps)
         shared = int(compiled.metadata.shared)
+        resident = None
+        if registers:
+            resident = occupancy.resident_programs(registers, warps, shared, occupancy.sm_limits(device))
         found.append(
             {
                 "kernel": compiled.name,
@@ -167,9 +170,7 @@ def triton_launches(step: Callable[[], object], device: torch.device) -> list[di
                 "registers": registers,
                 "spill_bytes": int(getattr(compiled, "n_spills", 0) or 0),
                 "shared": shared,
-                "resident_per_sm": (
-                    occupancy.resident_programs(registers, warps, shared, limits) if registers else None
-                ),
+                "resident_per_sm": resident,
             }
         )
     return found

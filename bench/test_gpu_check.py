@@ -214,3 +214,31 @@ def test_only_names_the_steps_it_can_select(tmp_path, capsys):
     assert stop.value.code == 2
     assert "unknown step(s) trainn" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything is made
+
+
+def test_the_dry_runs_benchmarks_run_timed_and_record_their_cases(tmp_path):
+    # The suite's own CI run disables the timing (--benchmark-disable): the timed path, which
+    # the check takes, runs here on the dry run's selection, as its bench step runs it.
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *gpu_check.BENCH_SUITES,
+            "--benchmark-quiet",
+            f"--benchmark-json={out}",
+            "-k",
+            gpu_check.DRY_RUN_BENCH,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:]
+    timed = [bench for bench in json.loads(out.read_text())["benchmarks"] if bench["extra_info"].get("ms")]
+    assert {bench["extra_info"]["backend"] for bench in timed} >= {"tritonbn", "torch"}

@@ -156,7 +156,7 @@ def triton_launches(step: Callable[[], object], device: torch.device) -> list[di
 
     found: list[dict[str, object]] = []
     for compiled, grid in launches(step):
-        registers = int(getattr(compiled, "n_regs", 0) or 0)
+        registers = occupancy.kernel_registers(compiled)
         warps = int(compiled.metadata.num_warps)
         shared = int(compiled.metadata.shared)
         resident = None

@@ -98,7 +98,8 @@ def kernel_registers(compiled: Any) -> int:
 
 
 # The geometry each (launcher, launch site) runs with, and each (launcher, planned geometry,
-# device) was fitted to, once decided.
+# device) was fitted to, once decided. The decision is the second's; the first holds it under the
+# site's small key, looked up on every launch, where hashing a Geometry would cost.
 MAX_FITTED = 4096
 _fitted: dict[tuple[object, Hashable], Geometry] = {}
 _decided: dict[tuple[object, Geometry, torch.device], Geometry] = {}

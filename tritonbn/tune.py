@@ -402,10 +402,12 @@ def _jit_kernels() -> tuple[Any, ...]:
 
 def launched_kernels(run: Callable[[], object]) -> list[Any]:
     """The compiled kernels ``run()`` launches, each once (empty under the interpreter)."""
-    compiled: dict[int, Any] = {}
-    for kernel, _ in launches(run):
-        compiled.setdefault(id(kernel), kernel)
-    return list(compiled.values())
+    return _distinct(launches(run))
+
+
+def _distinct(launched: Sequence[tuple[Any, tuple[int, ...]]]) -> list[Any]:
+    """The compiled kernels of ``launches``' (kernel, grid) pairs, each once, in launch order."""
+    return list({id(kernel): kernel for kernel, _ in launched}.values())
 
 
 def launches(run: Callable[[], object]) -> list[tuple[Any, tuple[int, ...]]]:
@@ -480,7 +482,7 @@ def screen(case: Case, labels: Sequence[str], device: torch.device) -> list[Scre
                 result.dropped = f"does not compile or launch: {type(error).__name__}: {str(error)[:200]}"
                 launched = []
             result.launches = tuple((str(kernel.hash), grid) for kernel, grid in launched)
-            for kernel in {id(kernel): kernel for kernel, _ in launched}.values():
+            for kernel in _distinct(launched):
                 name = f"{kernel.name}[w{kernel.metadata.num_warps}]"
                 usage = kernel_resources(kernel)
                 result.kernels[name] = usage

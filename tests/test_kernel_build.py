@@ -61,19 +61,28 @@ def _opcodes(ptx: str) -> list[str]:
     return opcodes
 
 
+def _compiled_report(script: str) -> object:
+    """Run ``script`` (one of this file's compiling scripts, given tests/ as its argv[1]) in a
+    process where the kernels compile (TRITON_INTERPRET unset); the JSON of its last line."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU test_deterministic_bits runs the protocol")
 def test_the_ticket_protocol_in_ptx():
     # Each program stores its partials, all its threads meet at a barrier, one thread draws the
     # ticket with a GPU-scope acquire-release atomic add on the int32 counter and shares it
     # through a barrier, and only then are partials read, coherently (no ld.global.nc). The
     # interpreter runs programs one at a time, so only the compiled code can show this.
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    folder = Path(__file__).parent
-    result = subprocess.run(
-        [sys.executable, "-c", TICKET_PTX, str(folder)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    variants = json.loads(result.stdout.splitlines()[-1])
+    variants = _compiled_report(TICKET_PTX)
     assert len(variants) == 6, sorted(variants)  # fp32 in both tilings, bf16 in one, per kernel
     for name, ptx in variants.items():
         code = _opcodes(ptx)
@@ -115,13 +124,7 @@ def test_aligned_runs_compile_to_vector_loads():
     # Triton says only which integer arguments are multiples of 16: with ALIGN = 4 the tiles'
     # 16-byte runs must still load and store as ld/st.global.v4 (tiling.tile_offsets), and
     # without it (ALIGN = 1) they cannot.
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    folder = Path(__file__).parent
-    result = subprocess.run(
-        [sys.executable, "-c", VECTOR_PTX, str(folder)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    counts = json.loads(result.stdout.splitlines()[-1])
+    counts = _compiled_report(VECTOR_PTX)
     for name, (loads, stores) in counts.items():
         if name.endswith("ALIGN=4"):
             assert loads > 0 and stores > 0, (name, counts)
@@ -165,17 +168,7 @@ def test_half_tiles_take_the_fp32_layout():
     # registers a thread against 64 in the split statistics kernel (sm_90, Triton 3.8).
     # tiling.tile_pointers reads it 4 at a time, so that after the cast to fp32 the kernel is
     # the fp32 one, layouts and reduction order included.
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    folder = Path(__file__).parent
-    result = subprocess.run(
-        [sys.executable, "-c", LAYOUT_TTGIR, str(folder)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    found = json.loads(result.stdout.splitlines()[-1])
+    found = _compiled_report(LAYOUT_TTGIR)
     assert len(found) == 6, sorted(found)
     for name, layouts in found.items():
         assert any("sizePerThread = [1, 4]" in line for line in layouts["fp32"]), (name, layouts["fp32"])

@@ -1,6 +1,7 @@
 """Every torch BatchNorm user's path works on tritonbn: BatchNorm3d, the Lazy modules, torchvision's
 FrozenBatchNorm2d, the inputs torch accepts (numpy sizes, eps=0, tensor momentum), explain() on bad
-input, torch.jit.script (a clear refusal), torch.export, and torch's own convert_sync_batchnorm."""
+input, torch.jit.script (a clear refusal), torch.export, and torch's own convert_sync_batchnorm and
+conv/linear-BatchNorm folding."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .helpers import (
     BACKENDS,
     assert_close,
     assert_modules_match,
+    assert_unchanged,
     randomize_state,
     snapshot,
     twin_modules,
@@ -650,3 +652,78 @@ def test_torch_convert_sync_batchnorm_unchanged_without_activation():
     assert [type(m) for m in converted.modules()][1:] == [nn.SyncBatchNorm, nn.Sequential, nn.SyncBatchNorm]
     guarded = nn.SyncBatchNorm.convert_sync_batchnorm
     assert guarded.__doc__ == guarded.__wrapped__.__doc__
+
+
+# ---------------------------------------------------------------------------------------------
+# torch's conv/linear-BatchNorm folding never drops a fused activation silently
+
+
+def _fold_cases() -> dict[str, tuple[object, nn.Module, nn.Module]]:
+    """(torch's folding function, layer, eval BatchNorm with randomized statistics) by name."""
+    torch.manual_seed(0)
+    cases = {
+        "conv-utils": (
+            lambda c, b: nn.utils.fuse_conv_bn_eval(c, b),
+            nn.Conv2d(3, 6, 3),
+            tritonbn.BatchNorm2d(6),
+        ),
+        "conv-fusion": (
+            lambda c, b: nn.utils.fusion.fuse_conv_bn_eval(c, b),
+            nn.Conv1d(3, 6, 3, bias=False),
+            tritonbn.BatchNorm1d(6),
+        ),
+        "conv-transpose": (
+            lambda c, b: nn.utils.fuse_conv_bn_eval(c, b, transpose=True),
+            nn.ConvTranspose3d(3, 6, 2),
+            tritonbn.BatchNorm3d(6),
+        ),
+        "linear": (lambda c, b: nn.utils.fuse_linear_bn_eval(c, b), nn.Linear(5, 6), tritonbn.BatchNorm1d(6)),
+        "ao-fuser": (
+            lambda c, b: torch.ao.quantization.fuser_method_mappings.fuse_conv_bn(False, c, b),
+            nn.Conv2d(3, 6, 1),
+            tritonbn.BatchNorm2d(6),
+        ),
+    }
+    for _, layer, bn in cases.values():
+        layer.eval()
+        randomize_state(bn.eval())
+    return cases
+
+
+INPUTS = {
+    nn.Conv2d: (2, 3, 5, 5),
+    nn.Conv1d: (2, 3, 7),
+    nn.ConvTranspose3d: (2, 3, 2, 3, 2),
+    nn.Linear: (4, 5),
+}
+
+
+TORCH_CLASSES = {
+    tritonbn.BatchNorm1d: nn.BatchNorm1d,
+    tritonbn.BatchNorm2d: nn.BatchNorm2d,
+    tritonbn.BatchNorm3d: nn.BatchNorm3d,
+}
+
+
+@pytest.mark.parametrize("case", list(_fold_cases()))
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_torch_folding_refuses_fused_activation(case, activation):
+    fold, layer, bn = _fold_cases()[case]
+    bn.activation = activation
+    before = snapshot(layer.weight, layer.bias, *bn.parameters(), *bn.buffers())
+    with pytest.raises(ValueError, match=rf"fuses the activation '{activation}'.*bn\.activation = None"):
+        fold(layer, bn)
+    assert_unchanged(before, layer.weight, layer.bias, *bn.parameters(), *bn.buffers())
+
+
+@pytest.mark.parametrize("case", list(_fold_cases()))
+def test_torch_folding_unchanged_without_activation(case):
+    # A tritonbn BatchNorm without activation folds as torch's own does: the same weights, and the
+    # folded layer computes layer → BatchNorm.
+    fold, layer, bn = _fold_cases()[case]
+    torch_bn = TORCH_CLASSES[type(bn)](bn.num_features).eval()
+    torch_bn.load_state_dict(bn.state_dict())
+    folded, expected = fold(layer, bn), fold(layer, torch_bn)
+    assert_unchanged(snapshot(expected.weight, expected.bias), folded.weight, folded.bias)
+    x = torch.randn(INPUTS[type(layer)])
+    assert_close(folded(x), bn(layer(x)), torch.float32, "output", reduced=64)

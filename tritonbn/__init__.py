@@ -6,7 +6,7 @@
 >>> print(tritonbn.explain(torch.randn(8, 6, 24, 24)))  # which backend and kernel plan, and why
 """
 
-from . import reference
+from . import reference, torch_guards  # noqa: F401 (torch_guards installs its guards)
 from .convert import convert
 from .dispatch import BACKENDS, PLANS, Plan, backend, explain
 from .functional import batch_norm

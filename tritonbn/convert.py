@@ -111,8 +111,9 @@ def convert(module: nn.Module, *, fuse_activations: bool = False) -> nn.Module:
     same, and the model computes the same function. Pairs where either module has hooks, the
     BatchNorm is used more than once, already has an activation, or is ``memory_efficient`` and
     the activation cannot be undone from its output, are left unfused. A fused activation lives in
-    the BatchNorm: a tool that folds a BatchNorm into the convolution before it from the
-    statistics alone (``torch.nn.utils.fusion.fuse_conv_bn_eval``) drops it, so fold first.
+    the BatchNorm, where folding it into the layer before for inference cannot keep it:
+    ``torch.nn.utils.fuse_conv_bn_eval`` and ``fuse_linear_bn_eval`` raise a ValueError on such a
+    BatchNorm (``tritonbn.torch_guards``), so fold first, then fuse activations.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert: 'module' must be a torch.nn.Module, got {type(module).__name__}")

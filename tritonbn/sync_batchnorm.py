@@ -10,7 +10,6 @@ one rank, or no initialized process group: the module is a plain ``tritonbn.batc
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -472,46 +471,3 @@ def _convert(module: nn.Module, process_group: Any) -> nn.Module:
     for name, child in module.named_children():
         module.add_module(name, _convert(child, process_group))
     return module
-
-
-def _fused_batchnorms(module: nn.Module) -> list[str]:
-    """Names (``""`` for ``module`` itself) of the BatchNorm layers in ``module`` that carry a fused
-    activation: torch's ``SyncBatchNorm.convert_sync_batchnorm`` would drop it."""
-    return [
-        name
-        for name, sub in module.named_modules()
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and getattr(sub, "activation", None) is not None
-    ]
-
-
-def _guard_torch_conversion() -> None:
-    """Make ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` refuse a model with a tritonbn
-    BatchNorm that fuses an activation, instead of silently returning one without it.
-
-    torch copies the BatchNorm's options and state into its own SyncBatchNorm, which has no
-    activation: the converted model would compute a different function. The guard raises a
-    ValueError naming the layers and ``tritonbn.convert_sync_batchnorm`` (which keeps the
-    activation); every other call goes to torch's conversion unchanged. Installed once, at import.
-    """
-    original = nn.SyncBatchNorm.__dict__["convert_sync_batchnorm"].__func__
-    if getattr(original, "_tritonbn_guard", False):
-        return
-
-    @functools.wraps(original)
-    def convert_sync_batchnorm(cls: type, module: nn.Module, process_group: Any | None = None) -> nn.Module:
-        fused = _fused_batchnorms(module) if isinstance(module, nn.Module) else []
-        if fused:
-            where = ", ".join(repr(name) if name else "the module itself" for name in fused)
-            raise ValueError(
-                "torch.nn.SyncBatchNorm.convert_sync_batchnorm would drop the fused activation of "
-                f"the tritonbn BatchNorm layer(s) {where} (torch's SyncBatchNorm has no "
-                "activation), silently changing what the model computes; use "
-                "tritonbn.convert_sync_batchnorm(module, process_group), which keeps it"
-            )
-        return original(cls, module, process_group)
-
-    convert_sync_batchnorm._tritonbn_guard = True
-    nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(convert_sync_batchnorm)
-
-
-_guard_torch_conversion()

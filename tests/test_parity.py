@@ -6,6 +6,7 @@ conv/linear-BatchNorm folding."""
 from __future__ import annotations
 
 import copy
+import io
 import subprocess
 import sys
 
@@ -618,6 +619,58 @@ def test_export_runs_like_eager(backend, training):
     exported_buffers = dict(exported.named_buffers())
     for name, buffer in eager.named_buffers():
         assert_close(exported_buffers[name], buffer, torch.float32, name)
+
+
+class OnnxBlock(nn.Module):
+    """Conv → BatchNorm2d(silu) → conv → BatchNorm2d(relu, residual) → Linear → BatchNorm1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = tritonbn.BatchNorm2d(4, activation="silu")
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = tritonbn.BatchNorm2d(4, activation="relu")
+        self.fc = nn.Linear(4 * 5 * 5, 6)
+        self.bn3 = tritonbn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.conv1(x))
+        y = self.bn2(self.conv2(y), residual=y)
+        return self.bn3(self.fc(y.flatten(1)))
+
+
+@pytest.mark.filterwarnings(
+    "ignore::UserWarning",
+    "ignore::DeprecationWarning",
+    "ignore::FutureWarning",
+    "ignore::torch.jit.TracerWarning",
+)
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_export_runs_like_eager(backend, dynamo, device):
+    # ONNX has no operator for tritonbn's kernels: both exporters record PyTorch's batch_norm and
+    # the activation (torch.export, which the dynamo exporter traces with, keeps the custom ops).
+    pytest.importorskip("onnxscript")  # the dynamo exporter's; it brings onnx
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    model = OnnxBlock().to(device).eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            randomize_state(module)
+    x = torch.randn(3, 3, 5, 5, device=device)
+    with tritonbn.backend(backend):
+        if dynamo:
+            proto = torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(model, (x,), buffer, dynamo=False)
+            proto = onnx.load_from_string(buffer.getvalue())
+        expected = model(x)
+    domains = {node.domain for node in proto.graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+    (y,) = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.cpu().numpy()})
+    assert_close(torch.from_numpy(y), expected.cpu(), torch.float32, "output", reduced=64)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -311,6 +311,12 @@ _JIT_TRACED = Plan(
     "under torch.jit.trace: the traced graph records PyTorch's own batch_norm, "
     "which TorchScript and ONNX consumers can run",
 )
+_ONNX_EXPORTED = Plan(
+    "torch",
+    None,
+    "under torch.onnx.export: the exported graph records PyTorch's own batch_norm, which ONNX "
+    "has an operator for (it has none for tritonbn's kernels)",
+)
 _FORWARD_AD = Plan(
     "torch",
     None,
@@ -323,6 +329,12 @@ _FUNCTORCH = Plan(
     "inside a torch.func transform (vmap, grad, ...): PyTorch's own batch_norm, "
     "which those transforms support as they document",
 )
+
+
+def onnx_exporting() -> bool:
+    """Whether ``torch.onnx.export`` is tracing (its default dynamo exporter traces with
+    torch.export). Asked only while exporting, so a compiled graph never loads ``torch.onnx``."""
+    return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
 
 
 def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -> Plan:
@@ -350,6 +362,8 @@ def select_plan(x: torch.Tensor, training: bool, *, for_explain: bool = False) -
     )
     shape, strides = x.shape, x.stride()
     if torch.compiler.is_compiling():
+        if requested != "reference" and onnx_exporting():
+            return _ONNX_EXPORTED
         if requested in ("torch", "reference"):
             # No layout facts needed, and none computed: with dynamic=True they are symbolic.
             return _TRACED_REQUESTS[requested, source]

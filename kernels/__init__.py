@@ -24,7 +24,6 @@ _TRITON_ENTRY_POINTS = (
     "forward_eval",
     "forward_site",
     "forward_train",
-    "saved_rows",
 )
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "forward_site",
     "forward_train",
     "interpreted",
-    "saved_rows",
 ]
 
 

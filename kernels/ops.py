@@ -34,7 +34,7 @@ from .normalize import normalize
 from .plans import DEFAULT_TUNABLES, Geometry, KernelPlan, Tunables, geometry, parse_plan
 from .stats import batch_statistics
 
-__all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train", "saved_rows"]
+__all__ = ["backward_eval", "backward_train", "forward_eval", "forward_train"]
 
 
 def _geometries(
@@ -296,12 +296,6 @@ def forward_site(
     if training:
         return site(x, plan, sm_count, force_int64, activation, "train", flags, tensors_key(counter))
     return site(x, _eval_token(plan), sm_count, force_int64, activation, "eval", flags)
-
-
-def saved_rows(plan: str) -> int:
-    """Rows of the per-channel fp32 ``save`` that ``forward_train`` returns for ``plan``: mean and
-    invstd, plus the folded scale and shift on the split plans."""
-    return parse_plan(plan)[0].saved_rows
 
 
 def forward_train(

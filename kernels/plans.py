@@ -388,7 +388,6 @@ class KernelPlan:
     single_tile: bool
     forward_launches: int
     backward_launches: int
-    saved_rows: int
     refusal: Callable[..., str | None]
     preferred: Callable[[Layout, bool], bool]
 
@@ -438,7 +437,6 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
             single_tile=False,
             forward_launches=1,
             backward_launches=2,
-            saved_rows=0,
             refusal=_refuse_training,
             preferred=lambda layout, training: True,
         ),
@@ -450,7 +448,6 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
             single_tile=True,
             forward_launches=1,
             backward_launches=1,
-            saved_rows=2,
             refusal=_refuse_large_slab,
             preferred=lambda layout, training: True,
         ),
@@ -462,7 +459,6 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
             single_tile=False,
             forward_launches=2,
             backward_launches=2,
-            saved_rows=4,
             refusal=_refuse_scattered_rows,
             preferred=lambda layout, training: column_tiling(layout),
         ),
@@ -474,7 +470,6 @@ KERNEL_PLANS: dict[str, KernelPlan] = {
             single_tile=False,
             forward_launches=2,
             backward_launches=2,
-            saved_rows=4,
             refusal=_refuse_unless_training,
             preferred=lambda layout, training: True,
         ),

@@ -73,14 +73,14 @@ def _forward_train(
         negative_slope=negative_slope,
         residual=residual,
     )
-    if plan == RUNTIME_PLAN and save.shape[0] < RUNTIME_SAVED_ROWS:
-        # The fake could not know the plan: every run-time plan returns the same rows.
-        save = torch.cat([save, save.new_zeros((RUNTIME_SAVED_ROWS - save.shape[0], save.shape[1]))])
-    return y, save
+    return y, save[:SAVED_ROWS]
 
 
-# Rows of the save a plan chosen at run time returns: the most any plan saves.
-RUNTIME_SAVED_ROWS = 4
+# The rows of a training forward's save that its backward reads: the mean and invstd (the split
+# plans' folded scale and shift, rows 2 and 3, served their forward's normalize pass). Every plan
+# returns these, so the fake need not know the plan, which under torch.compile is chosen at run
+# time: no copy to a common shape.
+SAVED_ROWS = 2
 
 
 def _resolved(plan: str, x: torch.Tensor, training: bool) -> str:
@@ -93,9 +93,7 @@ def _resolved(plan: str, x: torch.Tensor, training: bool) -> str:
 def _(
     x, weight, bias, running_mean, running_var, momentum, eps, plan, activation, negative_slope, residual=None
 ):
-    rows = RUNTIME_SAVED_ROWS if plan == RUNTIME_PLAN else kernels.saved_rows(plan)
-    save = x.new_empty((rows, x.shape[1]), dtype=torch.float32)
-    return torch.empty_like(x), save
+    return torch.empty_like(x), x.new_empty((SAVED_ROWS, x.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("tritonbn::forward_eval", mutates_args=())

@@ -38,7 +38,8 @@ issue's figures first:
 11. the tuner's sweep (``tritonbn.tune``) into OUTDIR/tuning-table.json.
 
 OUTDIR then holds results.json (bench/results/README.md describes it; copy it to
-bench/results/<gpu>-<date>.json and run bench/render_benchmarks.py), summary.md, tests.log,
+bench/results/<gpu>-<date>.json, run bench/render_benchmarks.py, and bench/tuning_from_results.py with
+--tuned OUTDIR/tuning-table.json for the GPU's packaged tuning table), summary.md, tests.log,
 run.log (the other steps' output), tuning-table.json and three training metrics.json: eight
 files, the most a device call brings back. ``--quick`` trains one epoch and times only float32
 forward+backward. ``--only train-compile,tune`` (any of STEP_NAMES) reruns some steps after a fix.

@@ -574,6 +574,7 @@ def environment(device: torch.device) -> dict[str, object]:
         props = torch.cuda.get_device_properties(device)
         info.update(
             device_name=props.name,
+            capability=[props.major, props.minor],
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             sm_count=props.multi_processor_count,
             l2_cache_mib=round(props.L2_cache_size / 2**20, 1),

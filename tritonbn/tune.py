@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,9 @@ __all__ = [
     "main",
     "run_sweep",
     "screen",
+    "table_document",
+    "table_entry",
+    "write_table",
 ]
 
 SHAPES: tuple[tuple[int, ...], ...] = (
@@ -541,12 +544,52 @@ def default_out(device_name: str) -> Path:
     return user_dir() / f"{slug}.json"
 
 
-def _write(path: Path, table: dict[str, Any]) -> None:
+def write_table(path: Path, table: dict[str, Any]) -> None:
+    """Write ``table`` as JSON to ``path`` atomically (a reader never sees half a table)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
         json.dump(table, tmp, indent=1, sort_keys=False)
         tmp.write("\n")
     os.replace(tmp.name, path)
+
+
+def table_entry(case: Case, measured: Mapping[str, float]) -> dict[str, Any]:
+    """The table entry (``tritonbn.tuning`` schema 1) of ``case`` from its candidates' times in ms,
+    torch's among them: the fastest is the choice (ties: label order)."""
+    best = min(sorted(measured), key=measured.__getitem__)
+    return {
+        "layout": case.layout,
+        "dtype": str(case.dtype).replace("torch.", ""),
+        "mode": case.mode,
+        "shape": list(case.shape),
+        "per_channel": math.prod(case.shape) // case.shape[1],
+        "channels": case.shape[1],
+        "choice": best,
+        "timings_ms": dict(sorted(measured.items())),
+        "torch_ms": measured["torch"],
+        "ratio_to_torch": measured[best] / measured["torch"],
+    }
+
+
+def table_document(
+    identity: tuple[str, tuple[int, int]], sms: int, entries: list[dict[str, Any]], **about: Any
+) -> dict[str, Any]:
+    """A table around ``entries``: schema, the GPU (``identity`` is (name, capability)), the
+    versions of this process, the date, then ``about`` (how it was measured), then the entries."""
+    import triton
+
+    return {
+        "schema": 1,
+        "device": {"name": identity[0], "capability": list(identity[1]), "sm_count": sms},
+        "versions": {
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "tritonbn": tritonbn.__version__,
+        },
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **about,
+        "entries": entries,
+    }
 
 
 def run_sweep(
@@ -656,48 +699,23 @@ def run_sweep(
             bar.step(f"{case} {label}")
     finally:
         bar.close()
-    entries = []
-    for case in all_cases:
-        measured = timings[case]
-        if "torch" not in measured or len(measured) < 2:
-            continue
-        best = min(sorted(measured), key=measured.__getitem__)
-        entries.append(
-            {
-                "layout": case.layout,
-                "dtype": str(case.dtype).replace("torch.", ""),
-                "mode": case.mode,
-                "shape": list(case.shape),
-                "per_channel": math.prod(case.shape) // case.shape[1],
-                "channels": case.shape[1],
-                "choice": best,
-                "timings_ms": dict(sorted(measured.items())),
-                "torch_ms": measured["torch"],
-                "ratio_to_torch": measured[best] / measured["torch"],
-            }
-        )
-    import triton
-
-    table: dict[str, Any] = {
-        "schema": 1,
-        "device": {"name": identity[0], "capability": list(identity[1]), "sm_count": sms},
-        "versions": {
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "tritonbn": tritonbn.__version__,
-        },
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "budget_s": budget_s,
-        "elapsed_s": round(clock() - start, 3),
-        "timer": "triton.testing.do_bench median (ms)" if timer is _do_bench else "injected",
-        "tolerance": {str(k).replace("torch.", ""): v for k, v in TOLERANCE.items()},
-        "entries": entries,
-        "failures": failures,
-        "dropped": dropped,
-        "skipped": skipped,
-    }
+    entries = [
+        table_entry(case, timings[case])
+        for case in all_cases
+        if "torch" in timings[case] and len(timings[case]) >= 2
+    ]
+    table = table_document(
+        identity,
+        sms,
+        entries,
+        budget_s=budget_s,
+        elapsed_s=round(clock() - start, 3),
+        timer="triton.testing.do_bench median (ms)" if timer is _do_bench else "injected",
+        tolerance={str(k).replace("torch.", ""): v for k, v in TOLERANCE.items()},
+    )
+    table.update(failures=failures, dropped=dropped, skipped=skipped)
     path = Path(out) if out is not None else default_out(identity[0])
-    _write(path, table)
+    write_table(path, table)
     return dict(table, out=str(path))
 
 

@@ -1,6 +1,6 @@
 """Host time per BatchNorm layer: what a user waits for in eager mode when the GPU work is short.
 
-    python bench/host_overhead.py [--json OUT] [--repeats 9] [--steps 40]
+    python bench/host_overhead.py [--json OUT] [--repeats 9] [--steps 40] [--compiled]
 
 For each LeNet BatchNorm layer (and conv2 in channels_last), a chain of 8 layers is run forward
 and backward; the host time per layer is the best of ``--repeats`` timings of ``--steps`` steps,
@@ -22,6 +22,10 @@ default on a GPU; ``tritonbn.backend("triton")`` under the stand-in driver), tor
 Besides the layers alone, the "+ sigmoid" rows time the LeNet block as each library runs it:
 tritonbn's BatchNorm with the activation fused (``activation="sigmoid"``), torch's BatchNorm then
 ``nn.Sigmoid``.
+
+With ``--compiled`` it also times tritonbn's chain through ``torch.compile`` in its default mode
+(no CUDA graphs: the compiled graph calls tritonbn's ops, and their host time is paid at every
+call), compiled anew for each layer; on CUDA torch's chain too.
 
 It also counts the kernel launches of each pass and splits one forward into its parts. The
 results go to stdout and, with ``--json``, into a file that ``bench/render_benchmarks.py`` reads.
@@ -169,7 +173,17 @@ def _launches(stand_in: bool) -> Callable[[], int]:
     return lambda: sum(launch_counts().values()) + sum(glue.launch_counts().values())
 
 
-def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
+def _compiled_seconds(
+    chain: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, stand_in: bool, **timing: object
+) -> float:
+    """Seconds a forward+backward step of ``torch.compile(chain)`` takes (default mode), compiled
+    afresh: no earlier layer's graphs or recompile count weigh on it."""
+    torch._dynamo.reset()
+    compiled = torch.compile(chain)
+    return _best_seconds(_on_triton(functools.partial(_step, compiled, x, grad), stand_in), **timing)
+
+
+def measure(repeats: int, steps: int, stand_in: bool, compiled: bool = False) -> dict[str, object]:
     """Time every layer of LAYERS; returns the results as plain data."""
     import tritonbn
     from tritonbn import glue
@@ -194,6 +208,14 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
             steps=steps,
             sync=sync,
         )
+        timings: dict[str, float] = {}
+        if compiled:
+            timing = {"repeats": repeats, "steps": steps, "sync": sync}
+            ours_compiled_s = _compiled_seconds(ours, x, grad, stand_in, **timing)
+            timings["tritonbn_compiled_us"] = ours_compiled_s / CHAIN * 1e6
+            if not stand_in:
+                torch_compiled_s = _compiled_seconds(theirs, x_torch, grad_torch, False, **timing)
+                timings["torch_compiled_us"] = torch_compiled_s / CHAIN * 1e6
         with tritonbn.backend("triton"):
             plan = tritonbn.explain(x.detach()).kernel
             before = launches()
@@ -214,6 +236,7 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
                 "tritonbn_us": ours_s / CHAIN * 1e6,
                 "torch_us": torch_s / CHAIN * 1e6,
                 "ratio": ours_s / torch_s,
+                **timings,
                 "forward_breakdown_us": breakdown,
             }
         )
@@ -221,7 +244,7 @@ def measure(repeats: int, steps: int, stand_in: bool) -> dict[str, object]:
         "datetime": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": _machine(device),
         "what": "host time per BatchNorm layer, forward+backward, chain of 8, best of "
-        f"{repeats} x {steps} steps",
+        f"{repeats} x {steps} steps" + ("; also through torch.compile (default mode)" if compiled else ""),
         "driver": "stand-in CUDA driver (nothing executes)" if stand_in else "CUDA",
         "allocator": f"CPU, freed memory kept (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')})"
         if stand_in
@@ -295,18 +318,28 @@ def report(results: dict[str, object]) -> str:
             f" The glue's launches: {counts['driver']} through the driver itself, "
             f"{counts['triton']} through Triton's launch function."
         )
+    columns = [column for column in COMPILED_COLUMNS if any(column in row for row in results["layers"])]
     lines = [
         head,
         "",
-        "| layer | plan | launches fwd/bwd | tritonbn µs | torch µs | ratio |",
-        "|---|---|---|---|---|---|",
+        "| layer | plan | launches fwd/bwd | tritonbn µs | torch µs | ratio |"
+        + "".join(f" {COMPILED_COLUMNS[column]} |" for column in columns),
+        "|---|---|---|---|---|---|" + "---|" * len(columns),
     ]
     for row in results["layers"]:
+        cells = "".join(f" {row[column]:.1f} |" if column in row else " — |" for column in columns)
         lines.append(
             f"| {row['layer']} | {row['plan']} | {row['launches_forward']}/{row['launches_backward']} "
-            f"| {row['tritonbn_us']:.1f} | {row['torch_us']:.1f} | {row['ratio']:.2f}× |"
+            f"| {row['tritonbn_us']:.1f} | {row['torch_us']:.1f} | {row['ratio']:.2f}× |" + cells
         )
     return "\n".join(lines)
+
+
+# The --compiled timings and their headers.
+COMPILED_COLUMNS = {
+    "tritonbn_compiled_us": "tritonbn compiled µs",
+    "torch_compiled_us": "torch compiled µs",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,14 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--repeats", type=int, default=9, help="timings per layer (best is kept)")
     parser.add_argument("--steps", type=int, default=40, help="steps per timing")
+    parser.add_argument(
+        "--compiled", action="store_true", help="also time the chains through torch.compile (default mode)"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.steps < 1:
         parser.error("--repeats and --steps must be at least 1")
     if os.environ.get(STAND_IN_FLAG):
         standin_cuda.install()
-        results = measure(args.repeats, args.steps, stand_in=True)
+        results = measure(args.repeats, args.steps, stand_in=True, compiled=args.compiled)
     elif torch.cuda.is_available():
-        results = measure(args.repeats, args.steps, stand_in=False)
+        results = measure(args.repeats, args.steps, stand_in=False, compiled=args.compiled)
     else:
         # No CUDA: rerun in a child process that loads the stand-in driver at start-up.
         return standin_cuda.rerun(

@@ -40,8 +40,10 @@ through Triton's real launch path under a stand-in CUDA driver (nothing executes
 own time to each launch; the process keeps freed memory, as CUDA's caching allocator does) and torch runs
 its CPU layer on a tiny tensor, one thread. The "+ sigmoid" rows time LeNet's block: tritonbn's BatchNorm
 with the activation fused against torch's BatchNorm then `nn.Sigmoid`. Each file says whether tritonbn's
-remembered calls ran the C++ glue (`tritonbn/eager.py`). Reproduce: `python bench/host_overhead.py --json
-bench/results/host-overhead/<machine>-<date>-<HHMM>.json`."""
+remembered calls ran the C++ glue (`tritonbn/eager.py`). The "compiled" columns, where a file has them
+(`--compiled`), time the same chain through `torch.compile` in its default mode (no CUDA graphs), compiled
+afresh for each layer: what each call of a compiled graph costs the host. Reproduce: `python
+bench/host_overhead.py [--compiled] --json bench/results/host-overhead/<machine>-<date>-<HHMM>.json`."""
 
 
 def method_section() -> str:

@@ -45,7 +45,35 @@ def _like(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x).copy_(dy)
 
 
-@torch.library.custom_op("tritonbn::forward_train", mutates_args=("running_mean", "running_var"))
+# The ops are declared with torch.library.define and implemented per device type, not with
+# torch.library.custom_op, whose calls go through more Python (its wrappers at the dispatcher's
+# autograd keys, an aliasing check of the outputs) before the implementation: a cost paid at every
+# BatchNorm call of a graph compiled without CUDA graphs. bench/host_overhead.py --compiled, on
+# the stand-in driver: 89-115 µs a layer, forward and backward, against 114-143 with custom_op
+# (bench/results/host-overhead/). The autograd formula lives in TritonBatchNorm: the ops need none.
+torch.library.define(
+    "tritonbn::forward_train",
+    "(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+    "float momentum, float eps, str plan, str? activation, float negative_slope, "
+    "Tensor? residual=None) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "tritonbn::forward_eval",
+    "(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps, "
+    'str? activation, float negative_slope, str plan="eval", Tensor? residual=None) -> Tensor',
+)
+torch.library.define(
+    "tritonbn::backward",
+    "(Tensor grad_output, Tensor x, Tensor? weight, Tensor? bias, Tensor? save, "
+    "Tensor? running_mean, Tensor? running_var, float eps, str plan, str? activation, "
+    "float negative_slope, bool need_input, bool need_weight, bool need_bias, "
+    "Tensor? residual=None, bool need_residual=False, bool from_output=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+)
+# Devices the kernels run on: CUDA, and CPU tensors under Triton's interpreter.
+_KERNEL_DEVICES = ("cpu", "cuda")
+
+
 def _forward_train(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -89,14 +117,16 @@ def _resolved(plan: str, x: torch.Tensor, training: bool) -> str:
     return runtime_plan(x, training) if plan == RUNTIME_PLAN else plan
 
 
-@_forward_train.register_fake
+torch.library.impl("tritonbn::forward_train", _KERNEL_DEVICES, _forward_train)
+
+
+@torch.library.register_fake("tritonbn::forward_train")
 def _(
     x, weight, bias, running_mean, running_var, momentum, eps, plan, activation, negative_slope, residual=None
 ):
     return torch.empty_like(x), x.new_empty((SAVED_ROWS, x.shape[1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("tritonbn::forward_eval", mutates_args=())
 def _forward_eval(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -124,14 +154,16 @@ def _forward_eval(
     )
 
 
-@_forward_eval.register_fake
+torch.library.impl("tritonbn::forward_eval", _KERNEL_DEVICES, _forward_eval)
+
+
+@torch.library.register_fake("tritonbn::forward_eval")
 def _(
     x, weight, bias, running_mean, running_var, eps, activation, negative_slope, plan="eval", residual=None
 ):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("tritonbn::backward", mutates_args=())
 def _backward(
     grad_output: torch.Tensor,
     x: torch.Tensor,
@@ -187,7 +219,10 @@ def _backward(
     return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
 
 
-@_backward.register_fake
+torch.library.impl("tritonbn::backward", _KERNEL_DEVICES, _backward)
+
+
+@torch.library.register_fake("tritonbn::backward")
 def _(
     grad_output,
     x,
@@ -219,8 +254,8 @@ def _(
 
 def _eager() -> bool:
     """Whether to call the kernels directly: not when torch.compile traces the call (it sees the
-    custom ops, whose eager dispatch costs 6–15 µs a call). torch.jit.trace never gets here: the
-    dispatcher gives traced calls to PyTorch's own batch_norm."""
+    custom ops, whose dispatch in eager mode would cost host time at every call). torch.jit.trace
+    never gets here: the dispatcher gives traced calls to PyTorch's own batch_norm."""
     return not torch.compiler.is_compiling()
 
 
@@ -331,7 +366,7 @@ class TritonBatchNorm(torch.autograd.Function):
                         residual=residual,
                     )
         elif training:
-            y, save = _forward_train(
+            y, save = torch.ops.tritonbn.forward_train.default(
                 x,
                 weight,
                 bias,
@@ -345,7 +380,7 @@ class TritonBatchNorm(torch.autograd.Function):
                 residual,
             )
         else:
-            y = _forward_eval(
+            y = torch.ops.tritonbn.forward_eval.default(
                 x, weight, bias, running_mean, running_var, eps, activation, negative_slope, plan, residual
             )
         # Memory-efficient: the output (which the next layer keeps anyway) instead of the input.
@@ -425,7 +460,7 @@ class TritonBatchNorm(torch.autograd.Function):
                     )
             dres = dres[0] if dres else None
         else:
-            dx, dw, db, dres = _backward(
+            dx, dw, db, dres = torch.ops.tritonbn.backward.default(
                 grad_output,
                 x,
                 weight,

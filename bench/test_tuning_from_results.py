@@ -14,7 +14,15 @@ import tuning_from_results
 from tritonbn import dispatch, tune, tuning
 
 RESULTS = Path(__file__).parent / "results"
-GPU = {"device_type": "cuda", "device_name": "Fake GPU 9000", "capability": [9, 0], "sm_count": 132}
+GPU = {
+    "device_type": "cuda",
+    "device_name": "Fake GPU 9000",
+    "capability": [9, 0],
+    "sm_count": 132,
+    "torch": "2.11.0+cu130",
+    "triton": "3.6.0",
+    "tritonbn": "0.1.0",
+}
 
 
 def _template() -> dict:
@@ -74,7 +82,9 @@ def test_each_case_takes_its_fastest_candidate(tmp_path, capsys):
     assert tuning_from_results.main([str(gpu_run(tmp_path, TIMINGS)), "--out", str(out)]) == 0
     loaded = tuning.load_table(out)
     assert (loaded.device, loaded.capability) == ("Fake GPU 9000", (9, 0))
-    entries = by_case(json.loads(out.read_text()))
+    table = json.loads(out.read_text())
+    assert table["versions"] == {"torch": "2.11.0+cu130", "triton": "3.6.0", "tritonbn": "0.1.0"}
+    entries = by_case(table)
     expected = {("train", "nchw", LENET_CONV1), ("train", "2d", FC2), ("eval", "channels_last", CONV2)}
     assert set(entries) == expected
     conv1 = entries["train", "nchw", LENET_CONV1]

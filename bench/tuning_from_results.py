@@ -100,10 +100,12 @@ def build(run: dict, tuned: dict | None = None) -> dict:
         if "torch" in times and len(times) >= 2
     ]
     entries += [entry for entry in benchmarked if _key(entry) not in have]
+    info = report.machine(run)
     return tune.table_document(
         identity,
         sms,
         entries,
+        versions={name: info.get(name) for name in ("torch", "triton", "tritonbn")},
         source={
             "benchmarks": str(run["path"]),
             "benchmarks_date": run.get("datetime"),

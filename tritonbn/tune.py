@@ -572,20 +572,24 @@ def table_entry(case: Case, measured: Mapping[str, float]) -> dict[str, Any]:
 
 
 def table_document(
-    identity: tuple[str, tuple[int, int]], sms: int, entries: list[dict[str, Any]], **about: Any
+    identity: tuple[str, tuple[int, int]],
+    sms: int,
+    entries: list[dict[str, Any]],
+    versions: dict[str, Any] | None = None,
+    **about: Any,
 ) -> dict[str, Any]:
     """A table around ``entries``: schema, the GPU (``identity`` is (name, capability)), the
-    versions of this process, the date, then ``about`` (how it was measured), then the entries."""
-    import triton
+    ``versions`` that measured it (default: this process's torch, Triton and tritonbn), the date,
+    then ``about`` (how it was measured), then the entries."""
+    if versions is None:
+        import triton
 
+        versions = {"torch": torch.__version__, "triton": triton.__version__}
+        versions["tritonbn"] = tritonbn.__version__
     return {
         "schema": 1,
         "device": {"name": identity[0], "capability": list(identity[1]), "sm_count": sms},
-        "versions": {
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "tritonbn": tritonbn.__version__,
-        },
+        "versions": versions,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **about,
         "entries": entries,

@@ -1,6 +1,6 @@
 """Host time per BatchNorm layer: what a user waits for in eager mode when the GPU work is short.
 
-    python bench/host_overhead.py [--json OUT] [--repeats 9] [--steps 40] [--compiled]
+    python bench/host_overhead.py [--json OUT] [--repeats 9] [--steps 40] [--compiled] [--layers LAYER ...]
 
 For each LeNet BatchNorm layer (and conv2 in channels_last), a chain of 8 layers is run forward
 and backward; the host time per layer is the best of ``--repeats`` timings of ``--steps`` steps,
@@ -25,7 +25,8 @@ tritonbn's BatchNorm with the activation fused (``activation="sigmoid"``), torch
 
 With ``--compiled`` it also times tritonbn's chain through ``torch.compile`` in its default mode
 (no CUDA graphs: the compiled graph calls tritonbn's ops, and their host time is paid at every
-call), compiled anew for each layer; on CUDA torch's chain too.
+call), compiled anew for each layer; on CUDA torch's chain too. ``--layers`` times only the named
+rows (``LAYERS``' keys, one argument each).
 
 It also counts the kernel launches of each pass and splits one forward into its parts. The
 results go to stdout and, with ``--json``, into a file that ``bench/render_benchmarks.py`` reads.
@@ -183,8 +184,10 @@ def _compiled_seconds(
     return _best_seconds(_on_triton(functools.partial(_step, compiled, x, grad), stand_in), **timing)
 
 
-def measure(repeats: int, steps: int, stand_in: bool, compiled: bool = False) -> dict[str, object]:
-    """Time every layer of LAYERS; returns the results as plain data."""
+def measure(
+    repeats: int, steps: int, stand_in: bool, compiled: bool = False, layers: list[str] | None = None
+) -> dict[str, object]:
+    """Time the ``layers`` of LAYERS (default: all); returns the results as plain data."""
     import tritonbn
     from tritonbn import glue
 
@@ -194,7 +197,8 @@ def measure(repeats: int, steps: int, stand_in: bool, compiled: bool = False) ->
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     launches = _launches(stand_in)
     rows = []
-    for name, (class_name, shape, channels_last, activation) in LAYERS.items():
+    for name in layers or LAYERS:
+        class_name, shape, channels_last, activation = LAYERS[name]
         channels = shape[1]
         torch_shape = (2, channels, *([2] * (len(shape) - 2))) if stand_in else shape
         ours = _ours(class_name, channels, activation, device)
@@ -350,14 +354,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compiled", action="store_true", help="also time the chains through torch.compile (default mode)"
     )
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="LAYER",
+        help="time only these rows (default: all): " + "; ".join(LAYERS),
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.steps < 1:
         parser.error("--repeats and --steps must be at least 1")
+    unknown = [name for name in args.layers or () if name not in LAYERS]
+    if unknown:
+        parser.error(f"--layers: unknown {unknown}; the layers are: {'; '.join(LAYERS)}")
     if os.environ.get(STAND_IN_FLAG):
         standin_cuda.install()
-        results = measure(args.repeats, args.steps, stand_in=True, compiled=args.compiled)
+        results = measure(args.repeats, args.steps, True, args.compiled, args.layers)
     elif torch.cuda.is_available():
-        results = measure(args.repeats, args.steps, stand_in=False, compiled=args.compiled)
+        results = measure(args.repeats, args.steps, False, args.compiled, args.layers)
     else:
         # No CUDA: rerun in a child process that loads the stand-in driver at start-up.
         return standin_cuda.rerun(

@@ -56,6 +56,27 @@ def test_host_overhead_runs_and_counts_each_plans_launches(tmp_path):
     assert {row["plan"] for row in layers} == {"split-welford", "fused-small"}
 
 
+@pytest.mark.skipif(
+    shutil.which("gcc") is None and not torch.cuda.is_available(),
+    reason="the stand-in CUDA driver is built with gcc",
+)
+def test_compiled_timing_of_chosen_layers(tmp_path):
+    # --compiled times the chain through torch.compile too; --layers keeps the run to one layer.
+    out = tmp_path / "host.json"
+    layer = "fc1 (256,120)"
+    command = [sys.executable, str(SCRIPT), "--repeats", "1", "--steps", "2", "--compiled", "--layers", layer]
+    result = subprocess.run([*command, "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (row,) = json.loads(out.read_text())["layers"]
+    assert row["layer"] == layer and row["tritonbn_compiled_us"] > 0
+    assert ("torch_compiled_us" in row) == torch.cuda.is_available()
+    assert "| tritonbn compiled µs |" in result.stdout
+    refused = subprocess.run(
+        [sys.executable, str(SCRIPT), "--layers", "fc9"], capture_output=True, text=True, timeout=600
+    )
+    assert refused.returncode == 2 and "--layers: unknown ['fc9']" in refused.stderr
+
+
 LAUNCH_SITES = """
 import sys
 sys.path.insert(0, {bench!r})

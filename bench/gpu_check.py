@@ -35,7 +35,11 @@ issue's figures first:
    ragged shapes, the int64 path, vector loads beside a misaligned input), recorded as
    unavailable where the tool is missing;
 10. the LeNet training with ``--bn tritonbn --compile``, the trainer's fastest configuration;
-11. the tuner's sweep (``tritonbn.tune``) into OUTDIR/tuning-table.json.
+11. the tuner's sweep (``tritonbn.tune``) into OUTDIR/tuning-table.json;
+12. the host time per layer through ``torch.compile`` (default mode, no CUDA graphs), tritonbn's
+    against torch's, on one layer of each plan (``bench/host_overhead.py --compiled``): what a
+    compiled graph's host pays per BatchNorm call. Last, since a full check rarely leaves time for
+    it: ``--only host-compiled`` runs it after one.
 
 OUTDIR then holds results.json (bench/results/README.md describes it; copy it to
 bench/results/<gpu>-<date>.json, run bench/render_benchmarks.py, and bench/tuning_from_results.py with
@@ -91,6 +95,8 @@ BUDGETS = {
     "sanitizer": (30, 20),
     "train-compile": (60, 60),
     "tune": (30, 20),
+    # Four chains compiled (tritonbn's and torch's on two layers), then timed.
+    "host-compiled": (60, 40),
 }
 BENCH_WIND_DOWN = 40
 MIN_STEP = 20
@@ -443,6 +449,12 @@ def summary_markdown(results: dict) -> str:
                     if results["host_overhead"]
                     else "not measured"
                 ),
+                "## Host time per layer through torch.compile\n\n"
+                + (
+                    host_overhead.report(results["host_overhead_compiled"])
+                    if results.get("host_overhead_compiled")
+                    else "not measured"
+                ),
                 "## LeNet training\n\n" + report.training_table(results["training"]),
                 "## forward+backward, float32\n\n" + report.headline_table(results["records"]),
             ]
@@ -603,7 +615,9 @@ BENCH_SUITES = (
 )
 # What --only selects: "train" is the LeNet runs with --bn tritonbn and torch, "train-compile"
 # the compiled one (the last steps of a full check are the likeliest to run out of time).
-STEP_NAMES = ("tests", "bench", "train", "host", "sanitizer", "train-compile", "tune")
+STEP_NAMES = ("tests", "bench", "train", "host", "sanitizer", "train-compile", "tune", "host-compiled")
+# The layers the host-compiled step times: one of each plan LeNet runs (split-welford, fused-small).
+COMPILED_HOST_LAYERS = ("conv1 (256,6,24,24)", "fc1 (256,120)")
 # What the dry run times (on the CPU), so that it writes and reads a benchmark JSON as the check does.
 DRY_RUN_BENCH = "forward+backward-256x120"
 
@@ -660,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     log = outdir / "run.log"
     python = sys.executable
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    state: dict[str, object] = {"steps": [], "host": {}, "bench": {}, "training": {}}
+    state: dict[str, object] = {"steps": [], "host": {}, "host_compiled": {}, "bench": {}, "training": {}}
     steps: list[dict] = state["steps"]  # type: ignore[assignment]
 
     def publish() -> str:
@@ -676,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
                 "environment": environment,
                 "steps": steps,
                 "host_overhead": state["host"],
+                "host_overhead_compiled": state["host_compiled"],
                 "training": state["training"],
                 "planned": state["bench"].get("planned", []),
                 "benchmarks": state["bench"].get("benchmarks", []),
@@ -859,6 +874,18 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(skipped("tune", shlex.join(tune_command), "dry run (needs CUDA)"))
     else:
         steps.append(run_step("tune", tune_command, tune_budget, log))
+    publish()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        compiled_json = Path(scratch) / "host-compiled.json"
+        compiled_command = [python, "bench/host_overhead.py", "--compiled", "--layers", *COMPILED_HOST_LAYERS]
+        compiled_command += ["--repeats", "3", "--steps", "10", "--json", str(compiled_json)]
+        if "host-compiled" in args.only:
+            steps.append(run_step("host compiled", compiled_command, budget("host-compiled"), log))
+            if compiled_json.is_file():
+                state["host_compiled"] = json.loads(compiled_json.read_text())
+        else:
+            steps.append(skipped("host compiled", shlex.join(compiled_command), "not selected (--only)"))
     summary = publish()
     print("\n" + summary, flush=True)
     return 0 if all(step["status"].startswith(("ok", "skipped")) for step in steps) else 1

@@ -731,6 +731,16 @@ def _fold_cases() -> dict[str, tuple[object, nn.Module, nn.Module]]:
             tritonbn.BatchNorm3d(6),
         ),
         "linear": (lambda c, b: nn.utils.fuse_linear_bn_eval(c, b), nn.Linear(5, 6), tritonbn.BatchNorm1d(6)),
+        "conv-keywords": (
+            lambda c, b: nn.utils.fuse_conv_bn_eval(conv=c, bn=b, transpose=False),
+            nn.Conv2d(3, 6, 3),
+            tritonbn.BatchNorm2d(6),
+        ),
+        "linear-keywords": (
+            lambda c, b: nn.utils.fusion.fuse_linear_bn_eval(linear=c, bn=b),
+            nn.Linear(5, 6),
+            tritonbn.BatchNorm1d(6),
+        ),
         "ao-fuser": (
             lambda c, b: torch.ao.quantization.fuser_method_mappings.fuse_conv_bn(False, c, b),
             nn.Conv2d(3, 6, 1),

@@ -2,7 +2,7 @@
 
 The autograd Function ``TritonBatchNorm`` calls the kernel entry points directly in eager mode
 (the host time of a small layer is the time a user waits). For ``torch.compile`` and
-``torch.jit.trace`` three custom ops (``torch.ops.tritonbn.*``) wrap the same entry points:
+``torch.export`` three custom ops (``torch.ops.tritonbn.*``) wrap the same entry points:
 ``forward_train`` (which updates the running statistics in place, declared as a mutation),
 ``forward_eval`` and ``backward``. Each has a fake (meta) implementation, so ``torch.compile``
 traces a model that uses tritonbn without graph breaks and without looking inside the Triton
@@ -49,8 +49,9 @@ def _like(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # torch.library.custom_op, whose calls go through more Python (its wrappers at the dispatcher's
 # autograd keys, an aliasing check of the outputs) before the implementation: a cost paid at every
 # BatchNorm call of a graph compiled without CUDA graphs. bench/host_overhead.py --compiled, on
-# the stand-in driver: 89-115 µs a layer, forward and backward, against 114-143 with custom_op
-# (bench/results/host-overhead/). The autograd formula lives in TritonBatchNorm: the ops need none.
+# the stand-in driver: 89-115 µs a layer, forward and backward (bench/results/host-overhead/
+# cpu-standin-2026-11-30-1945.json); the same script on commit 45b4162, whose ops were custom_ops:
+# 114-143. The autograd formula lives in TritonBatchNorm: the ops need none.
 torch.library.define(
     "tritonbn::forward_train",
     "(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "

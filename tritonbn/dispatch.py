@@ -333,7 +333,9 @@ _FUNCTORCH = Plan(
 
 def onnx_exporting() -> bool:
     """Whether ``torch.onnx.export`` is tracing (its default dynamo exporter traces with
-    torch.export). Asked only while exporting, so a compiled graph never loads ``torch.onnx``."""
+    torch.export). Asked only while exporting, so a compiled graph never loads ``torch.onnx``.
+    The exporter traces without dynamo first; should that fail, its strict fallback runs under
+    dynamo, which folds ``is_in_onnx_export()`` to False: that export keeps the custom ops."""
     return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
 
 

@@ -12,6 +12,7 @@ the layers and what to do instead, and leaves every other call to torch unchange
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch.nn.utils
@@ -71,12 +72,18 @@ def _refuse_fused_activation(function: str, bn: object) -> None:
 
 def _guarded_fold(name: str, fold: Any) -> Any:
     """``fold`` (torch's ``fuse_conv_bn_eval`` or ``fuse_linear_bn_eval``), refusing a BatchNorm
-    with a fused activation before it reads anything."""
+    with a fused activation before it reads anything. It takes the arguments ``fold`` takes, by
+    position or by name; ``bn`` is found by ``fold``'s signature."""
+    signature = inspect.signature(fold)
 
     @functools.wraps(fold)
-    def guarded(layer: nn.Module, bn: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    def guarded(*args: Any, **kwargs: Any) -> nn.Module:
+        try:
+            bn = signature.bind(*args, **kwargs).arguments.get("bn")
+        except TypeError:
+            bn = None  # torch's own call raises its own error about the arguments
         _refuse_fused_activation(name, bn)
-        return fold(layer, bn, *args, **kwargs)
+        return fold(*args, **kwargs)
 
     guarded._tritonbn_guard = True
     return guarded

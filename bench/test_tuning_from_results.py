@@ -138,6 +138,20 @@ def test_the_tuners_entries_win_and_the_benchmarks_fill_in(tmp_path):
     assert len(entries) == 3
 
 
+def test_a_candidate_the_tuner_rejected_is_not_chosen_on_the_benchmarks_word(tmp_path):
+    tuned = tmp_path / "tuned.json"
+    case = str(tune.Case(LENET_CONV1, torch.float32, False, True))
+    failure = {"case": case, "candidate": "split-welford", "reason": "output off by 1e-2"}
+    document = tune.table_document(("Fake GPU 9000", (9, 0)), 132, [])
+    tune.write_table(tuned, {**document, "failures": [failure], "dropped": []})
+    out = tmp_path / "table.json"
+    tuning_from_results.main([str(gpu_run(tmp_path, TIMINGS)), "--tuned", str(tuned), "--out", str(out)])
+    table = json.loads(out.read_text())
+    # conv1 keeps torch alone: no entry. The others as without the tuner.
+    assert set(by_case(table)) == {("train", "2d", FC2), ("eval", "channels_last", CONV2)}
+    assert table["failures"] == [failure]
+
+
 @pytest.mark.parametrize(
     ("machine", "message"),
     [

@@ -15,8 +15,9 @@ the automatic dispatcher's run stands for the plan it took (on a GPU with no tab
 first run, that plan with default tunables).
 
 ``--tuned`` names the tuner's table of the same GPU (``bench/gpu_check.py`` writes it as
-``tuning-table.json``): its entries are kept, since the tuner also tried tunables and dropped
-candidates that spill, and the benchmark's fill the cases it did not reach. The device is the
+``tuning-table.json``): its entries are kept whole, since the tuner also tried tunables and checked
+every candidate against float64, and the benchmark's fill the cases it has no entry for, without
+the candidates it rejected there (its ``failures`` and ``dropped``, which the table keeps). The device is the
 benchmark run's; ``--out`` is written atomically, its summary printed.
 """
 
@@ -94,11 +95,17 @@ def build(run: dict, tuned: dict | None = None) -> dict:
         raise SystemExit(f"--tuned measured {tuned['device']['name']!r}, the run {identity[0]!r}")
     entries = list(tuned["entries"]) if tuned is not None else []
     have = {_key(entry) for entry in entries}
-    benchmarked = [
-        tune.table_entry(case, times)
-        for case, times in measured_cases(run["records"]).items()
-        if "torch" in times and len(times) >= 2
-    ]
+    # A candidate the tuner dropped from a case (wrong against the float64 reference, spilling)
+    # is not chosen there on the benchmark's word: its check is the weaker one.
+    rejected = {
+        (item["case"], item["candidate"])
+        for item in (tuned or {}).get("failures", []) + (tuned or {}).get("dropped", [])
+    }
+    benchmarked = []
+    for case, times in measured_cases(run["records"]).items():
+        kept = {label: ms for label, ms in times.items() if (str(case), label) not in rejected}
+        if "torch" in kept and len(kept) >= 2:
+            benchmarked.append(tune.table_entry(case, kept))
     entries += [entry for entry in benchmarked if _key(entry) not in have]
     info = report.machine(run)
     return tune.table_document(
@@ -112,6 +119,8 @@ def build(run: dict, tuned: dict | None = None) -> dict:
             "tuned": None if tuned is None else tuned.get("date"),
         },
         timer="the benchmark suite's device time (median ms); the tuner's entries keep their own",
+        failures=(tuned or {}).get("failures", []),
+        dropped=(tuned or {}).get("dropped", []),
     )
 
 

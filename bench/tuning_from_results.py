@@ -17,8 +17,8 @@ first run, that plan with default tunables).
 ``--tuned`` names the tuner's table of the same GPU (``bench/gpu_check.py`` writes it as
 ``tuning-table.json``): its entries are kept whole, since the tuner also tried tunables and checked
 every candidate against float64, and the benchmark's fill the cases it has no entry for, without
-the candidates it rejected there (its ``failures`` and ``dropped``, which the table keeps). The device is the
-benchmark run's; ``--out`` is written atomically, its summary printed.
+the candidates it rejected there (its ``failures`` and ``dropped``, which the table keeps). The
+device is the benchmark run's; ``--out`` is written atomically, its summary printed.
 """
 
 from __future__ import annotations

@@ -97,10 +97,9 @@ def build(run: dict, tuned: dict | None = None) -> dict:
     have = {_key(entry) for entry in entries}
     # A candidate the tuner dropped from a case (wrong against the float64 reference, spilling)
     # is not chosen there on the benchmark's word: its check is the weaker one.
-    rejected = {
-        (item["case"], item["candidate"])
-        for item in (tuned or {}).get("failures", []) + (tuned or {}).get("dropped", [])
-    }
+    failures = tuned.get("failures", []) if tuned is not None else []
+    dropped = tuned.get("dropped", []) if tuned is not None else []
+    rejected = {(item["case"], item["candidate"]) for item in failures + dropped}
     benchmarked = []
     for case, times in measured_cases(run["records"]).items():
         kept = {label: ms for label, ms in times.items() if (str(case), label) not in rejected}
@@ -119,8 +118,8 @@ def build(run: dict, tuned: dict | None = None) -> dict:
             "tuned": None if tuned is None else tuned.get("date"),
         },
         timer="the benchmark suite's device time (median ms); the tuner's entries keep their own",
-        failures=(tuned or {}).get("failures", []),
-        dropped=(tuned or {}).get("dropped", []),
+        failures=failures,
+        dropped=dropped,
     )
 
 

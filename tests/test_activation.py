@@ -65,7 +65,7 @@ def test_a_nan_comes_through_as_in_torch(activation, slope, plan, device):
     want = reference_step(inputs, **options)
     rtol, atol = TOLERANCES[torch.float32]
     for name in ("y", "dx", "dw", "db", "running_mean", "running_var"):
-        mine, theirs = getattr(got, name).double().cpu(), getattr(want, name)
+        mine, theirs = getattr(got, name).double().cpu(), getattr(want, name).cpu()
         torch.testing.assert_close(
             mine, theirs, rtol=rtol, atol=atol * 8, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}"
         )

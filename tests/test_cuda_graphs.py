@@ -173,7 +173,8 @@ def test_kept_workspace_stays_out_of_a_routed_memory_pool(monkeypatch):
 def test_compiled_with_cuda_graphs_matches_eager():
     # torch.compile(mode="reduce-overhead"): cudagraph trees warm up in their memory pool, then
     # capture and replay; training steps of a split-plan layer match eager, step after step. (One
-    # layer: inductor's compile time counts against the GPU run's budget.)
+    # layer: inductor's compile time counts against the GPU run's budget.) Each step starts from no
+    # gradients: a replay overwrites the graph's outputs, the last step's gradients among them.
     torch.manual_seed(0)
     eager = tritonbn.BatchNorm2d(3, activation="relu").cuda()
     compiled_net = copy.deepcopy(eager)
@@ -181,6 +182,8 @@ def test_compiled_with_cuda_graphs_matches_eager():
     for step in range(5):
         x = torch.randn(16, 3, 20, 20, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
         torch.compiler.cudagraph_mark_step_begin()
+        eager.zero_grad(set_to_none=True)
+        compiled_net.zero_grad(set_to_none=True)
         with tritonbn.backend("triton", plan="split-welford"):
             for model in (compiled, eager):
                 model(x).square().mean().backward()

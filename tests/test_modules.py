@@ -81,6 +81,7 @@ def run_steps(
         assert_modules_match(module, oracle, x, dy, dtype)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("options", [{}, {"momentum": None}], ids=["default", "momentum-None"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_split_plans_over_steps(options, channels_last):

@@ -112,12 +112,17 @@ WALL_MAX_CALLS = 100
 CUDAGRAPH_REP_MS = 20
 
 
-def user_timings_ms(step: Callable[[], object], device: torch.device, device_ms: float) -> dict[str, object]:
+def user_timings_ms(
+    step: Callable[[], object], device: torch.device, device_ms: float, uncapturable: str | None = None
+) -> dict[str, object]:
     """The times a user would recognize, besides the device time ``device_ms`` of ``time_step``
     (CUDA only): ``wall_ms``, the wall-clock time per call of a loop of calls without cache
     flushes, synchronized once (a small layer's host time shows here), and ``cudagraph_ms``, the
     time per call replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: no host time
-    at all; None where the step cannot be captured, with the reason in ``cudagraph_error``)."""
+    at all; None where the step cannot be captured, with the reason in ``cudagraph_error``).
+    ``uncapturable`` says why ``step`` must not be captured at all: a failed capture can leave the
+    process's CUDA state broken (the random generator refuses every later call), so what is known
+    to fail is not tried."""
     if device.type != "cuda":
         return {}
     import time
@@ -134,6 +139,9 @@ def user_timings_ms(step: Callable[[], object], device: torch.device, device_ms:
         torch.cuda.synchronize(device)
         best = min(best, (time.perf_counter() - start) / calls * 1e3)
     timings: dict[str, object] = {"wall_ms": best, "cudagraph_ms": None}
+    if uncapturable is not None:
+        timings["cudagraph_error"] = f"not captured: {uncapturable}"
+        return timings
     try:
         timings["cudagraph_ms"] = float(triton.testing.do_bench_cudagraph(step, rep=CUDAGRAPH_REP_MS))
     except Exception as exc:  # a step that cannot be captured (host synchronization, say)

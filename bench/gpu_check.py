@@ -47,7 +47,8 @@ bench/results/<gpu>-<date>.json, run bench/render_benchmarks.py, and bench/tunin
 run.log (the other steps' output), tuning-table.json and three training metrics.json: eight
 files, the most a device call brings back. ``--quick`` trains one epoch and times only float32
 forward+backward. ``--only train-compile,tune`` (any of STEP_NAMES) reruns some steps after a fix.
-``--dry-run`` rehearses every step on a machine without a GPU: the CPU, a few tests, the
+``--tests-from FILE`` runs the tests FILE lists instead of the whole suite (what a check did not
+reach, say). ``--dry-run`` rehearses every step on a machine without a GPU: the CPU, a few tests, the
 host-overhead benchmark under the stand-in CUDA driver, one training epoch.
 """
 
@@ -373,6 +374,26 @@ def failed_tests(log: Path) -> list[str]:
     return found
 
 
+def listed_tests(path: Path) -> list[str]:
+    """The node ids or files ``path`` lists, one a line (blank lines and ``#`` comments left out)."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def select_listed(collected: list[str], listed: list[str]) -> tuple[list[str], list[str]]:
+    """The ``collected`` node ids that ``listed`` names (an entry names itself, and a file or a test
+    function also every test under it), in collection order; and the entries that name none."""
+    selected: list[str] = []
+    matched: set[str] = set()
+    for node in collected:
+        function = node.split("[", 1)[0]
+        names = [entry for entry in (node, function, node.split("::", 1)[0]) if entry in listed]
+        if names:
+            selected.append(node)
+            matched.update(names)
+    return selected, [entry for entry in listed if entry not in matched]
+
+
 def tests_in_order() -> list[str]:
     """Every test file of the suite, FIRST_TESTS first, the others in pytest's own order."""
     every = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py"))
@@ -606,11 +627,12 @@ def skipped(name: str, command: str, why: str) -> dict[str, object]:
     }
 
 
-# The benchmark suites (bench/conftest.py orders their tests by tier across the files); the
+# The benchmark suites (bench/conftest.py orders their tests by tier across the files, and within a
+# tier by this order: the fused-activation target before the BatchNorm suite's other passes); the
 # other test files under bench/ check the scripts, not the device.
 BENCH_SUITES = (
-    "bench/test_bench_batchnorm.py",
     "bench/test_bench_activation.py",
+    "bench/test_bench_batchnorm.py",
     "bench/test_bench_fusions.py",
 )
 # What --only selects: "train" is the LeNet runs with --bn tritonbn and torch, "train-compile"
@@ -643,6 +665,13 @@ def main(argv: list[str] | None = None) -> int:
         "always run): a rerun after a fix",
     )
     parser.add_argument(
+        "--tests-from",
+        type=Path,
+        metavar="FILE",
+        help="run the tests FILE lists (pytest node ids or files, one a line) instead of the whole "
+        "suite: a rerun of what a check failed or did not reach",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="rehearse every step without a GPU (CPU, few tests, stand-in driver)",
@@ -651,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.only) - set(STEP_NAMES))
     if unknown:
         parser.error(f"--only: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(STEP_NAMES)}")
+    if args.tests_from is not None and not (args.tests_from.is_file() and listed_tests(args.tests_from)):
+        parser.error(f"--tests-from: expected a file listing tests, got {args.tests_from}")
     outdir = args.outdir.resolve()
     if outdir.exists() and any(outdir.iterdir()):
         parser.error(f"{outdir} is not empty")
@@ -763,7 +794,13 @@ def main(argv: list[str] | None = None) -> int:
             # The suite and, beside it, the benchmark suites once each untimed: their checks on
             # this device, and every kernel and compiled graph they need built into the caches,
             # so that the timed run below spends its budget timing.
-            tests = ["tests/test_compat.py"] if args.dry_run else tests_in_order()
+            listed = None if args.tests_from is None else listed_tests(args.tests_from)
+            if listed is not None:
+                # Their files, collected whole: an id pytest does not know (a list made on another
+                # machine, whose torch parametrizes differently) is left out, not fatal to the rest.
+                tests = list(dict.fromkeys(entry.split("::", 1)[0] for entry in listed))
+            else:
+                tests = ["tests/test_compat.py"] if args.dry_run else tests_in_order()
             warm_output = Path(scratch) / "warm.log"
             warm = None
             if "bench" in args.only:
@@ -778,6 +815,9 @@ def main(argv: list[str] | None = None) -> int:
                     warm_output,
                 )
             ids = collect_tests(pytest, tests)
+            missing: list[str] = []
+            if ids is not None and listed is not None:
+                ids, missing = select_listed(ids, listed)
             if ids is None:  # pytest will say why, once
                 tests_step = run_step(
                     "tests", [*pytest, "--maxfail=10", *tests], budget("tests"), outdir / "tests.log"
@@ -788,6 +828,9 @@ def main(argv: list[str] | None = None) -> int:
                 tests_step = run_test_shards(
                     "tests", [*pytest, "--maxfail=10"], shards, budget("tests"), outdir / "tests.log"
                 )
+            if missing:
+                tests_step["not_found"] = missing
+                tests_step["status"] += f"; {len(missing)} listed test(s) not found, left out"
             steps.append(tests_step)
             if warm is not None:
                 _finish([warm], time.monotonic() + WARM_GRACE)

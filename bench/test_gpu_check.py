@@ -139,6 +139,39 @@ def test_whole_files_go_to_one_process():
     assert gpu_check.deal(ids[:1], 4) == [ids[:1]]
 
 
+def test_a_test_list_selects_by_id_function_or_file_and_names_what_it_misses(tmp_path):
+    listing = tmp_path / "rerun.txt"
+    listing.write_text(
+        "# what the check did not reach\nt_a.py::one[2]\n\n"
+        "t_a.py::two  # all its cases\nt_b.py\nt_a.py::gone[x]\n"
+    )
+    listed = gpu_check.listed_tests(listing)
+    assert listed == ["t_a.py::one[2]", "t_a.py::two", "t_b.py", "t_a.py::gone[x]"]
+    collected = [
+        "t_a.py::one[1]",
+        "t_a.py::one[2]",
+        "t_a.py::two[1]",
+        "t_a.py::two[2]",
+        "t_b.py::x",
+        "t_c.py::y",
+    ]
+    assert gpu_check.select_listed(collected, listed) == (
+        ["t_a.py::one[2]", "t_a.py::two[1]", "t_a.py::two[2]", "t_b.py::x"],
+        ["t_a.py::gone[x]"],
+    )
+
+
+def test_a_test_list_must_list_tests(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    for listing in (empty, tmp_path / "missing.txt"):
+        with pytest.raises(SystemExit) as stop:
+            gpu_check.main([str(tmp_path / "out"), "--tests-from", str(listing)])
+        assert stop.value.code == 2
+        assert f"--tests-from: expected a file listing tests, got {listing}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_outcomes_are_summed_over_the_closing_lines_of_a_log(tmp_path):
     log = tmp_path / "tests.log"
     log.write_text(

@@ -361,8 +361,18 @@ def choice(
     if not ranked:
         wanted = f"of plan {forced!r}" if forced else "of the kernels" if not allow_torch else ""
         return "", f"heuristics ({where} has no measured candidate {wanted} that can run this input)"
-    label = ranked[0]
+    label = entry.choice if entry.choice in ranked else ranked[0]
     ms = entry.timings_ms[label]
     torch_ms = entry.timings_ms.get("torch")
+    if label == "torch":
+        kernels = [other for other in ranked if other != "torch"]
+        if not kernels:
+            return label, f"{where}: torch measured {ms:.4g} ms"
+        fastest = kernels[0]
+        kernel_ms = entry.timings_ms[fastest]
+        return label, (
+            f"{where}: torch measured {ms:.4g} ms, the fastest kernel {fastest} "
+            f"{kernel_ms:.4g} ms ({kernel_ms / ms:.2f}x torch's)"
+        )
     ratio = f", {ms / torch_ms:.2f}x torch's {torch_ms:.4g} ms" if torch_ms else ""
     return label, f"{where}: {label} measured {ms:.4g} ms{ratio}"

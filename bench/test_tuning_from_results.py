@@ -31,11 +31,12 @@ def _template() -> dict:
     return next(bench for bench in run["benchmarks"] if "pass" in bench["extra_info"])
 
 
-def gpu_run(tmp_path: Path, timings: list[tuple], machine: dict | None = None) -> Path:
-    """A results file of a GPU run holding ``timings``: (pass, shape, layout, backend, plan, ms)."""
+def gpu_run(tmp_path: Path, timings: list[tuple], machine: dict | None = None, name: str = "gpu-run") -> Path:
+    """A results file of a GPU run holding ``timings``: (pass, shape, layout, backend, plan, ms),
+    optionally followed by the wall clock per call in ms."""
     template = _template()
     benchmarks = []
-    for pass_name, shape, layout, backend, plan, ms in timings:
+    for pass_name, shape, layout, backend, plan, ms, *wall in timings:
         bench = copy.deepcopy(template)
         bench["extra_info"].update(
             {"pass": pass_name, "shape": list(shape), "layout": layout, "dtype": "float32"},
@@ -43,9 +44,11 @@ def gpu_run(tmp_path: Path, timings: list[tuple], machine: dict | None = None) -
             plan=plan,
             ms=ms,
         )
+        if wall:
+            bench["extra_info"]["wall_ms"] = wall[0]
         bench["group"] = f"{pass_name} {shape} {layout}"
         benchmarks.append(bench)
-    path = tmp_path / "gpu-run.json"
+    path = tmp_path / f"{name}.json"
     info = {"tritonbn": {**GPU, **(machine or {})}}
     run = {"machine_info": info, "datetime": "2026-11-30T00:00:00", "benchmarks": benchmarks}
     path.write_text(json.dumps(run))
@@ -115,7 +118,7 @@ def test_the_dispatcher_follows_the_table(tmp_path, monkeypatch):
     try:
         routed = decide(FC2, (84, 1))
         assert (routed.backend, routed.kernel) == ("torch", None)
-        assert "torch measured 0.5 ms" in routed.tuning
+        assert "torch measured 0.5 ms, the fastest kernel fused-small 0.7 ms (1.40x torch's)" in routed.tuning
         kept = decide(LENET_CONV1, (3456, 576, 24, 1))
         assert (kept.backend, kept.kernel) == ("triton", "split-welford")
         assert "0.80x torch's 1 ms" in kept.tuning
@@ -124,18 +127,90 @@ def test_the_dispatcher_follows_the_table(tmp_path, monkeypatch):
         tuning.reload()
 
 
-def test_the_tuners_entries_win_and_the_benchmarks_fill_in(tmp_path):
+def test_the_benchmarks_win_and_the_tuners_entries_fill_in(tmp_path):
     tuned = tmp_path / "tuned.json"
-    case = tune.Case(LENET_CONV1, torch.float32, False, True)
-    conv1 = tune.table_entry(case, {"torch": 1.1, "fused-small": 0.6})
-    tune.write_table(tuned, tune.table_document(("Fake GPU 9000", (9, 0)), 132, [conv1]))
+    conv1 = tune.table_entry(
+        tune.Case(LENET_CONV1, torch.float32, False, True), {"torch": 1.1, "fused-small": 0.6}
+    )
+    other = tune.Case((32, 64, 56, 56), torch.float32, False, True)
+    tune.write_table(
+        tuned,
+        tune.table_document(
+            ("Fake GPU 9000", (9, 0)),
+            132,
+            [conv1, tune.table_entry(other, {"torch": 0.1, "split-welford": 0.2})],
+        ),
+    )
     out = tmp_path / "table.json"
     run = gpu_run(tmp_path, TIMINGS, machine={"capability": None})
     tuning_from_results.main([str(run), "--tuned", str(tuned), "--out", str(out)])
     entries = by_case(json.loads(out.read_text()))
-    assert entries["train", "nchw", LENET_CONV1]["choice"] == "fused-small"
+    assert entries["train", "nchw", LENET_CONV1]["choice"] == "split-welford"
+    assert entries["train", "nchw", other.shape]["choice"] == "torch"
     assert entries["train", "2d", FC2]["choice"] == "torch"
-    assert len(entries) == 3
+    assert len(entries) == 4
+
+
+def test_the_wall_clock_decides_and_several_runs_give_medians(tmp_path):
+    # fc2: torch's device events are faster, but a caller waits longer for it: the wall clock wins.
+    first = [
+        ("forward+backward", FC2, "contiguous", "torch", None, 0.05, 0.30),
+        ("forward+backward", FC2, "contiguous", "tritonbn", "fused-small", 0.10, 0.20),
+        ("forward+backward", LENET_CONV1, "contiguous", "torch", None, 1.0, 1.0),
+        ("forward+backward", LENET_CONV1, "contiguous", "tritonbn", "split-welford", 0.5, 0.9),
+    ]
+    second = [
+        ("forward+backward", FC2, "contiguous", "torch", None, 0.05, 0.20),
+        ("forward+backward", FC2, "contiguous", "tritonbn", "fused-small", 0.10, 0.30),
+        ("forward+backward", LENET_CONV1, "contiguous", "torch", None, 1.0, 1.0),
+        ("forward+backward", LENET_CONV1, "contiguous", "tritonbn", "split-welford", 0.5, 1.3),
+    ]
+    third = [("forward+backward", FC2, "contiguous", "tritonbn", "fused-small", 0.10, 0.21)]
+    runs = [gpu_run(tmp_path, timings, name=f"run{n}") for n, timings in enumerate((first, second, third))]
+    out = tmp_path / "table.json"
+    tuning_from_results.main([*map(str, runs), "--out", str(out)])
+    table = json.loads(out.read_text())
+    entries = by_case(table)
+    # fc2: torch's median 0.25 ms against fused-small's 0.21 (of 0.20, 0.30, 0.21).
+    assert entries["train", "2d", FC2]["timings_ms"] == pytest.approx({"torch": 0.25, "fused-small": 0.21})
+    assert entries["train", "2d", FC2]["choice"] == "fused-small"
+    # conv1: split-welford's median 1.1 ms against torch's 1.0.
+    assert entries["train", "nchw", LENET_CONV1]["choice"] == "torch"
+    assert table["source"]["benchmarks"] == [str(run) for run in runs]
+
+
+def test_another_plan_replaces_the_dispatchers_own_only_beyond_the_noise(tmp_path):
+    noise = tuning_from_results.NOISE
+    timings = [
+        # fc2: split-welford within the noise of the automatic fused-small: fused-small stays.
+        ("forward+backward", FC2, "contiguous", "torch", None, 1.0),
+        ("forward+backward", FC2, "contiguous", "tritonbn", "fused-small", 0.5 * (1 + noise / 2)),
+        ("forward+backward", FC2, "contiguous", "split-welford", "split-welford", 0.5),
+        # conv2: split-welford beyond it: chosen.
+        ("forward+backward", CONV2, "contiguous", "torch", None, 1.0),
+        ("forward+backward", CONV2, "contiguous", "tritonbn", "fused-small", 0.5 * (1 + 2 * noise)),
+        ("forward+backward", CONV2, "contiguous", "split-welford", "split-welford", 0.5),
+        # conv1: torch faster by less than the noise still wins: no case slower than torch.
+        ("forward+backward", LENET_CONV1, "contiguous", "torch", None, 1.0),
+        ("forward+backward", LENET_CONV1, "contiguous", "tritonbn", "split-welford", 1.0 + noise / 2),
+    ]
+    out = tmp_path / "table.json"
+    tuning_from_results.main([str(gpu_run(tmp_path, timings)), "--out", str(out)])
+    entries = by_case(json.loads(out.read_text()))
+    fc2 = entries["train", "2d", FC2]
+    assert fc2["choice"] == "fused-small" and fc2["ratio_to_torch"] == pytest.approx(0.5 * (1 + noise / 2))
+    assert entries["train", "nchw", CONV2]["choice"] == "split-welford"
+    assert entries["train", "nchw", LENET_CONV1]["choice"] == "torch"
+
+
+def test_runs_of_different_gpus_make_no_table(tmp_path):
+    runs = [
+        gpu_run(tmp_path, TIMINGS, name="a"),
+        gpu_run(tmp_path, TIMINGS, {"device_name": "Other"}, name="b"),
+    ]
+    with pytest.raises(SystemExit, match="different GPUs"):
+        tuning_from_results.main([*map(str, runs), "--out", str(tmp_path / "t.json")])
+    assert not (tmp_path / "t.json").exists()
 
 
 def test_a_candidate_the_tuner_rejected_is_not_chosen_on_the_benchmarks_word(tmp_path):

@@ -1,30 +1,41 @@
-"""A tuning table from a GPU benchmark run: each benchmarked case takes what ran fastest there.
+"""A tuning table from GPU benchmark runs: each benchmarked case takes what ran fastest there.
 
-    python bench/tuning_from_results.py RESULTS.json [--tuned TABLE.json] --out TABLE.json
+    python bench/tuning_from_results.py RESULTS.json [RESULTS.json ...] [--tuned TABLE.json] --out TABLE.json
 
 The BatchNorm suite (``bench/test_bench_batchnorm.py``) times every case (shape, dtype, memory
 format) on torch's own module and on each Triton plan that can run it, forward+backward and eval:
-the candidates a tuning table chooses among, timed the way ``tritonbn-tune`` times them (device
-events, median). Each case with torch and at least one plan timed becomes an entry of the table
-(``tritonbn.tuning``, schema 1): forward+backward gives the training entry, eval the eval one, and
-the choice is the fastest, torch included. So a case where torch measured faster runs torch's own
-batch_norm under ``auto`` once the table is installed, and ``explain()`` quotes the two timings.
+the candidates a tuning table chooses among. Each case with torch and at least one plan timed
+becomes an entry of the table (``tritonbn.tuning``, schema 1): forward+backward gives the training
+entry, eval the eval one, and the choice is the fastest, torch included. So a case where torch
+measured faster runs torch's own batch_norm under ``auto`` once the table is installed, and
+``explain()`` quotes the two timings.
+
+Fastest by the wall clock per call (``wall_ms``: a loop of module calls, synchronized once), what
+an eager caller waits for: on a small layer that is the host's time, which the device events
+(``ms``) only partly see (they start once the L2 flush before each run is done, and on the H200,
+2026-11-30, a LeNet layer's event time moved by a third between two runs). A record without a wall
+clock (an older file) counts by ``ms``. Given several runs of the same GPU, each candidate's time is
+its median over the runs that timed it.
+
+A Triton plan other than the one the dispatcher took on its own is chosen only where it ran faster by
+more than NOISE: on a host-bound layer, two runs of the same call differ by that much.
 
 A plan's timing is its forced run; where the budget of the run stopped before the forced plans,
 the automatic dispatcher's run stands for the plan it took (on a GPU with no table yet, as on the
 first run, that plan with default tunables).
 
 ``--tuned`` names the tuner's table of the same GPU (``bench/gpu_check.py`` writes it as
-``tuning-table.json``): its entries are kept whole, since the tuner also tried tunables and checked
-every candidate against float64, and the benchmark's fill the cases it has no entry for, without
-the candidates it rejected there (its ``failures`` and ``dropped``, which the table keeps). The
-device is the benchmark run's; ``--out`` is written atomically, its summary printed.
+``tuning-table.json``): its entries fill the cases no run benchmarked (the benchmarks time the
+modules as a caller runs them, the tuner its own harness by device events), and a candidate it
+rejected for a case (its ``failures`` and ``dropped``, which the table keeps) is not chosen there.
+The device is the runs'; ``--out`` is written atomically, its summary printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,6 +46,8 @@ from tritonbn import PLANS, tune, tuning
 
 # The benchmark's pass → the table's mode.
 MODES = {"forward+backward": True, "eval": False}
+# How much faster than the dispatcher's own plan another Triton plan must run to be chosen instead.
+NOISE = 0.10
 
 
 def _case(record: dict) -> tune.Case:
@@ -43,25 +56,61 @@ def _case(record: dict) -> tune.Case:
     return tune.Case(tuple(record["shape"]), dtype, channels_last, MODES[record["pass"]])
 
 
-def measured_cases(records: list[dict]) -> dict[tune.Case, dict[str, float]]:
+def _time(record: dict) -> float:
+    """The time a benchmark record counts by: its wall clock per call where recorded, else ``ms``."""
+    return float(record.get("wall_ms") or record["ms"])
+
+
+def automatic_plans(runs: list[dict]) -> dict[tune.Case, str]:
+    """Per case, the Triton plan the dispatcher took on its own (in the newest run that timed it)."""
+    return {
+        _case(record): record["plan"]
+        for run in runs
+        for record in run["records"]
+        if record.get("pass") in MODES and record["backend"] == "tritonbn" and record.get("plan") in PLANS
+    }
+
+
+def choose(times: dict[str, float], automatic: str | None) -> str:
+    """The fastest of ``times``, but the dispatcher's own plan ``automatic`` over another Triton
+    plan that is not faster by more than NOISE."""
+    best = min(sorted(times), key=times.__getitem__)
+    if (
+        best not in ("torch", automatic)
+        and automatic in times
+        and times[automatic] <= (1 + NOISE) * times[best]
+    ):
+        return automatic
+    return best
+
+
+def measured_cases(runs: list[dict]) -> dict[tune.Case, dict[str, float]]:
     """Per case, the milliseconds of torch and of each Triton plan (its forced run, else the
-    automatic dispatcher's run of it), from the BatchNorm suite's ``records``."""
-    forced: dict[tune.Case, dict[str, float]] = {}
-    automatic: dict[tune.Case, dict[str, float]] = {}
-    for record in records:
-        if record.get("pass") not in MODES:
-            continue
-        backend = record["backend"]
-        if backend == "torch":
-            forced.setdefault(_case(record), {})["torch"] = float(record["ms"])
-        elif backend in PLANS and record.get("plan") == backend:
-            forced.setdefault(_case(record), {})[backend] = float(record["ms"])
-        elif backend == "tritonbn" and record.get("plan") in PLANS:
-            automatic.setdefault(_case(record), {})[record["plan"]] = float(record["ms"])
-    for case, plans in automatic.items():
-        for plan, ms in plans.items():
-            forced.setdefault(case, {}).setdefault(plan, ms)
-    return forced
+    automatic dispatcher's run of it), from the BatchNorm suite's records of ``runs``: per run as
+    :func:`_time` reads them, then the median over the runs."""
+    times: dict[tune.Case, dict[str, list[float]]] = {}
+    for run in runs:
+        forced: dict[tune.Case, dict[str, float]] = {}
+        automatic: dict[tune.Case, dict[str, float]] = {}
+        for record in run["records"]:
+            if record.get("pass") not in MODES:
+                continue
+            backend = record["backend"]
+            if backend == "torch":
+                forced.setdefault(_case(record), {})["torch"] = _time(record)
+            elif backend in PLANS and record.get("plan") == backend:
+                forced.setdefault(_case(record), {})[backend] = _time(record)
+            elif backend == "tritonbn" and record.get("plan") in PLANS:
+                automatic.setdefault(_case(record), {})[record["plan"]] = _time(record)
+        for case, plans in automatic.items():
+            for plan, ms in plans.items():
+                forced.setdefault(case, {}).setdefault(plan, ms)
+        for case, labels in forced.items():
+            for label, ms in labels.items():
+                times.setdefault(case, {}).setdefault(label, []).append(ms)
+    return {
+        case: {label: statistics.median(ms) for label, ms in labels.items()} for case, labels in times.items()
+    }
 
 
 def _device(run: dict, tuned: dict | None) -> tuple[tuple[str, tuple[int, int]], int]:
@@ -87,37 +136,42 @@ def _key(entry: dict) -> tuple:
     return entry["layout"], entry["dtype"], entry["mode"], tuple(entry["shape"])
 
 
-def build(run: dict, tuned: dict | None = None) -> dict:
-    """The table (``tritonbn.tuning`` schema 1) of the benchmark ``run`` (``report.load``), the
-    entries of ``tuned`` (a table of the same GPU) first."""
-    identity, sms = _device(run, tuned)
+def build(runs: list[dict], tuned: dict | None = None) -> dict:
+    """The table (``tritonbn.tuning`` schema 1) of the benchmark ``runs`` (``report.load``, one GPU),
+    with the entries of ``tuned`` (a table of the same GPU) for the cases they did not time."""
+    identities = {_device(run, tuned) for run in runs}
+    if len(identities) > 1:
+        raise SystemExit(f"the runs measured different GPUs: {sorted(identities)}")
+    identity, sms = identities.pop()
     if tuned is not None and tuned["device"]["name"] != identity[0]:
-        raise SystemExit(f"--tuned measured {tuned['device']['name']!r}, the run {identity[0]!r}")
-    entries = list(tuned["entries"]) if tuned is not None else []
-    have = {_key(entry) for entry in entries}
+        raise SystemExit(f"--tuned measured {tuned['device']['name']!r}, the runs {identity[0]!r}")
     # A candidate the tuner dropped from a case (wrong against the float64 reference, spilling)
     # is not chosen there on the benchmark's word: its check is the weaker one.
     failures = tuned.get("failures", []) if tuned is not None else []
     dropped = tuned.get("dropped", []) if tuned is not None else []
     rejected = {(item["case"], item["candidate"]) for item in failures + dropped}
-    benchmarked = []
-    for case, times in measured_cases(run["records"]).items():
+    entries = []
+    automatic = automatic_plans(runs)
+    for case, times in measured_cases(runs).items():
         kept = {label: ms for label, ms in times.items() if (str(case), label) not in rejected}
         if "torch" in kept and len(kept) >= 2:
-            benchmarked.append(tune.table_entry(case, kept))
-    entries += [entry for entry in benchmarked if _key(entry) not in have]
-    info = report.machine(run)
+            entries.append(tune.table_entry(case, kept, choose(kept, automatic.get(case))))
+    have = {_key(entry) for entry in entries}
+    if tuned is not None:
+        entries += [entry for entry in tuned["entries"] if _key(entry) not in have]
+    info = report.machine(runs[-1])
     return tune.table_document(
         identity,
         sms,
         entries,
         versions={name: info.get(name) for name in ("torch", "triton", "tritonbn")},
         source={
-            "benchmarks": str(run["path"]),
-            "benchmarks_date": run.get("datetime"),
+            "benchmarks": [str(run["path"]) for run in runs],
+            "benchmarks_dates": [run.get("datetime") for run in runs],
             "tuned": None if tuned is None else tuned.get("date"),
         },
-        timer="the benchmark suite's device time (median ms); the tuner's entries keep their own",
+        timer="the benchmark suite's wall clock per module call (median ms over the runs; device "
+        "time where a record has no wall clock); the tuner's entries keep their own",
         failures=failures,
         dropped=dropped,
     )
@@ -138,16 +192,20 @@ def summary(table: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="a GPU run's results (bench/results/<gpu>-<date>.json)")
-    parser.add_argument("--tuned", type=Path, help="the tuner's table of the same GPU, whose entries win")
+    parser.add_argument(
+        "results", type=Path, nargs="+", help="GPU runs' results of one GPU (bench/results/<gpu>-<date>.json)"
+    )
+    parser.add_argument(
+        "--tuned", type=Path, help="the tuner's table of the same GPU, for the cases no run benchmarked"
+    )
     parser.add_argument("--out", type=Path, required=True, help="where to write the table")
     args = parser.parse_args(argv)
-    run = report.load(args.results)
+    runs = [report.load(path) for path in args.results]
     tuned = None
     if args.tuned:
         tuning.load_table(args.tuned)  # a clear TableError on a malformed table
         tuned = json.loads(args.tuned.read_text())
-    table = build(run, tuned)
+    table = build(runs, tuned)
     tune.write_table(args.out, table)
     print(summary(table))
     print(f"wrote {args.out}")

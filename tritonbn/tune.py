@@ -553,10 +553,10 @@ def write_table(path: Path, table: dict[str, Any]) -> None:
     os.replace(tmp.name, path)
 
 
-def table_entry(case: Case, measured: Mapping[str, float]) -> dict[str, Any]:
+def table_entry(case: Case, measured: Mapping[str, float], choice: str | None = None) -> dict[str, Any]:
     """The table entry (``tritonbn.tuning`` schema 1) of ``case`` from its candidates' times in ms,
-    torch's among them: the fastest is the choice (ties: label order)."""
-    best = min(sorted(measured), key=measured.__getitem__)
+    torch's among them: ``choice`` where given (one of them), else the fastest (ties: label order)."""
+    best = choice if choice is not None else min(sorted(measured), key=measured.__getitem__)
     return {
         "layout": case.layout,
         "dtype": str(case.dtype).replace("torch.", ""),

@@ -20,11 +20,11 @@ issue's figures first:
    steps use it; where it cannot be built they run the Python Function);
 4. ``pytest -q --maxfail=10`` over ``tests`` on CUDA, dealt over TEST_SHARDS processes (each
    compiles its kernels one at a time), the files only a GPU can settle first (the kernels, CUDA
-   graphs, fused activations and residuals, whole models), its output in OUTDIR/tests.log (the
-   tests that run the kernels on CPU tensors need the interpreter and are skipped, as
-   ``tests/conftest.py`` says: CI runs them); beside it, one more process runs the benchmark
-   suites untimed (``--benchmark-disable``): their checks on this device, and the kernels they
-   need compiled into Triton's cache before the timed run;
+   graphs, fused activations and residuals, whole models), torch.compile's last (LAST_TESTS),
+   its output in OUTDIR/tests.log (the tests that run the kernels on CPU tensors need the
+   interpreter and are skipped, as ``tests/conftest.py`` says: CI runs them); beside it, one more
+   process runs the benchmark suites untimed (``--benchmark-disable``): their checks on this
+   device, and the kernels they need compiled into Triton's cache before the timed run;
 5. the benchmark suites, timed (``pytest bench/test_bench_*.py --benchmark-json``), in the tiers
    of ``bench/cases.py``: float32 forward+backward of tritonbn and torch first;
 6. the seed's LeNet training, 5 epochs, ``--bn tritonbn`` then ``--bn torch`` (Fashion-MNIST from
@@ -125,6 +125,10 @@ FIRST_TESTS = (
     "tests/test_fusions.py",
     "tests/test_models.py",
 )
+# The files that run last: on the H200 (2026-11-30) each test of test_compile.py took about 25 s on
+# inductor's cold cache, and half the processes spent the suite's budget there; the trainer's
+# --compile run covers compiling on CUDA end to end.
+LAST_TESTS = ("tests/test_compile.py",)
 # Processes the CUDA suite is dealt over. Each compiles its kernels one at a time, and the suite
 # compiles over a thousand kernel variants on a cold Triton cache: bench/suite_compiles.py (its
 # files that launch kernels in-process, under the stand-in driver) counts at least 1,203 (866
@@ -395,10 +399,14 @@ def select_listed(collected: list[str], listed: list[str]) -> tuple[list[str], l
 
 
 def tests_in_order() -> list[str]:
-    """Every test file of the suite, FIRST_TESTS first, the others in pytest's own order."""
+    """Every test file of the suite, FIRST_TESTS first, LAST_TESTS last, the others in pytest's own
+    order between them."""
     every = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py"))
-    return [name for name in FIRST_TESTS if name in every] + [
-        name for name in every if name not in FIRST_TESTS
+    ends = (*FIRST_TESTS, *LAST_TESTS)
+    return [
+        *(name for name in FIRST_TESTS if name in every),
+        *(name for name in every if name not in ends),
+        *(name for name in LAST_TESTS if name in every),
     ]
 
 

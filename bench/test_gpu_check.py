@@ -183,11 +183,12 @@ def test_outcomes_are_summed_over_the_closing_lines_of_a_log(tmp_path):
     assert gpu_check.count_outcomes(log) == {"passed": 5, "failed": 1, "skipped": 2, "error": 1}
 
 
-def test_the_cuda_suite_runs_every_test_file_once_the_gpu_only_ones_first():
+def test_the_cuda_suite_runs_every_test_file_once_the_gpu_only_ones_first_compiles_last():
     order = gpu_check.tests_in_order()
     every = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py"))
     assert sorted(order) == every
     assert order[: len(gpu_check.FIRST_TESTS)] == list(gpu_check.FIRST_TESTS)
+    assert order[-len(gpu_check.LAST_TESTS) :] == list(gpu_check.LAST_TESTS)
 
 
 IGNORED_SIGINT_STEP = """

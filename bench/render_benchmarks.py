@@ -186,7 +186,8 @@ def run_section(run: dict, root: Path) -> str:
 
 
 def host_section(host_runs: list[tuple[Path, dict]], root: Path) -> str:
-    """The host time per layer of each bench/host_overhead.py results file, newest first."""
+    """The host time per layer of each bench/host_overhead.py result (a file of its own, or a GPU
+    check's), in the order given."""
     if not host_runs:
         return "No host-overhead results file is committed yet (`bench/results/host-overhead/`)."
     parts = []
@@ -251,7 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
     runs = report.load_all(args.results)
+    # A GPU check's own host-overhead measurements first (its results keep them whole), then the
+    # files of bench/host_overhead.py, newest first.
     host_runs = [
+        (run["path"], run[key])
+        for run in runs
+        if report.is_gpu(run)
+        for key in ("host_overhead", "host_overhead_compiled")
+        if run.get(key)
+    ]
+    host_runs += [
         (path, json.loads(path.read_text()))
         for path in sorted((args.results / "host-overhead").glob("*.json"), reverse=True)
     ]

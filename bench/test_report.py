@@ -321,3 +321,29 @@ def test_report_imports_only_the_standard_library():
     modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert {m.split(".")[0] for m in modules} <= set(sys.stdlib_module_names)
+
+
+def test_the_page_shows_a_gpu_checks_own_host_times_before_the_files(tmp_path):
+    import json
+    import shutil
+
+    import render_benchmarks
+
+    results = tmp_path / "results"
+    (results / "host-overhead").mkdir(parents=True)
+    gpu = next(iter(sorted((Path(__file__).parent / "results").glob("h200-*.json"))))
+    shutil.copy(gpu, results / gpu.name)
+    standin = next(iter(sorted((Path(__file__).parent / "results" / "host-overhead").glob("*.json"))))
+    shutil.copy(standin, results / "host-overhead" / standin.name)
+    out = tmp_path / "benchmarks.md"
+    assert render_benchmarks.main(["--results", str(results), "--out", str(out)]) == 0
+    page = out.read_text()
+    host = page[page.index("## Host time per layer") :]
+    check = json.loads(gpu.read_text())
+    sources = [line.split("`")[1] for line in host.splitlines() if line.startswith("From `")]
+    expected = [str(results / gpu.name)] * sum(
+        1 for key in ("host_overhead", "host_overhead_compiled") if check[key]
+    )
+    assert sources == [*expected, str(results / "host-overhead" / standin.name)]
+    first_layer = check["host_overhead"]["layers"][0]
+    assert f"| {first_layer['layer']} |" in host

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART_BACKENDS = ("tritonbn", "torch.compile", "reference")
 
 REPRODUCE = """\
-- GPU (one H200, about eight minutes, no network): `python bench/gpu_check.py OUTDIR` on a checkout with
+- GPU (one H200, about nine minutes, no network): `python bench/gpu_check.py OUTDIR` on a checkout with
   the Fashion-MNIST `.gz` files in `data/fashion-mnist/`, then
   `cp OUTDIR/results.json bench/results/<gpu>-<date>.json`.
 - Benchmarks alone, on whatever device is present: `pytest bench --benchmark-json=bench/results/<name>.json`

@@ -18,7 +18,8 @@ clock (an older file) counts by ``ms``. Given several runs of the same GPU, each
 its median over the runs that timed it.
 
 A Triton plan other than the one the dispatcher took on its own is chosen only where it ran faster by
-more than NOISE: on a host-bound layer, two runs of the same call differ by that much.
+more than NOISE (on a host-bound layer, two runs of the same call differ by that much) and, where both
+were replayed from a CUDA graph, was not slower on the device there.
 
 A plan's timing is its forced run; where the budget of the run stopped before the forced plans,
 the automatic dispatcher's run stands for the plan it took (on a GPU with no table yet, as on the
@@ -37,6 +38,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import report
@@ -61,6 +63,12 @@ def _time(record: dict) -> float:
     return float(record.get("wall_ms") or record["ms"])
 
 
+def _device_time(record: dict) -> float | None:
+    """The record's time per call replayed from a CUDA graph (device work alone), where captured."""
+    value = record.get("cudagraph_ms")
+    return None if value is None else float(value)
+
+
 def automatic_plans(runs: list[dict]) -> dict[tune.Case, str]:
     """Per case, the Triton plan the dispatcher took on its own (in the newest run that timed it)."""
     return {
@@ -71,37 +79,40 @@ def automatic_plans(runs: list[dict]) -> dict[tune.Case, str]:
     }
 
 
-def choose(times: dict[str, float], automatic: str | None) -> str:
-    """The fastest of ``times``, but the dispatcher's own plan ``automatic`` over another Triton
-    plan that is not faster by more than NOISE."""
+def choose(times: dict[str, float], automatic: str | None, device: dict[str, float] | None = None) -> str:
+    """The fastest of ``times``; but another Triton plan replaces the dispatcher's own plan
+    ``automatic`` only where it ran faster by more than NOISE and, where both were replayed from a
+    CUDA graph (``device``), not slower there: on a host-bound layer the wall clock moves by more
+    than NOISE between runs, and a plan with more launches is not faster on the host."""
     best = min(sorted(times), key=times.__getitem__)
-    if (
-        best not in ("torch", automatic)
-        and automatic in times
-        and times[automatic] <= (1 + NOISE) * times[best]
-    ):
-        return automatic
-    return best
+    if best in ("torch", automatic) or automatic not in times:
+        return best
+    device = device or {}
+    within_noise = times[automatic] <= (1 + NOISE) * times[best]
+    slower_on_device = best in device and automatic in device and device[best] > device[automatic]
+    return automatic if within_noise or slower_on_device else best
 
 
-def measured_cases(runs: list[dict]) -> dict[tune.Case, dict[str, float]]:
+def measured_cases(
+    runs: list[dict], read: Callable[[dict], float | None] = _time
+) -> dict[tune.Case, dict[str, float]]:
     """Per case, the milliseconds of torch and of each Triton plan (its forced run, else the
     automatic dispatcher's run of it), from the BatchNorm suite's records of ``runs``: per run as
-    :func:`_time` reads them, then the median over the runs."""
+    ``read`` reads them (records it reads as None left out), then the median over the runs."""
     times: dict[tune.Case, dict[str, list[float]]] = {}
     for run in runs:
         forced: dict[tune.Case, dict[str, float]] = {}
         automatic: dict[tune.Case, dict[str, float]] = {}
         for record in run["records"]:
-            if record.get("pass") not in MODES:
+            if record.get("pass") not in MODES or (value := read(record)) is None:
                 continue
             backend = record["backend"]
             if backend == "torch":
-                forced.setdefault(_case(record), {})["torch"] = _time(record)
+                forced.setdefault(_case(record), {})["torch"] = value
             elif backend in PLANS and record.get("plan") == backend:
-                forced.setdefault(_case(record), {})[backend] = _time(record)
+                forced.setdefault(_case(record), {})[backend] = value
             elif backend == "tritonbn" and record.get("plan") in PLANS:
-                automatic.setdefault(_case(record), {})[record["plan"]] = _time(record)
+                automatic.setdefault(_case(record), {})[record["plan"]] = value
         for case, plans in automatic.items():
             for plan, ms in plans.items():
                 forced.setdefault(case, {}).setdefault(plan, ms)
@@ -152,10 +163,11 @@ def build(runs: list[dict], tuned: dict | None = None) -> dict:
     rejected = {(item["case"], item["candidate"]) for item in failures + dropped}
     entries = []
     automatic = automatic_plans(runs)
+    device = measured_cases(runs, _device_time)
     for case, times in measured_cases(runs).items():
         kept = {label: ms for label, ms in times.items() if (str(case), label) not in rejected}
         if "torch" in kept and len(kept) >= 2:
-            entries.append(tune.table_entry(case, kept, choose(kept, automatic.get(case))))
+            entries.append(tune.table_entry(case, kept, choose(kept, automatic.get(case), device.get(case))))
     have = {_key(entry) for entry in entries}
     if tuned is not None:
         entries += [entry for entry in tuned["entries"] if _key(entry) not in have]

@@ -105,6 +105,20 @@ def test_every_planned_case_measured_and_fast_enough_is_met():
     assert "missing" not in verdict.detail and report.NO_PLAN not in verdict.detail
 
 
+def test_the_lenet_target_shows_the_wall_clock_and_graph_speedups_where_timed():
+    planned = [e for shape in LENET for e in planned_pair(shape)]
+    timed = []
+    for shape in LENET:
+        timed.append(bench(entry(shape, "tritonbn"), 1.0, wall_ms=2.0, cudagraph_ms=0.5))
+        timed.append(bench(entry(shape, "torch"), 0.8, wall_ms=3.0, cudagraph_ms=1.0))
+    verdict = lenet_target(gpu_run(timed, planned))
+    # The verdict stays the device events'; the details add the other two, case by case.
+    assert verdict.met is False and verdict.value == "min 0.80x"
+    assert verdict.detail.endswith("; wall clock: 1.50, 1.50, 1.50, 1.50; CUDA graph: 2.00, 2.00, 2.00, 2.00")
+    without = lenet_target(gpu_run([b for shape in LENET for b in timed_pair(shape, 1.2)], planned))
+    assert "wall clock" not in without.detail and "CUDA graph" not in without.detail
+
+
 def test_a_case_planned_without_torch_is_not_expected():
     # Its speedup needs torch's time: a plan that left torch out cannot ask for it.
     planned = [e for shape in LENET for e in planned_pair(shape)]

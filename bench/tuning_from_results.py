@@ -70,7 +70,7 @@ def _device_time(record: dict) -> float | None:
 
 
 def automatic_plans(runs: list[dict]) -> dict[tune.Case, str]:
-    """Per case, the Triton plan the dispatcher took on its own (in the newest run that timed it)."""
+    """Per case, the Triton plan the dispatcher took on its own (in the last of ``runs`` that timed it)."""
     return {
         _case(record): record["plan"]
         for run in runs
